@@ -1,0 +1,75 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "restrictpd",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "restrictpd", targets: ["restrictpd"]),
+        .library(name: "SMTPCore", targets: ["SMTPCore"]),
+        .library(name: "RestrictPolicy", targets: ["RestrictPolicy"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+    ],
+    targets: [
+        // Wire grammar, no I/O.
+        .target(
+            name: "SMTPCore",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict
+        ),
+        // Configuration, rules, quota arithmetic; no I/O.
+        .target(name: "RestrictPolicy", swiftSettings: strict),
+        .systemLibrary(
+            name: "CSystemd",
+            pkgConfig: "libsystemd",
+            providers: [.apt(["libsystemd-dev"])]
+        ),
+        .systemLibrary(
+            name: "CSQLite",
+            pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]
+        ),
+        // Kernel interfaces Swift cannot import directly: netlink sock_diag, syslog, ucred.
+        .target(name: "CRestrictSys"),
+        .target(
+            name: "RestrictDaemon",
+            dependencies: [
+                "SMTPCore", "RestrictPolicy", "CSystemd", "CSQLite", "CRestrictSys",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .executableTarget(
+            name: "restrictpd",
+            dependencies: [
+                "RestrictDaemon", "RestrictPolicy",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        .testTarget(name: "SMTPCoreTests", dependencies: ["SMTPCore"], resources: [.copy("Fixtures")], swiftSettings: strict),
+        .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
+        .testTarget(
+            name: "RestrictDaemonTests",
+            dependencies: [
+                "RestrictDaemon", "SMTPCore", "RestrictPolicy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,23 @@
+// Kernel and libc interfaces that Swift cannot import on its own: the netlink sock_diag
+// structures (behind function-like macros), struct ucred, and syslog(3), which is variadic.
+#ifndef CRESTRICTSYS_H
+#define CRESTRICTSYS_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+/// Asks the kernel (NETLINK_SOCK_DIAG, inet_diag) for the owner UID of the TCP socket whose
+/// local end is (src, sport) and remote end is (dst, dport). Addresses are in network byte
+/// order, 4 bytes for AF_INET and 16 for AF_INET6; ports in host byte order.
+/// Returns 0 and sets *uid on success, or -errno (-ENOENT when no such socket exists).
+int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
+                      const uint8_t *dst, uint16_t dport, uint32_t *uid);
+
+/// SO_PEERCRED of a connected UNIX-domain socket. Returns 0 or -errno.
+int crs_peercred(int fd, uint32_t *uid, uint32_t *gid, int32_t *pid);
+
+/// syslog(3) with a fixed "%s" format, since Swift cannot call variadic C functions.
+void crs_openlog(const char *ident, int facility);
+void crs_syslog(int priority, const char *message);
+
+#endif

@@ -1,0 +1,162 @@
+// The model of /etc/restrictpd.conf (restrictpd.conf(5)). Pure values; the parser builds them,
+// the daemon reads them. Every numeric setting is a `Setting` with a default and a legal range.
+
+/// A numeric setting's name, default and range, as restrictpd.conf(5) documents them.
+public struct Setting: Sendable {
+    public enum Unit: Sendable { case count, bytes, seconds }
+    public let key: String
+    public let defaultValue: Int
+    public let range: ClosedRange<Int>
+    public let unit: Unit
+
+    public init(_ key: String, _ defaultValue: Int, _ range: ClosedRange<Int>, _ unit: Unit) {
+        self.key = key
+        self.defaultValue = defaultValue
+        self.range = range
+        self.unit = unit
+    }
+
+    // The SMTP limits mirror SMTPCore's `SMTPLimits` (the daemon checks they agree).
+    public static let commandLineLimit = Setting("command_line_limit", 2048, 512...65536, .bytes)
+    public static let dataLineLimit = Setting("data_line_limit", 8192, 1000...1_048_576, .bytes)
+    public static let headerLimit = Setting("header_limit", 102_400, 1024...10_485_760, .bytes)
+    public static let recipientLimit = Setting("recipient_limit", 1000, 1...100_000, .count)
+    public static let messageSizeLimit = Setting("message_size_limit", 10_240_000, 0...(1 << 40), .bytes)
+    public static let maxSessions = Setting("max_sessions", 100, 1...10_000, .count)
+    public static let idleTimeout = Setting("idle_timeout", 300, 1...3600, .seconds)
+    public static let commandTimeout = Setting("command_timeout", 300, 1...3600, .seconds)
+    public static let dataTimeout = Setting("data_timeout", 3600, 1...86400, .seconds)
+    public static let relayTimeout = Setting("relay_timeout", 300, 1...3600, .seconds)
+    public static let relayConnectTimeout = Setting("relay_connect_timeout", 30, 1...600, .seconds)
+    public static let drainTimeout = Setting("drain_timeout", 60, 0...3600, .seconds)
+
+    public static let all: [Setting] = [
+        commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
+        idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout,
+    ]
+}
+
+public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
+    case tcp(host: String, port: Int)
+    case unix(path: String)
+
+    public var description: String {
+        switch self {
+        case .tcp(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        case .unix(let path): return "unix:\(path)"
+        }
+    }
+}
+
+public enum QuotaPeriod: String, Sendable, Equatable, CaseIterable {
+    case hour, day, week
+
+    public var seconds: Int64 {
+        switch self {
+        case .hour: return 3600
+        case .day: return 86400
+        case .week: return 7 * 86400
+        }
+    }
+}
+
+/// `arbitrary N [per PERIOD]`: N distinct recipients outside the allow list.
+public struct Quota: Sendable, Equatable, CustomStringConvertible {
+    public let limit: Int
+    /// nil: the first N addresses are remembered for good (a learned allow list).
+    public let period: QuotaPeriod?
+
+    public init(limit: Int, period: QuotaPeriod?) {
+        self.limit = limit
+        self.period = period
+    }
+
+    public var description: String { self.period.map { "\(self.limit) per \($0.rawValue)" } ?? "\(self.limit)" }
+
+    public static let maxLimit = 1_000_000
+}
+
+public enum OverQuota: String, Sendable, Equatable {
+    /// 451 4.7.1: Postfix keeps the message queued and retries.
+    case `defer`
+    /// 550 5.7.1: the message bounces.
+    case reject
+}
+
+public enum AllowPattern: Sendable, Equatable, CustomStringConvertible {
+    case any
+    /// A whole address, lower-cased ("webmaster@example.org", or "postmaster").
+    case address(String)
+    /// "@example.org": that domain only.
+    case domain(String)
+    /// "@.example.org": that domain and every subdomain.
+    case domainAndSubdomains(String)
+
+    public var description: String {
+        switch self {
+        case .any: return "*"
+        case .address(let a): return a
+        case .domain(let d): return "@\(d)"
+        case .domainAndSubdomains(let d): return "@.\(d)"
+        }
+    }
+}
+
+public enum RuleSelector: Sendable, Equatable, Hashable, CustomStringConvertible {
+    case user(uid: UInt32)
+    /// Every identified user without a rule of its own.
+    case `default`
+    /// A message whose first header is not pickup's.
+    case unknown
+
+    public var description: String {
+        switch self {
+        case .user(let uid): return "user \(uid)"
+        case .default: return "default"
+        case .unknown: return "unknown"
+        }
+    }
+}
+
+public struct Rule: Sendable, Equatable {
+    public var selector: RuleSelector
+    /// The name the rule was written with, if any ("www-data").
+    public var userName: String?
+    public var allow: [AllowPattern] = []
+    public var quota: Quota? = nil
+    public var overQuota: OverQuota? = nil
+    /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
+    public var refuse = false
+    /// The line the rule starts on, for messages.
+    public var line: Int
+
+    public init(selector: RuleSelector, userName: String? = nil, line: Int) {
+        self.selector = selector
+        self.userName = userName
+        self.line = line
+    }
+}
+
+public struct Configuration: Sendable, Equatable {
+    public var listen: [ListenAddress] = [.tcp(host: "127.0.0.1", port: 10027)]
+    public var relayHost = "127.0.0.1"
+    public var relayPort = 10026
+    /// Local users allowed to connect (resolved to UIDs), and the names they were given as.
+    public var clients: [UInt32] = []
+    public var clientNames: [String] = ["postfix"]
+    public var peerCheck = true
+    public var unixSocketMode: UInt32 = 0o660
+    public var unixSocketGroup: String? = nil
+    public var statePath = "/var/lib/restrictpd/quota.db"
+    public var recipientDelimiter = ""
+    public var overQuota: OverQuota = .defer
+    /// Numeric settings by key; absent keys take the setting's default.
+    public var values: [String: Int] = [:]
+    public var rules: [Rule] = []
+
+    public init() {}
+
+    public func value(_ setting: Setting) -> Int { self.values[setting.key] ?? setting.defaultValue }
+
+    public func rule(for selector: RuleSelector) -> Rule? { self.rules.first { $0.selector == selector } }
+}

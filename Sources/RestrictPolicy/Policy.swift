@@ -1,0 +1,222 @@
+// The decision for one message: who sent it, which rule applies, whether every recipient is
+// allowed or fits the quota (design decisions 1 to 4). Pure: the quota store is reached through
+// the `QuotaStore` protocol and the clock is an argument.
+
+/// The sender, as the daemon read it from the first header.
+public enum Sender: Sendable, Equatable {
+    case user(uid: UInt32, name: String?)
+    case unidentified(reason: String)
+
+    public var uid: UInt32? {
+        if case .user(let uid, _) = self { return uid }
+        return nil
+    }
+
+    /// "uid 33 (www-data)" or "unidentified sender".
+    public var phrase: String {
+        switch self {
+        case .user(let uid, let name): return name.map { "uid \(uid) (\($0))" } ?? "uid \(uid)"
+        case .unidentified: return "unidentified sender"
+        }
+    }
+}
+
+/// Recipient addresses as restrictpd compares and counts them.
+public enum AddressKey {
+    /// Lower-cased; with a recipient delimiter, "user+tag@domain" becomes "user@domain".
+    public static func normalize(_ address: String, delimiter: String) -> String {
+        let lower = address.lowercased()
+        guard !delimiter.isEmpty else { return lower }
+        let at = lower.lastIndex(of: "@") ?? lower.endIndex
+        let local = lower[..<at]
+        guard let d = local.firstIndex(where: { delimiter.contains($0) }), d != local.startIndex else { return lower }
+        return String(local[..<d]) + lower[at...]
+    }
+
+    static func domain(of address: String) -> Substring? {
+        guard let at = address.lastIndex(of: "@") else { return nil }
+        return address[address.index(after: at)...]
+    }
+}
+
+extension AllowPattern {
+    /// `address` is lower-cased; `key` is its normalized form.
+    public func matches(address: String, key: String) -> Bool {
+        switch self {
+        case .any:
+            return true
+        case .address(let a):
+            return a == key || a == address
+        case .domain(let d):
+            return AddressKey.domain(of: key).map { $0 == d } ?? false
+        case .domainAndSubdomains(let d):
+            guard let domain = AddressKey.domain(of: key) else { return false }
+            return domain == d || domain.hasSuffix("." + d)
+        }
+    }
+}
+
+/// What the quota store is asked: may `uid` write to these addresses now?
+public struct QuotaRequest: Sendable, Equatable {
+    public let uid: UInt32
+    /// Distinct normalized addresses outside the allow list, in recipient order.
+    public let addresses: [String]
+    public let quota: Quota
+    /// Seconds since the epoch.
+    public let now: Int64
+
+    public init(uid: UInt32, addresses: [String], quota: Quota, now: Int64) {
+        self.uid = uid
+        self.addresses = addresses
+        self.quota = quota
+        self.now = now
+    }
+
+    /// Rows last used before this instant no longer count; nil: they always count.
+    public var windowStart: Int64? { self.quota.period.map { self.now - $0.seconds } }
+}
+
+public struct QuotaOutcome: Sendable, Equatable {
+    public let admitted: Bool
+    /// Distinct addresses counted in the window after this decision.
+    public let used: Int
+    public let limit: Int
+    /// The first address that did not fit, when refused.
+    public let firstRefused: String?
+
+    public init(admitted: Bool, used: Int, limit: Int, firstRefused: String?) {
+        self.admitted = admitted
+        self.used = used
+        self.limit = limit
+        self.firstRefused = firstRefused
+    }
+}
+
+/// The arithmetic of design decision 3, shared by every store.
+public enum QuotaArithmetic {
+    /// `counted`: the addresses already counted in the window (for this uid).
+    /// Returns the outcome and the addresses to record (all requested ones when admitted: a
+    /// repeat refreshes its time, so "distinct addresses in any window" stays exact).
+    public static func decide(_ request: QuotaRequest, counted: Set<String>) -> (QuotaOutcome, record: [String]) {
+        var used = counted.count
+        for address in request.addresses where !counted.contains(address) {
+            if used >= request.quota.limit {
+                return (QuotaOutcome(admitted: false, used: counted.count, limit: request.quota.limit, firstRefused: address), [])
+            }
+            used += 1
+        }
+        return (QuotaOutcome(admitted: true, used: used, limit: request.quota.limit, firstRefused: nil), request.addresses)
+    }
+}
+
+public protocol QuotaStore: Sendable {
+    /// Decides and records in one transaction. Throws when the store cannot answer.
+    func admit(_ request: QuotaRequest) async throws -> QuotaOutcome
+}
+
+/// The outcome of the allow lists, before any quota is spent.
+public enum Evaluation: Sendable, Equatable {
+    /// Every recipient is on the allow list.
+    case allowed
+    /// Some recipients need the quota; the store must be asked.
+    case needsQuota(addresses: [String], quota: Quota, overQuota: OverQuota)
+    /// A recipient no rule allows: the message is refused (550 5.7.1).
+    case refused(recipient: String, reason: String)
+}
+
+public struct Verdict: Sendable, Equatable {
+    public enum Kind: String, Sendable { case relay = "relayed", refuse = "refused", `defer` = "deferred" }
+    public let kind: Kind
+    /// The reply for the end of DATA when not relayed.
+    public let code: Int
+    public let enhanced: String
+    public let text: String
+    /// For the log: why.
+    public let reason: String
+    /// For the log: "17/20 per day" when a quota was involved.
+    public let quota: String?
+
+    public init(kind: Kind, code: Int, enhanced: String, text: String, reason: String, quota: String?) {
+        self.kind = kind
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+        self.reason = reason
+        self.quota = quota
+    }
+}
+
+public struct Policy: Sendable {
+    public let configuration: Configuration
+
+    public init(_ configuration: Configuration) { self.configuration = configuration }
+
+    public func rule(for sender: Sender) -> Rule? {
+        switch sender {
+        case .user(let uid, _):
+            return self.configuration.rule(for: .user(uid: uid)) ?? self.configuration.rule(for: .default)
+        case .unidentified:
+            return self.configuration.rule(for: .unknown)
+        }
+    }
+
+    /// Checks every recipient against the sender's rule.
+    public func evaluate(sender: Sender, recipients: [String]) -> Evaluation {
+        let delimiter = self.configuration.recipientDelimiter
+        guard let rule = self.rule(for: sender) else {
+            let why = sender.uid == nil ? "no unknown rule" : "no rule and no default rule"
+            return .refused(recipient: recipients.first ?? "", reason: why)
+        }
+        var needQuota: [String] = []
+        var seen = Set<String>()
+        for recipient in recipients {
+            let lower = recipient.lowercased()
+            let key = AddressKey.normalize(recipient, delimiter: delimiter)
+            if !rule.refuse, rule.allow.contains(where: { $0.matches(address: lower, key: key) }) { continue }
+            guard let quota = rule.quota, quota.limit > 0, sender.uid != nil else {
+                return .refused(recipient: recipient, reason: rule.refuse ? "rule refuses all" : "not on the allow list")
+            }
+            if seen.insert(key).inserted { needQuota.append(key) }
+        }
+        guard let quota = rule.quota, !needQuota.isEmpty else { return .allowed }
+        return .needsQuota(addresses: needQuota, quota: quota, overQuota: rule.overQuota ?? self.configuration.overQuota)
+    }
+
+    /// The whole decision, asking `store` when a quota is involved.
+    public func decide(sender: Sender, recipients: [String], store: any QuotaStore, now: Int64) async -> Verdict {
+        switch self.evaluate(sender: sender, recipients: recipients) {
+        case .allowed:
+            return Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "allowed", quota: nil)
+        case .refused(let rcpt, let reason):
+            let detail: String
+            if case .unidentified(let why) = sender { detail = "unidentified sender (\(why))" } else { detail = sender.phrase }
+            return Verdict(
+                kind: .refuse, code: 550, enhanced: "5.7.1", text: "<\(rcpt)>: not permitted for \(detail)",
+                reason: "<\(rcpt)> \(reason)", quota: nil)
+        case .needsQuota(let addresses, let quota, let overQuota):
+            guard let uid = sender.uid else {
+                return Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "not permitted", reason: "no uid", quota: nil)
+            }
+            let outcome: QuotaOutcome
+            do {
+                outcome = try await store.admit(QuotaRequest(uid: uid, addresses: addresses, quota: quota, now: now))
+            } catch {
+                return Verdict(
+                    kind: .defer, code: 451, enhanced: "4.3.0", text: "Temporary failure: quota database unavailable",
+                    reason: "quota store error: \(error)", quota: nil)
+            }
+            let figure = "\(max(0, outcome.limit - outcome.used))/\(outcome.limit)\(quota.period.map { " per \($0.rawValue)" } ?? "")"
+            if outcome.admitted {
+                return Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "within quota", quota: figure)
+            }
+            let rcpt = outcome.firstRefused ?? addresses[0]
+            let text = "<\(rcpt)>: quota of \(quota.limit) arbitrary recipients\(quota.period.map { " per \($0.rawValue)" } ?? "") exhausted for \(sender.phrase)"
+            switch overQuota {
+            case .defer:
+                return Verdict(kind: .defer, code: 451, enhanced: "4.7.1", text: text, reason: "<\(rcpt)> over quota", quota: figure)
+            case .reject:
+                return Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: text, reason: "<\(rcpt)> over quota", quota: figure)
+            }
+        }
+    }
+}

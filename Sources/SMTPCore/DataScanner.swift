@@ -1,0 +1,227 @@
+// The DATA stream of RFC 5321 4.1.1.4 and 4.5.2, read strictly (design decision 8).
+//
+// Trusts nothing. Accepts only CRLF-terminated lines without NUL, each at most `maxLineLength`
+// octets; the end of data is exactly CRLF "." CRLF. Everything else is a violation, after which
+// the scanner drops input up to that exact end of data, so that what follows is read as commands
+// again and nothing inside a refused message is ever mistaken for one ("SMTP smuggling").
+//
+// Output is the canonical encoding of the message: every line ends in CRLF and every line that
+// starts with "." is stuffed. For canonical input that encoding is byte-identical to the input,
+// so `content` events are slices of the input, not copies; the only line that differs (a
+// leading "." that is not doubled, which RFC 5321 4.5.2 says to remove) is emitted without it.
+// Holds no bytes itself: an incomplete line stays in the caller's buffer.
+
+public import NIOCore
+
+public enum DataViolation: Error, Sendable, Equatable {
+    case bareLF
+    case bareCR
+    case nul
+    case lineTooLong(limit: Int)
+
+    /// 550 5.6.0 for every violation (design's reply table).
+    public var reply: SMTPReply {
+        switch self {
+        case .bareLF: return SMTPReply(550, "5.6.0", "Message refused: bare <LF> in message data")
+        case .bareCR: return SMTPReply(550, "5.6.0", "Message refused: bare <CR> in message data")
+        case .nul: return SMTPReply(550, "5.6.0", "Message refused: NUL in message data")
+        case .lineTooLong(let limit): return SMTPReply(550, "5.6.0", "Message refused: line longer than \(limit) octets")
+        }
+    }
+
+    public var logName: String {
+        switch self {
+        case .bareLF: return "bare LF"
+        case .bareCR: return "bare CR"
+        case .nul: return "NUL"
+        case .lineTooLong: return "line too long"
+        }
+    }
+}
+
+public enum DataEvent: Sendable, Equatable {
+    /// Canonical message bytes: one or more complete lines, CRLF included, stuffed.
+    case content(ByteBuffer)
+    /// The end of data was consumed. The scanner is finished.
+    case end
+    /// The message is broken; the scanner now drops input until the end of data, then `.end`.
+    case violation(DataViolation)
+}
+
+public struct DataScanner: Sendable {
+    public let maxLineLength: Int
+    private enum State: Sendable {
+        case lines
+        /// Dropping input; `match` counts how much of CRLF "." CRLF has been seen, where the
+        /// stream started at a line start (so the first CRLF counts as seen).
+        case discarding(match: Int)
+        case finished
+    }
+    private var state: State = .lines
+
+    public init(maxLineLength: Int) {
+        precondition(maxLineLength >= 3)
+        self.maxLineLength = maxLineLength
+    }
+
+    public var isFinished: Bool {
+        if case .finished = self.state { return true }
+        return false
+    }
+
+    public var isDiscarding: Bool {
+        if case .discarding = self.state { return true }
+        return false
+    }
+
+    /// Stops producing content: drop everything up to the end of data. Called by the session
+    /// when the message is refused or over a limit. Only valid between events (at a line start).
+    public mutating func discardRest() {
+        if case .lines = self.state { self.state = .discarding(match: 2) }
+    }
+
+    /// The next event, or nil when `buffer` holds no complete line (and no violation) yet.
+    /// With `oneLine`, a content event holds exactly one line (used for the header section).
+    public mutating func next(_ buffer: inout ByteBuffer, oneLine: Bool = false) -> DataEvent? {
+        switch self.state {
+        case .finished:
+            return nil
+        case .discarding(let match):
+            return self.discard(&buffer, match: match)
+        case .lines:
+            return self.scanLines(&buffer, oneLine: oneLine)
+        }
+    }
+
+    private mutating func discard(_ buffer: inout ByteBuffer, match: Int) -> DataEvent? {
+        // CR LF . CR LF, as positions 0...4; `match` bytes of it have been seen.
+        let pattern: [UInt8] = [13, 10, 46, 13, 10]
+        var m = match
+        var consumed = 0
+        let found: Bool = buffer.withUnsafeReadableBytes { raw in
+            for byte in raw {
+                consumed += 1
+                if byte == pattern[m] {
+                    m += 1
+                    if m == pattern.count { return true }
+                } else {
+                    m = byte == 13 ? 1 : 0
+                }
+            }
+            return false
+        }
+        buffer.moveReaderIndex(forwardBy: consumed)
+        if found {
+            self.state = .finished
+            return .end
+        }
+        self.state = .discarding(match: m)
+        return nil
+    }
+
+    private mutating func violation(_ v: DataViolation, _ buffer: inout ByteBuffer, at index: Int, lineStart: Bool) -> DataEvent {
+        // Resume the search for the end of data just after the offending byte. A bare LF there
+        // is not a line start: only the exact CRLF "." CRLF ends the data.
+        buffer.moveReaderIndex(to: index)
+        self.state = .discarding(match: lineStart ? 2 : 0)
+        return .violation(v)
+    }
+
+    private mutating func scanLines(_ buffer: inout ByteBuffer, oneLine: Bool) -> DataEvent? {
+        let start = buffer.readerIndex
+        let end = buffer.writerIndex
+        var p = start  // start of the line under examination
+        let maxLine = self.maxLineLength
+
+        enum Stop { case needMore, endOfData, singleDot, violation(DataViolation, Int) }
+        var stop: Stop = .needMore
+
+        buffer.withUnsafeReadableBytes { raw in
+            let base = start
+            while p < end {
+                let lineOffset = p - base
+                let remaining = end - p
+                // Look for LF within this line's allowance only: a longer line is an error anyway.
+                let window = min(remaining, maxLine)
+                let lf: Int? = raw.baseAddress.flatMap { b in
+                    memchrIndex(b + lineOffset, 10, window)
+                }
+                guard let lfRel = lf else {
+                    if remaining >= maxLine {
+                        stop = .violation(.lineTooLong(limit: maxLine), p + 1)
+                        return
+                    }
+                    // Incomplete line: bytes already known to be bad are reported now.
+                    if let bad = firstBad(raw, from: lineOffset, count: remaining, allowTrailingCR: true) {
+                        stop = .violation(bad.0, p + bad.1 + 1)
+                        return
+                    }
+                    stop = .needMore
+                    return
+                }
+                if lfRel == 0 || raw[lineOffset + lfRel - 1] != 13 {
+                    stop = .violation(.bareLF, p + lfRel + 1)
+                    return
+                }
+                if let bad = firstBad(raw, from: lineOffset, count: lfRel - 1, allowTrailingCR: false) {
+                    stop = .violation(bad.0, p + bad.1 + 1)
+                    return
+                }
+                if raw[lineOffset] == 46 {  // "."
+                    if lfRel == 2 {  // ".\r\n"
+                        if p == start { stop = .endOfData }
+                        return
+                    }
+                    if raw[lineOffset + 1] != 46 {  // ".x": not stuffed; emit alone, without the dot
+                        if p == start { stop = .singleDot }
+                        return
+                    }
+                }
+                p += lfRel + 1
+                if oneLine { return }
+            }
+        }
+
+        if p > start {
+            // Complete canonical lines first; whatever stopped the scan is seen on the next call.
+            let slice = buffer.readSlice(length: p - start)!
+            return .content(slice)
+        }
+        switch stop {
+        case .needMore:
+            return nil
+        case .endOfData:
+            buffer.moveReaderIndex(forwardBy: 3)
+            self.state = .finished
+            return .end
+        case .singleDot:
+            let lf = buffer.readableBytesView.firstIndex(of: 10)!
+            let slice = buffer.getSlice(at: start + 1, length: lf - start)!
+            buffer.moveReaderIndex(to: lf + 1)
+            return .content(slice)
+        case .violation(let v, let resumeAt):
+            return self.violation(v, &buffer, at: resumeAt, lineStart: false)
+        }
+    }
+}
+
+/// Index of the first `byte` in `count` bytes at `pointer`, or nil.
+@inline(__always)
+private func memchrIndex(_ pointer: UnsafeRawPointer, _ byte: UInt8, _ count: Int) -> Int? {
+    let bytes = UnsafeRawBufferPointer(start: pointer, count: count)
+    return bytes.firstIndex(of: byte)
+}
+
+/// The first NUL or CR in the given range (a CR as the very last byte is allowed when the line
+/// is still incomplete), with its offset from `from`.
+@inline(__always)
+private func firstBad(_ raw: UnsafeRawBufferPointer, from: Int, count: Int, allowTrailingCR: Bool) -> (DataViolation, Int)? {
+    var i = 0
+    while i < count {
+        let c = raw[from + i]
+        if c == 0 { return (.nul, i) }
+        if c == 13 && !(allowTrailingCR && i == count - 1) { return (.bareCR, i) }
+        i += 1
+    }
+    return nil
+}
