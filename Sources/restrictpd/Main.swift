@@ -1,2 +1,91 @@
+// restrictpd(8): argument parsing and wiring; everything else lives in RestrictDaemon.
+
 import ArgumentParser
-@main struct Main: ParsableCommand { func run() {} }
+import Logging
+import RestrictDaemon
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct Main: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restrictpd",
+        abstract: "Restrict which recipients each local user may send mail to (a Postfix content filter).",
+        discussion: """
+            Without an action flag, runs the daemon in the foreground. See restrictpd(8) and \
+            restrictpd.conf(5).
+            """,
+        version: Version.string
+    )
+
+    @Option(name: .shortAndLong, help: ArgumentHelp("The configuration file.", valueName: "file"))
+    var config = "/etc/restrictpd.conf"
+
+    @Flag(name: .customLong("check-config"), help: "Check the configuration file, print every error as FILE:LINE: message, and exit.")
+    var checkConfig = false
+
+    @Option(name: .customLong("test"), help: ArgumentHelp("Print the verdict the rules give USER (name, uid, or 'unknown') for the recipients, spending no quota.", valueName: "user"))
+    var testUser: String?
+
+    @Flag(name: .customLong("quota"), help: "Show counted destinations and remaining quota (of USER, given as the argument, or of all).")
+    var showQuota = false
+
+    @Option(name: .customLong("reset-quota"), help: ArgumentHelp("Forget the counted destinations of a user.", valueName: "user"))
+    var resetQuota: String?
+
+    @Option(help: ArgumentHelp("When started as root, run as this user.", valueName: "user"))
+    var user = "restrict"
+
+    @Option(help: ArgumentHelp("Where to log: auto, journal, syslog or stderr.", valueName: "target"))
+    var log: String = "auto"
+
+    @Option(name: .customLong("log-level"), help: ArgumentHelp("debug, info, notice, warning or error.", valueName: "level"))
+    var logLevel: String = "info"
+
+    @Argument(help: "Recipients for --test; a user for --quota.")
+    var arguments: [String] = []
+
+    func validate() throws {
+        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil].filter { $0 }.count
+        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota") }
+        if self.testUser != nil, self.arguments.isEmpty { throw ValidationError("--test needs at least one recipient") }
+        if self.showQuota, self.arguments.count > 1 { throw ValidationError("--quota takes at most one user") }
+        if actions == 0 || self.checkConfig || self.resetQuota != nil, !self.arguments.isEmpty {
+            throw ValidationError("unexpected arguments: \(self.arguments.joined(separator: " "))")
+        }
+        guard LogTarget(rawValue: self.log) != nil else { throw ValidationError("--log takes auto, journal, syslog or stderr") }
+        guard Logger.Level(rawValue: self.logLevel) != nil else { throw ValidationError("--log-level takes debug, info, notice, warning or error") }
+    }
+
+    func run() async throws {
+        let output: AdminOutput
+        let now = Runtime.wallClock()
+        if self.checkConfig {
+            output = Admin.checkConfig(self.config)
+        } else if let user = self.testUser {
+            output = Admin.test(configPath: self.config, user: user, recipients: self.arguments, now: now)
+        } else if self.showQuota {
+            output = Admin.showQuota(configPath: self.config, user: self.arguments.first, now: now)
+        } else if let user = self.resetQuota {
+            output = Admin.resetQuota(configPath: self.config, user: user)
+        } else {
+            let target = (LogTarget(rawValue: self.log) ?? .auto).resolved()
+            let level = Logger.Level(rawValue: self.logLevel) ?? .info
+            LoggingSystem.bootstrap { label in RestrictLogHandler(label: label, target: target, level: level) }
+            let logger = Logger(label: "restrictpd")
+            let status = await Daemon.run(DaemonOptions(configPath: self.config, user: self.user), logger: logger)
+            if status != 0 { throw ExitCode(status) }
+            return
+        }
+        for line in output.stdout { print(line) }
+        for line in output.stderr { Self.printError(line) }
+        if output.status != 0 { throw ExitCode(output.status) }
+    }
+
+    static func printError(_ line: String) {
+        let text = line + "\n"
+        _ = text.withCString { write(2, $0, strlen($0)) }
+    }
+}

@@ -1,0 +1,201 @@
+// The admin's commands: --check-config, --test, --quota, --reset-quota. They read the same
+// configuration and quota database as the running daemon, through their own connection
+// (SQLite's busy timeout lets them run beside it). --test and --quota never write.
+
+import RestrictPolicy
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct AdminOutput: Sendable {
+    public var stdout: [String] = []
+    public var stderr: [String] = []
+    public var status: Int32 = 0
+}
+
+public enum Admin {
+    public static func checkConfig(_ path: String) -> AdminOutput {
+        var out = AdminOutput()
+        switch ConfigurationLoader.load(path) {
+        case .success(let c):
+            out.stdout.append("\(path): OK: \(c.rules.count) rules, listen \(c.listen.map(\.description).joined(separator: " ")), relay \(c.relayHost):\(c.relayPort)")
+            if !c.peerCheck { out.stdout.append("\(path): note: peer_check is off") }
+        case .failure(let errors):
+            out.stderr = errors.errors.map(\.description)
+            out.status = 1
+        }
+        return out
+    }
+
+    /// Resolves "www-data", "33" or "unknown" to a sender.
+    static func sender(_ word: String) -> Sender? {
+        if word == "unknown" { return .unidentified(reason: "as asked with --test unknown") }
+        if let uid = UInt32(word), word.allSatisfy(\.isNumber) { return .user(uid: uid, name: Users.lookup(uid: uid)?.name) }
+        guard let entry = Users.lookup(name: word) else { return nil }
+        return .user(uid: entry.uid, name: entry.name)
+    }
+
+    /// The verdict the rules would give now, spending nothing. Exit 0: would relay; 2: would
+    /// refuse or defer; 1: error.
+    public static func test(configPath: String, user: String, recipients: [String], now: Int64) -> AdminOutput {
+        var out = AdminOutput()
+        let configuration: Configuration
+        switch ConfigurationLoader.load(configPath) {
+        case .success(let c): configuration = c
+        case .failure(let errors):
+            out.stderr = errors.errors.map(\.description)
+            out.status = 1
+            return out
+        }
+        guard let sender = self.sender(user) else {
+            out.stderr.append("restrictpd: no such user: \(user)")
+            out.status = 1
+            return out
+        }
+        let policy = Policy(configuration)
+        guard let rule = policy.rule(for: sender) else {
+            out.stdout.append("\(sender.phrase): no rule applies (no \(sender.uid == nil ? "unknown" : "default") rule): refused")
+            out.stdout.append("verdict=refused reply=\"550 5.7.1\"")
+            out.status = 2
+            return out
+        }
+        let ruleName: String
+        switch rule.selector {
+        case .user: ruleName = "user \(rule.userName ?? String(sender.uid ?? 0))"
+        case .default: ruleName = "default"
+        case .unknown: ruleName = "unknown"
+        }
+        out.stdout.append("\(sender.phrase): rule '\(ruleName)' at \(configPath):\(rule.line)")
+        let verdict: Verdict
+        switch policy.evaluate(sender: sender, recipients: recipients) {
+        case .allowed:
+            verdict = Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "all recipients on the allow list", quota: nil)
+        case .refused(let rcpt, let reason):
+            verdict = Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "<\(rcpt)>: not permitted for \(sender.phrase)", reason: "<\(rcpt)> \(reason)", quota: nil)
+        case .needsQuota(let addresses, let quota, let overQuota):
+            let request = QuotaRequest(uid: sender.uid ?? 0, addresses: addresses, quota: quota, now: now)
+            let outcome: QuotaOutcome
+            if SystemFiles.exists(configuration.statePath) {
+                do {
+                    let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
+                    defer { db.close() }
+                    outcome = try db.peek(request)
+                } catch {
+                    out.stderr.append("restrictpd: \(error)")
+                    out.status = 1
+                    return out
+                }
+            } else {
+                outcome = QuotaArithmetic.decide(request, counted: []).0
+            }
+            let figure = "\(max(0, outcome.limit - outcome.used))/\(outcome.limit)\(quota.period.map { " per \($0.rawValue)" } ?? "")"
+            out.stdout.append("outside the allow list: \(addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(quota))")
+            if outcome.admitted {
+                verdict = Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "within quota", quota: figure)
+            } else {
+                let kind: Verdict.Kind = overQuota == .defer ? .defer : .refuse
+                verdict = Verdict(
+                    kind: kind, code: kind == .defer ? 451 : 550, enhanced: kind == .defer ? "4.7.1" : "5.7.1",
+                    text: "<\(outcome.firstRefused ?? "")>: quota exhausted", reason: "<\(outcome.firstRefused ?? "")> over quota", quota: figure)
+            }
+        }
+        var line = "verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\""
+        if let q = verdict.quota { line += " quota=\"\(q)\"" }
+        if verdict.kind != .relay { line += " reply=\"\(verdict.code) \(verdict.enhanced) \(verdict.text)\"" }
+        out.stdout.append(line)
+        out.status = verdict.kind == .relay ? 0 : 2
+        return out
+    }
+
+    public static func showQuota(configPath: String, user: String?, now: Int64) -> AdminOutput {
+        var out = AdminOutput()
+        let configuration: Configuration
+        switch ConfigurationLoader.load(configPath) {
+        case .success(let c): configuration = c
+        case .failure(let errors):
+            out.stderr = errors.errors.map(\.description)
+            out.status = 1
+            return out
+        }
+        var only: UInt32? = nil
+        if let user {
+            guard let s = self.sender(user), let uid = s.uid else {
+                out.stderr.append("restrictpd: no such user: \(user)")
+                out.status = 1
+                return out
+            }
+            only = uid
+        }
+        guard SystemFiles.exists(configuration.statePath) else {
+            out.stdout.append("no quota database at \(configuration.statePath) yet: nothing counted")
+            return out
+        }
+        let entries: [QuotaEntry]
+        do {
+            let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
+            defer { db.close() }
+            entries = try db.entries(uid: only)
+        } catch {
+            out.stderr.append("restrictpd: \(error)")
+            out.status = 1
+            return out
+        }
+        let policy = Policy(configuration)
+        let byUID = Dictionary(grouping: entries, by: \.uid)
+        for uid in byUID.keys.sorted() {
+            let name = Users.lookup(uid: uid)?.name
+            let sender = Sender.user(uid: uid, name: name)
+            let quota = policy.rule(for: sender)?.quota
+            let windowStart = quota?.period.map { now - $0.seconds }
+            let live = (byUID[uid] ?? []).filter { e in windowStart.map { e.lastSeen >= $0 } ?? true }
+            if let quota {
+                out.stdout.append("\(sender.phrase): \(live.count) of \(quota) used, \(max(0, quota.limit - live.count)) left")
+            } else {
+                out.stdout.append("\(sender.phrase): \(live.count) counted (the rule now grants no arbitrary destinations)")
+            }
+            for e in live {
+                out.stdout.append("  \(e.address)  first=\(timestamp(e.firstSeen)) last=\(timestamp(e.lastSeen))")
+            }
+        }
+        if byUID.isEmpty { out.stdout.append("nothing counted") }
+        return out
+    }
+
+    public static func resetQuota(configPath: String, user: String) -> AdminOutput {
+        var out = AdminOutput()
+        let configuration: Configuration
+        switch ConfigurationLoader.load(configPath) {
+        case .success(let c): configuration = c
+        case .failure(let errors):
+            out.stderr = errors.errors.map(\.description)
+            out.status = 1
+            return out
+        }
+        guard let s = self.sender(user), let uid = s.uid else {
+            out.stderr.append("restrictpd: no such user: \(user)")
+            out.status = 1
+            return out
+        }
+        do {
+            let db = try QuotaDatabase(path: configuration.statePath)
+            defer { db.close() }
+            let n = try db.reset(uid: uid)
+            out.stdout.append("\(s.phrase): \(n) counted destinations forgotten")
+        } catch {
+            out.stderr.append("restrictpd: \(error)")
+            out.status = 1
+        }
+        return out
+    }
+
+    /// "2026-11-27 09:13:28 UTC"
+    static func timestamp(_ t: Int64) -> String {
+        var time = time_t(t)
+        var tm = Glibc.tm()
+        gmtime_r(&time, &tm)
+        var buffer = [CChar](repeating: 0, count: 64)
+        let n = strftime(&buffer, buffer.count, "%Y-%m-%d %H:%M:%S UTC", &tm)
+        return String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}

@@ -1,0 +1,254 @@
+// The daemon's life: configuration, listeners, privileges, the quota store, readiness,
+// signals (SIGHUP reload, SIGTERM/SIGINT drain), systemd status and watchdog.
+
+import Dispatch
+public import Logging
+import NIOCore
+import NIOPosix
+public import RestrictPolicy
+import SMTPCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct DaemonOptions: Sendable {
+    public var configPath: String
+    /// The user to run as when started as root.
+    public var user: String
+
+    public init(configPath: String, user: String) {
+        self.configPath = configPath
+        self.user = user
+    }
+}
+
+public enum ConfigurationLoader {
+    /// Reads and parses a configuration file, resolving user names through the passwd database.
+    public static func load(_ path: String) -> Result<Configuration, ConfigErrors> {
+        let text: String
+        do {
+            text = try SystemFiles.readText(path, limit: ConfigParser.maxFileSize)
+        } catch {
+            return .failure(ConfigErrors([ConfigError(file: path, line: 0, message: "\(error)")]))
+        }
+        return ConfigParser.parse(text, file: path, users: UserResolver { Users.lookup(name: $0)?.uid })
+    }
+}
+
+/// Opens the quota database on first use and again after a failure, so that a database that
+/// is missing or broken at startup costs 451 4.3.0 for quota decisions only, never a crash
+/// and never an allowed message.
+final class LazyQuotaStore: QuotaStore, Sendable {
+    let path: String
+    let logger: Logger
+    private let database = Mutex<QuotaDatabase?>(nil)
+
+    init(path: String, logger: Logger) {
+        self.path = path
+        self.logger = logger
+    }
+
+    func open() throws -> QuotaDatabase {
+        try self.database.withLock { db in
+            if let db { return db }
+            let opened = try QuotaDatabase(path: self.path)
+            db = opened
+            return opened
+        }
+    }
+
+    func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
+        let db: QuotaDatabase
+        do {
+            db = try self.open()
+        } catch {
+            self.logger.error("quota database unavailable: \(error)")
+            throw error
+        }
+        do {
+            return try await db.admit(request)
+        } catch {
+            self.logger.error("quota database error: \(error)")
+            throw error
+        }
+    }
+}
+
+public enum Daemon {
+    /// Runs until SIGTERM or SIGINT. Returns the process exit status.
+    public static func run(_ options: DaemonOptions, logger: Logger) async -> Int32 {
+        let configuration: Configuration
+        switch ConfigurationLoader.load(options.configPath) {
+        case .success(let c): configuration = c
+        case .failure(let errors):
+            for e in errors.errors { logger.critical("\(e)") }
+            return 1
+        }
+        if !configuration.peerCheck {
+            logger.warning("peer_check is off: any local user who can connect can claim any uid")
+        }
+        if configuration.peerCheck, configuration.clients.isEmpty {
+            logger.warning("no user in clients exists on this system: every connection will be refused")
+        }
+
+        // Ignore the signals before anything can deliver them; Dispatch sources read them.
+        for sig in [SIGHUP, SIGTERM, SIGINT, SIGPIPE] { signal(sig, SIG_IGN) }
+        let (signals, continuation) = AsyncStream<Int32>.makeStream()
+        let sources = [SIGHUP, SIGTERM, SIGINT].map { sig in
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { continuation.yield(sig) }
+            source.resume()
+            return source
+        }
+        defer { sources.forEach { $0.cancel() } }
+
+        let group = MultiThreadedEventLoopGroup.singleton
+        var listeners: [Listener] = []
+        do {
+            let passed = Systemd.listenSockets()
+            if !passed.isEmpty {
+                for socket in passed {
+                    guard Systemd.isListeningStream(socket.fd) else {
+                        logger.warning("ignoring socket \(socket.name) (fd \(socket.fd)) from systemd: not a listening stream socket")
+                        continue
+                    }
+                    listeners.append(try await ListenerFactory.adopt(fd: socket.fd, group: group))
+                    logger.info("listening on \(socket.name) (fd \(socket.fd), from systemd)")
+                }
+            } else {
+                let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
+                if let name = configuration.unixSocketGroup, gid == nil {
+                    logger.critical("unix_socket_group: no group named \(name)")
+                    return 1
+                }
+                for address in configuration.listen {
+                    listeners.append(try await ListenerFactory.bind(address, group: group, mode: configuration.unixSocketMode, group: gid))
+                    logger.info("listening on \(address)")
+                }
+            }
+        } catch {
+            logger.critical("cannot listen: \(error)")
+            return 1
+        }
+        guard !listeners.isEmpty else {
+            logger.critical("nothing to listen on")
+            return 1
+        }
+
+        if getuid() == 0, options.user != "root" {
+            guard let user = Users.lookup(name: options.user) else {
+                logger.critical("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
+                return 1
+            }
+            do {
+                try Privileges.drop(to: user)
+            } catch {
+                logger.critical("cannot drop privileges to \(options.user): \(error)")
+                return 1
+            }
+        }
+
+        let store = LazyQuotaStore(path: configuration.statePath, logger: logger)
+        do {
+            _ = try store.open()
+        } catch {
+            logger.error("quota database \(configuration.statePath) unavailable (quota decisions will be deferred with 451 4.3.0 until it opens): \(error)")
+        }
+        let runtime = Runtime(ruleset: Ruleset(configuration), store: store, logger: logger)
+        let registry = SessionRegistry()
+        let handler = ConnectionHandler(runtime: runtime, registry: registry, group: group)
+
+        logger.info("restrictpd \(Version.string) ready: \(configuration.rules.count) rules, relay \(configuration.relayHost):\(configuration.relayPort)")
+        Systemd.notify("READY=1\nSTATUS=ready; \(runtime.snapshot.status)")
+
+        await withTaskGroup(of: Void.self) { tasks in
+            for listener in listeners {
+                tasks.addTask {
+                    do {
+                        try await handler.run(listener)
+                    } catch {
+                        logger.error("listener stopped: \(error)")
+                    }
+                }
+            }
+            tasks.addTask { await Self.housekeeping(runtime: runtime) }
+
+            for await sig in signals {
+                if sig == SIGHUP {
+                    Self.reload(options, runtime: runtime, logger: logger)
+                    continue
+                }
+                logger.info("signal \(sig == SIGTERM ? "TERM" : "INT"): stopping; draining \(registry.count) sessions")
+                Systemd.notify("STOPPING=1\nSTATUS=draining \(registry.count) sessions")
+                runtime.draining.withLock { $0 = true }
+                for listener in listeners { try? await listener.channel.close() }
+                let drain = Int64(runtime.ruleset.configuration.value(.drainTimeout))
+                let deadline = NIODeadline.now() + .seconds(drain)
+                while registry.count > 0, NIODeadline.now() < deadline {
+                    try? await Task.sleep(nanoseconds: 100_000_000)
+                }
+                if registry.count > 0 {
+                    logger.warning("drain_timeout: closing \(registry.count) sessions with 421 4.3.2")
+                    registry.closeAll(with: Replies.shuttingDown)
+                    let grace = NIODeadline.now() + .seconds(5)
+                    while registry.count > 0, NIODeadline.now() < grace {
+                        try? await Task.sleep(nanoseconds: 50_000_000)
+                    }
+                }
+                break
+            }
+            tasks.cancelAll()
+        }
+        logger.info("stopped: \(runtime.snapshot.status)")
+        return 0
+    }
+
+    /// STATUS= every few seconds, and the watchdog at half of WatchdogSec.
+    static func housekeeping(runtime: Runtime) async {
+        let watchdog = Systemd.watchdogInterval()
+        let statusEvery: UInt64 = 5_000_000_000
+        let tick: UInt64 = watchdog.map { min(statusEvery, $0 * 1000 / 2) } ?? statusEvery
+        var sinceStatus: UInt64 = 0
+        var lastStatus = ""
+        while !Task.isCancelled {
+            if watchdog != nil { Systemd.notify("WATCHDOG=1") }
+            if sinceStatus >= statusEvery || lastStatus.isEmpty {
+                let status = runtime.snapshot.status
+                if status != lastStatus { Systemd.status(status) }
+                lastStatus = status
+                sinceStatus = 0
+            }
+            do {
+                try await Task.sleep(nanoseconds: tick)
+            } catch {
+                return
+            }
+            sinceStatus += tick
+        }
+    }
+
+    static func reload(_ options: DaemonOptions, runtime: Runtime, logger: Logger) {
+        Systemd.notify("RELOADING=1\nSTATUS=reloading \(options.configPath)")
+        switch ConfigurationLoader.load(options.configPath) {
+        case .success(let configuration):
+            let old = runtime.ruleset.configuration
+            if configuration.listen != old.listen || configuration.statePath != old.statePath
+                || configuration.unixSocketMode != old.unixSocketMode || configuration.unixSocketGroup != old.unixSocketGroup
+            {
+                logger.notice("reload: listen, unix_socket_*, and state changes take effect only at restart")
+            }
+            runtime.replace(Ruleset(configuration))
+            logger.info("reloaded \(options.configPath): \(configuration.rules.count) rules")
+            Systemd.notify("READY=1\nSTATUS=reloaded; \(runtime.snapshot.status)")
+        case .failure(let errors):
+            for e in errors.errors { logger.error("reload failed: \(e)") }
+            logger.error("reload failed: keeping the rules in force (\(errors.errors.count) errors)")
+            Systemd.notify("READY=1\nSTATUS=reload failed (\(errors.errors.count) errors), old rules kept; \(runtime.snapshot.status)")
+        }
+    }
+}
+
+public enum Version {
+    public static let string = "0.1.0"
+}

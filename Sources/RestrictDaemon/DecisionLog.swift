@@ -1,0 +1,60 @@
+// Log keys and the one decision line per message, in Postfix's key=value manner:
+//   QUEUEID: uid=33 user=www-data from=<a@b> to=<c@d>,<e@f> verdict=refused reason="..." relay="..."
+// Every value that came from outside is escaped and truncated by LogText first.
+
+import Logging
+import SMTPCore
+
+enum LogKey {
+    static let uid = "uid"
+    static let user = "user"
+    static let queueID = "queue_id"
+    static let from = "from"
+    static let to = "to"
+    static let verdict = "verdict"
+    static let reason = "reason"
+    static let quota = "quota"
+    static let relay = "relay"
+    static let peer = "peer"
+    static let peerUID = "peer_uid"
+}
+
+struct DecisionRecord {
+    var queueID: String?
+    var uid: UInt32?
+    var user: String?
+    var from: String
+    var to: [String]
+    var verdict: String
+    var reason: String
+    var quota: String?
+    var relayReply: String?
+
+    var line: String {
+        var s = "\(self.queueID.map { LogText.escape($0, limit: 64) } ?? "NOQUEUE"): "
+        s += "uid=\(self.uid.map(String.init) ?? "unknown")"
+        if let user { s += " user=\(LogText.escape(user, limit: 64))" }
+        s += " from=<\(LogText.escape(self.from))>"
+        let shown = self.to.prefix(20).map { "<\(LogText.escape($0))>" }.joined(separator: ",")
+        s += " to=\(shown)\(self.to.count > 20 ? ",...(\(self.to.count) in all)" : "")"
+        s += " verdict=\(self.verdict) reason=\"\(LogText.escape(self.reason, limit: 512))\""
+        if let quota { s += " quota=\"\(quota)\"" }
+        if let relayReply { s += " relay=\"\(LogText.escape(relayReply, limit: 512))\"" }
+        return s
+    }
+
+    var metadata: Logger.Metadata {
+        var m: Logger.Metadata = [
+            LogKey.verdict: .string(self.verdict),
+            LogKey.from: .string(LogText.escape(self.from)),
+            LogKey.to: .string(self.to.prefix(100).map { LogText.escape($0) }.joined(separator: ",")),
+            LogKey.reason: .string(LogText.escape(self.reason, limit: 512)),
+        ]
+        if let queueID { m[LogKey.queueID] = .string(LogText.escape(queueID, limit: 64)) }
+        if let uid { m[LogKey.uid] = .string(String(uid)) }
+        if let user { m[LogKey.user] = .string(LogText.escape(user, limit: 64)) }
+        if let quota { m[LogKey.quota] = .string(quota) }
+        if let relayReply { m[LogKey.relay] = .string(LogText.escape(relayReply, limit: 512)) }
+        return m
+    }
+}

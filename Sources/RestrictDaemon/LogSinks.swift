@@ -1,0 +1,133 @@
+// Where log lines go: the journal (with structured fields, through libsystemd), syslog
+// (facility mail, as Postfix logs), or standard error. Chosen once at startup.
+// Every message that reaches a sink has already had its untrusted parts escaped (LogText);
+// the sinks add nothing from outside.
+
+import CRestrictSys
+import CSystemd
+public import Logging
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public enum LogTarget: String, Sendable, CaseIterable {
+    case auto, journal, syslog, stderr
+
+    /// auto: the journal when systemd started us (and its socket is there), else syslog when a
+    /// syslog socket exists, else standard error. sd_journal_sendv returns success even with no
+    /// journald listening, so the decision is made from the environment, not from its result.
+    public func resolved() -> LogTarget {
+        guard self == .auto else { return self }
+        let underSystemd = getenv("INVOCATION_ID") != nil || getenv("JOURNAL_STREAM") != nil
+        if underSystemd, SystemFiles.exists("/run/systemd/journal/socket") { return .journal }
+        if SystemFiles.exists("/dev/log") { return .syslog }
+        return .stderr
+    }
+}
+
+/// Journal field names for logger metadata keys (`uid` -> `RESTRICTPD_UID`).
+enum JournalField {
+    static func name(_ key: String) -> String {
+        "RESTRICTPD_" + String(key.uppercased().map { $0.isLetter || $0.isNumber ? $0 : "_" })
+    }
+}
+
+public struct RestrictLogHandler: LogHandler {
+    public var logLevel: Logger.Level
+    public var metadata: Logger.Metadata = [:]
+    let target: LogTarget
+    let label: String
+
+    public init(label: String, target: LogTarget, level: Logger.Level) {
+        self.label = label
+        self.target = target
+        self.logLevel = level
+        if target == .syslog { crs_openlog("restrictpd", LOG_MAIL) }
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { self.metadata[key] }
+        set { self.metadata[key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        let level = event.level
+        let message = event.message
+        var merged = self.metadata
+        if let extra = event.metadata { merged.merge(extra) { _, new in new } }
+        switch self.target {
+        case .journal, .auto:
+            Self.journal(level: level, message: "\(message)", metadata: merged)
+        case .syslog:
+            crs_syslog(Self.priority(level), "\(Self.prefix(level))\(message)")
+        case .stderr:
+            var line = "restrictpd[\(getpid())]: \(Self.prefix(level))\(message)\n"
+            line.withUTF8 { buf in
+                guard let base = buf.baseAddress else { return }
+                var offset = 0
+                while offset < buf.count {
+                    let n = write(2, base + offset, buf.count - offset)
+                    if n <= 0 { break }
+                    offset += n
+                }
+            }
+        }
+    }
+
+    /// Postfix's manner: "warning: ..." and "error: ..."; info lines bare.
+    static func prefix(_ level: Logger.Level) -> String {
+        switch level {
+        case .trace, .debug: return "debug: "
+        case .info, .notice: return ""
+        case .warning: return "warning: "
+        case .error: return "error: "
+        case .critical: return "fatal: "
+        }
+    }
+
+    static func priority(_ level: Logger.Level) -> Int32 {
+        switch level {
+        case .trace, .debug: return LOG_DEBUG
+        case .info: return LOG_INFO
+        case .notice: return LOG_NOTICE
+        case .warning: return LOG_WARNING
+        case .error: return LOG_ERR
+        case .critical: return LOG_CRIT
+        }
+    }
+
+    static func journal(level: Logger.Level, message: String, metadata: Logger.Metadata) {
+        var fields = [
+            "MESSAGE=\(prefix(level))\(message)",
+            "PRIORITY=\(priority(level))",
+            "SYSLOG_IDENTIFIER=restrictpd",
+            "SYSLOG_FACILITY=\(LOG_MAIL >> 3)",
+        ]
+        for (key, value) in metadata.sorted(by: { $0.key < $1.key }) {
+            // Values are single-line by construction (escaped), but the journal would accept
+            // newlines; strip them anyway so a field never spans entries.
+            let v = "\(value)".replacingNewlines()
+            fields.append("\(JournalField.name(key))=\(v)")
+        }
+        // One contiguous buffer, so every iovec points into memory alive for the whole call.
+        var storage: [UInt8] = []
+        var ranges: [Range<Int>] = []
+        for field in fields {
+            let start = storage.count
+            storage.append(contentsOf: field.utf8)
+            ranges.append(start..<storage.count)
+        }
+        storage.withUnsafeMutableBytes { raw in
+            guard let base = raw.baseAddress else { return }
+            let iovecs = ranges.map { iovec(iov_base: base + $0.lowerBound, iov_len: $0.count) }
+            _ = iovecs.withUnsafeBufferPointer { sd_journal_sendv($0.baseAddress, Int32($0.count)) }
+        }
+    }
+}
+
+extension String {
+    func replacingNewlines() -> String {
+        String(self.map { $0 == "\n" || $0 == "\r" ? " " : $0 })
+    }
+}

@@ -1,0 +1,289 @@
+// One SQLite connection and its prepared statements. Not thread-safe by itself: a
+// `QuotaDatabase` confines it to its serial queue, hence `@unchecked Sendable` (the connection
+// is opened with SQLITE_OPEN_NOMUTEX, SQLite's multi-thread mode, which allows one connection
+// to be used from different threads as long as never at the same time).
+
+import CSQLite
+import RestrictPolicy
+
+final class QuotaConnection: @unchecked Sendable {
+    let path: String
+    private var db: OpaquePointer?
+    private var statements: [String: OpaquePointer] = [:]
+
+    private static let transient = unsafeBitCast(-1, to: sqlite3_destructor_type.self)
+    /// Upper bound for the WAL file after a checkpoint.
+    private static let journalSizeLimit = 4 * 1024 * 1024
+
+    init(path: String, readOnly: Bool, busyTimeout: Int32) throws {
+        self.path = path
+        var flags = SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE
+        flags |= readOnly ? SQLITE_OPEN_READONLY : (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
+        var handle: OpaquePointer?
+        let rc = sqlite3_open_v2(path, &handle, flags, nil)
+        guard rc == SQLITE_OK, let handle else {
+            let message = handle.map { String(cString: sqlite3_errmsg($0)) } ?? String(cString: sqlite3_errstr(rc))
+            sqlite3_close_v2(handle)
+            throw QuotaDatabaseError(path: path, code: rc, message: message, operation: "opening")
+        }
+        self.db = handle
+        do {
+            sqlite3_busy_timeout(handle, busyTimeout)
+            if readOnly {
+                try self.checkSchema(readOnly: true)
+            } else {
+                let mode = try self.text("PRAGMA journal_mode = WAL", "switching to WAL mode")
+                guard mode.lowercased() == "wal" else {
+                    throw QuotaDatabaseError(
+                        path: path, code: nil, message: "journal mode is \(mode), not wal",
+                        operation: "switching to WAL mode")
+                }
+                // In WAL mode NORMAL never corrupts; a power cut may lose the last commits.
+                try self.execute("PRAGMA synchronous = NORMAL", "configuring")
+                try self.execute("PRAGMA journal_size_limit = \(Self.journalSizeLimit)", "configuring")
+                try self.checkSchema(readOnly: false)
+            }
+        } catch {
+            self.close()
+            throw error
+        }
+    }
+
+    deinit { self.close() }
+
+    func close() {
+        for statement in self.statements.values { sqlite3_finalize(statement) }
+        self.statements = [:]
+        if let db = self.db { sqlite3_close_v2(db) }
+        self.db = nil
+    }
+
+    // MARK: schema
+
+    /// Checks the file is ours and of a version we know; in read-write mode creates or migrates
+    /// it inside one write transaction.
+    private func checkSchema(readOnly: Bool) throws {
+        if !readOnly { try self.execute("BEGIN IMMEDIATE", "starting the schema transaction") }
+        do {
+            let application = try self.integer("PRAGMA application_id", "reading the application id")
+            let version = try self.integer("PRAGMA user_version", "reading the schema version")
+            let tables = try self.integer("SELECT count(*) FROM sqlite_schema", "reading the schema")
+            let current = Int64(QuotaSchema.currentVersion)
+            let checking = "checking the schema"
+            if application != Int64(QuotaSchema.applicationID) && !(application == 0 && version == 0 && tables == 0) {
+                throw QuotaDatabaseError(
+                    path: self.path, code: nil,
+                    message: "not a restrictpd quota database (application_id \(application), user_version \(version))",
+                    operation: checking)
+            }
+            if version > current || version < 0 {
+                throw QuotaDatabaseError(
+                    path: self.path, code: nil,
+                    message: "quota database schema version \(version) is newer than this restrictpd understands (\(current))",
+                    operation: checking)
+            }
+            if version < current {
+                if readOnly {
+                    throw QuotaDatabaseError(
+                        path: self.path, code: nil,
+                        message: "schema version \(version) needs an upgrade to \(current); open it read-write once (start the daemon)",
+                        operation: checking)
+                }
+                for migration in QuotaSchema.migrations[Int(version)...] {
+                    try self.execute(migration, "migrating the schema")
+                }
+                try self.execute("PRAGMA application_id = \(QuotaSchema.applicationID)", "migrating the schema")
+                try self.execute("PRAGMA user_version = \(current)", "migrating the schema")
+            }
+            if !readOnly { try self.execute("COMMIT", "committing the schema") }
+        } catch {
+            self.rollback()
+            throw error
+        }
+    }
+
+    // MARK: quota operations
+
+    private static let selectCounted = "SELECT address FROM quota_address WHERE uid = ?1 AND last_seen >= ?2"
+    private static let pruneExpired = "DELETE FROM quota_address WHERE uid = ?1 AND last_seen < ?2"
+    // max(): a clock stepped backwards never makes an address look older than it is.
+    private static let upsert = """
+        INSERT INTO quota_address (uid, address, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
+        ON CONFLICT (uid, address) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)
+        """
+
+    func admit(_ request: QuotaRequest) throws -> QuotaOutcome {
+        let uid = Int64(request.uid)
+        try self.execute("BEGIN IMMEDIATE", "starting a write transaction")
+        do {
+            // Pruning happens here, per uid, with the window of the rule asking now: a row of
+            // this uid with last_seen < windowStart is outside this window, and since `now`
+            // only moves forward and last_seen is only ever raised, it is outside every later
+            // window of the same rule too, so deleting it changes no present or future count.
+            // Rules without a period have no window start and never prune (the learned allow
+            // list is kept for good). The live rows of a uid are therefore at most the addresses
+            // admitted within one period, so the file does not grow without bound.
+            // Limits, all on the permissive side and bounded by one period's worth: lengthening
+            // a rule's period (day -> week, or dropping the period) forgets what was pruned
+            // under the shorter one; rows of a uid that no longer has a quota stay until
+            // `reset(uid:)`.
+            if let start = request.windowStart {
+                try self.run(Self.pruneExpired, [.integer(uid), .integer(start)], "pruning")
+            }
+            let counted = try self.counted(uid: uid, since: request.windowStart)
+            let (outcome, record) = QuotaArithmetic.decide(request, counted: counted)
+            for address in record {
+                try self.run(Self.upsert, [.integer(uid), .text(address), .integer(request.now)], "recording")
+            }
+            try self.execute("COMMIT", "committing")
+            return outcome
+        } catch {
+            self.rollback()
+            throw error
+        }
+    }
+
+    func peek(_ request: QuotaRequest) throws -> QuotaOutcome {
+        let counted = try self.counted(uid: Int64(request.uid), since: request.windowStart)
+        return QuotaArithmetic.decide(request, counted: counted).0
+    }
+
+    private func counted(uid: Int64, since start: Int64?) throws -> Set<String> {
+        var counted = Set<String>()
+        try self.query(Self.selectCounted, [.integer(uid), .integer(start ?? Int64.min)], "reading counted addresses") {
+            counted.insert(Self.columnText($0, 0))
+        }
+        return counted
+    }
+
+    func entries(uid: UInt32?) throws -> [QuotaEntry] {
+        let sql = "SELECT uid, address, first_seen, last_seen FROM quota_address"
+        let order = " ORDER BY uid, first_seen, address"
+        var result: [QuotaEntry] = []
+        let operation = "listing entries"
+        let row: (OpaquePointer) throws -> Void = { statement in
+            guard let uid = UInt32(exactly: sqlite3_column_int64(statement, 0)) else {
+                throw QuotaDatabaseError(path: self.path, code: nil, message: "a row has an invalid uid", operation: operation)
+            }
+            result.append(QuotaEntry(
+                uid: uid, address: Self.columnText(statement, 1),
+                firstSeen: sqlite3_column_int64(statement, 2), lastSeen: sqlite3_column_int64(statement, 3)))
+        }
+        if let uid {
+            try self.query(sql + " WHERE uid = ?1" + order, [.integer(Int64(uid))], operation, row)
+        } else {
+            try self.query(sql + order, [], operation, row)
+        }
+        return result
+    }
+
+    func count(uid: UInt32, windowStart: Int64?) throws -> Int {
+        var count: Int64 = 0
+        try self.query(
+            "SELECT count(*) FROM quota_address WHERE uid = ?1 AND last_seen >= ?2",
+            [.integer(Int64(uid)), .integer(windowStart ?? Int64.min)], "counting"
+        ) { count = sqlite3_column_int64($0, 0) }
+        return Int(count)
+    }
+
+    func reset(uid: UInt32) throws -> Int {
+        let db = try self.handle("resetting")
+        try self.run("DELETE FROM quota_address WHERE uid = ?1", [.integer(Int64(uid))], "resetting")
+        return Int(sqlite3_changes64(db))
+    }
+
+    // MARK: statements
+
+    enum Value {
+        case integer(Int64)
+        case text(String)
+    }
+
+    private func handle(_ operation: String) throws -> OpaquePointer {
+        guard let db = self.db else {
+            throw QuotaDatabaseError(path: self.path, code: SQLITE_MISUSE, message: "the database is closed", operation: operation)
+        }
+        return db
+    }
+
+    private func failure(_ code: Int32, _ operation: String) -> QuotaDatabaseError {
+        let message = self.db.map { String(cString: sqlite3_errmsg($0)) } ?? String(cString: sqlite3_errstr(code))
+        return QuotaDatabaseError(path: self.path, code: code, message: message, operation: operation)
+    }
+
+    /// A cached statement prepared once for the life of the connection.
+    private func prepared(_ sql: String, _ operation: String) throws -> OpaquePointer {
+        if let statement = self.statements[sql] { return statement }
+        let db = try self.handle(operation)
+        var statement: OpaquePointer?
+        let rc = sqlite3_prepare_v3(db, sql, -1, UInt32(SQLITE_PREPARE_PERSISTENT), &statement, nil)
+        guard rc == SQLITE_OK, let statement else {
+            sqlite3_finalize(statement)
+            throw self.failure(rc, operation)
+        }
+        self.statements[sql] = statement
+        return statement
+    }
+
+    /// Runs `sql` with `values` bound to ?1, ?2, ... and calls `row` for every result row.
+    private func query(
+        _ sql: String, _ values: [Value], _ operation: String, _ row: (OpaquePointer) throws -> Void
+    ) throws {
+        let statement = try self.prepared(sql, operation)
+        defer {
+            sqlite3_reset(statement)
+            sqlite3_clear_bindings(statement)
+        }
+        for (offset, value) in values.enumerated() {
+            let index = Int32(offset + 1)
+            let rc: Int32
+            switch value {
+            case .integer(let n):
+                rc = sqlite3_bind_int64(statement, index, n)
+            case .text(let s):
+                rc = sqlite3_bind_text64(statement, index, s, sqlite3_uint64(s.utf8.count), Self.transient, UInt8(SQLITE_UTF8))
+            }
+            guard rc == SQLITE_OK else { throw self.failure(rc, operation) }
+        }
+        while true {
+            let rc = sqlite3_step(statement)
+            if rc == SQLITE_DONE { return }
+            guard rc == SQLITE_ROW else { throw self.failure(rc, operation) }
+            try row(statement)
+        }
+    }
+
+    private func run(_ sql: String, _ values: [Value], _ operation: String) throws {
+        try self.query(sql, values, operation) { _ in }
+    }
+
+    /// Runs fixed SQL (one or more statements, no parameters, not cached).
+    func execute(_ sql: String, _ operation: String) throws {
+        let db = try self.handle(operation)
+        let rc = sqlite3_exec(db, sql, nil, nil, nil)
+        guard rc == SQLITE_OK else { throw self.failure(rc, operation) }
+    }
+
+    func integer(_ sql: String, _ operation: String) throws -> Int64 {
+        var value: Int64 = 0
+        try self.query(sql, [], operation) { value = sqlite3_column_int64($0, 0) }
+        return value
+    }
+
+    private func text(_ sql: String, _ operation: String) throws -> String {
+        var value = ""
+        try self.query(sql, [], operation) { value = Self.columnText($0, 0) }
+        return value
+    }
+
+    private func rollback() {
+        guard let db = self.db, sqlite3_get_autocommit(db) == 0 else { return }
+        sqlite3_exec(db, "ROLLBACK", nil, nil, nil)
+    }
+
+    private static func columnText(_ statement: OpaquePointer, _ column: Int32) -> String {
+        guard let bytes = sqlite3_column_text(statement, column) else { return "" }
+        let count = Int(sqlite3_column_bytes(statement, column))
+        return String(decoding: UnsafeBufferPointer(start: bytes, count: count), as: UTF8.self)
+    }
+}

@@ -1,0 +1,31 @@
+// The quota database's schema and its migrations.
+//
+// `PRAGMA user_version` holds the schema version; `PRAGMA application_id` marks the file as
+// restrictpd's, so a path pointing at some other SQLite database is refused instead of altered.
+// `migrations[i]` takes the file from version i to version i + 1 and runs inside the same
+// `BEGIN IMMEDIATE` transaction as the version check, so two processes opening a new file at
+// once cannot both create it. A shipped migration is never edited: a change is a new entry.
+
+enum QuotaSchema {
+    /// "RPDQ".
+    static let applicationID: Int32 = 0x5250_4451
+
+    static let migrations: [String] = [
+        // 0 -> 1: one row per (uid, address) ever admitted and not yet pruned. The index serves
+        // both the window read (uid, last_seen >= ?) and the per-uid prune (uid, last_seen < ?);
+        // as an index of a WITHOUT ROWID table it also carries `address`, so the window read
+        // never touches the table itself.
+        """
+        CREATE TABLE quota_address (
+            uid        INTEGER NOT NULL,
+            address    TEXT    NOT NULL,
+            first_seen INTEGER NOT NULL,
+            last_seen  INTEGER NOT NULL,
+            PRIMARY KEY (uid, address)
+        ) STRICT, WITHOUT ROWID;
+        CREATE INDEX quota_address_by_last_seen ON quota_address (uid, last_seen);
+        """,
+    ]
+
+    static var currentVersion: Int32 { Int32(migrations.count) }
+}

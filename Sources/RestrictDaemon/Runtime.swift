@@ -1,0 +1,99 @@
+// What every session shares: the rules in force (replaced whole on reload), the quota store,
+// counters for STATUS=, and whether the daemon is draining.
+
+public import Logging
+public import RestrictPolicy
+public import SMTPCore
+
+/// The settings one session runs under, taken from the configuration when it starts.
+public struct SessionSettings: Sendable {
+    public var limits: SMTPLimits
+    public var idleTimeout: Int64
+    public var commandTimeout: Int64
+    public var dataTimeout: Int64
+    public var relayTimeout: Int64
+    public var relayConnectTimeout: Int64
+    public var relayHost: String
+    public var relayPort: Int
+
+    public init(_ c: Configuration) {
+        self.limits = SMTPLimits(
+            commandLine: c.value(.commandLineLimit),
+            dataLine: c.value(.dataLineLimit),
+            headerSection: c.value(.headerLimit),
+            recipients: c.value(.recipientLimit),
+            messageSize: c.value(.messageSizeLimit)
+        )
+        self.idleTimeout = Int64(c.value(.idleTimeout))
+        self.commandTimeout = Int64(c.value(.commandTimeout))
+        self.dataTimeout = Int64(c.value(.dataTimeout))
+        self.relayTimeout = Int64(c.value(.relayTimeout))
+        self.relayConnectTimeout = Int64(c.value(.relayConnectTimeout))
+        self.relayHost = c.relayHost
+        self.relayPort = c.relayPort
+    }
+}
+
+/// The rules and settings in force; a reload swaps the whole value.
+public struct Ruleset: Sendable {
+    public let configuration: Configuration
+    public let policy: Policy
+    public let settings: SessionSettings
+    public let clients: Set<UInt32>
+
+    public init(_ configuration: Configuration) {
+        self.configuration = configuration
+        self.policy = Policy(configuration)
+        self.settings = SessionSettings(configuration)
+        self.clients = Set(configuration.clients)
+    }
+}
+
+public struct Counters: Sendable {
+    public var sessions = 0
+    public var relayed = 0
+    public var refused = 0
+    public var deferred = 0
+    public var peersRefused = 0
+
+    public var status: String {
+        "sessions=\(self.sessions) relayed=\(self.relayed) refused=\(self.refused) deferred=\(self.deferred) peers_refused=\(self.peersRefused)"
+    }
+}
+
+public final class Runtime: Sendable {
+    private let current: Mutex<Ruleset>
+    public let store: any QuotaStore
+    public let logger: Logger
+    let counters = Mutex(Counters())
+    let draining = Mutex(false)
+    let userNames = UserNames()
+    let clock: @Sendable () -> Int64
+
+    public init(ruleset: Ruleset, store: any QuotaStore, logger: Logger, clock: @escaping @Sendable () -> Int64 = Runtime.wallClock) {
+        self.current = Mutex(ruleset)
+        self.store = store
+        self.logger = logger
+        self.clock = clock
+    }
+
+    public var ruleset: Ruleset { self.current.withLock { $0 } }
+
+    public func replace(_ ruleset: Ruleset) { self.current.withLock { $0 = ruleset } }
+
+    public var isDraining: Bool { self.draining.withLock { $0 } }
+
+    public func count(_ body: (inout Counters) -> Void) { self.counters.withLock(body) }
+
+    public var snapshot: Counters { self.counters.withLock { $0 } }
+
+    public static let wallClock: @Sendable () -> Int64 = {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Int64(ts.tv_sec)
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,211 @@
+// Listeners and the per-connection life: peer check, session limit, relay connection, the
+// session itself, and its deadlines. One child task per connection (the NIOTCPEchoServer
+// shape); a failing connection ends only itself.
+
+import Logging
+public import NIOCore
+import NIOPosix
+public import RestrictPolicy
+import SMTPCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public typealias ClientChannel = NIOAsyncChannel<ByteBuffer, ByteBuffer>
+public typealias Listener = NIOAsyncChannel<ClientChannel, Never>
+
+public enum ListenerFactory {
+    static func initializer(_ channel: any Channel) -> EventLoopFuture<ClientChannel> {
+        channel.eventLoop.makeCompletedFuture {
+            try ClientChannel(wrappingChannelSynchronously: channel)
+        }
+    }
+
+    public static func bind(_ address: ListenAddress, group: any EventLoopGroup, mode: UInt32, group gid: UInt32?) async throws -> Listener {
+        switch address {
+        case .tcp(let host, let port):
+            return try await ServerBootstrap(group: group)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .serverChannelOption(.backlog, value: 256)
+                .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+                .bind(host: host, port: port) { initializer($0) }
+        case .unix(let path):
+            // Refuse to remove anything that is not a socket left over from an earlier run.
+            var st = stat()
+            if lstat(path, &st) == 0, (st.st_mode & S_IFMT) != S_IFSOCK {
+                throw SystemError("\(path) exists and is not a socket", errno: 0)
+            }
+            let listener = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 256)
+                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true) { initializer($0) }
+            guard chmod(path, mode_t(mode)) == 0 else { throw SystemError("chmod \(path)") }
+            if let gid, chown(path, UInt32.max, gid) != 0 { throw SystemError("chown \(path)") }
+            return listener
+        }
+    }
+
+    /// A socket systemd passed us (already bound and listening).
+    public static func adopt(fd: Int32, group: any EventLoopGroup) async throws -> Listener {
+        var type: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &type, &len)
+        var bootstrap = ServerBootstrap(group: group)
+        if type == AF_INET || type == AF_INET6 {
+            bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+        }
+        return try await bootstrap.bind(fd) { initializer($0) }
+    }
+}
+
+/// Client channels in progress, so a drain can answer the stragglers.
+final class SessionRegistry: Sendable {
+    private let channels = Mutex<[ObjectIdentifier: any Channel]>([:])
+
+    func add(_ channel: any Channel) -> Int {
+        self.channels.withLock {
+            $0[ObjectIdentifier(channel)] = channel
+            return $0.count
+        }
+    }
+
+    func remove(_ channel: any Channel) {
+        self.channels.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(channel)) }
+    }
+
+    var count: Int { self.channels.withLock { $0.count } }
+
+    /// Answers every session still open with `reply` and closes it.
+    func closeAll(with reply: SMTPReply) {
+        let all = self.channels.withLock { Array($0.values) }
+        for channel in all {
+            var out = ByteBuffer()
+            reply.write(to: &out)
+            channel.writeAndFlush(out).whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}
+
+public struct ConnectionHandler: Sendable {
+    let runtime: Runtime
+    let registry: SessionRegistry
+    let group: any EventLoopGroup
+
+    /// Serves one accepted connection to its end. Never throws: a connection's failure is its own.
+    func serve(_ client: ClientChannel) async {
+        let channel = client.channel
+        let active = self.registry.add(channel)
+        self.runtime.count { $0.sessions = self.registry.count }
+        defer {
+            self.registry.remove(channel)
+            self.runtime.count { $0.sessions = self.registry.count }
+        }
+        let ruleset = self.runtime.ruleset
+        let settings = ruleset.settings
+        let peer = channel.remoteAddress.map { "\($0)" } ?? "unknown"
+        var logger = self.runtime.logger
+        logger[metadataKey: LogKey.peer] = .string(peer)
+
+        do {
+            try await client.executeThenClose { inbound, outbound in
+                func refuse(_ reply: SMTPReply) async throws {
+                    var out = ByteBuffer()
+                    reply.write(to: &out)
+                    try await outbound.write(out)
+                }
+                // The peer check comes first: nothing else is said to a stranger.
+                if ruleset.configuration.peerCheck {
+                    let uid: UInt32
+                    do {
+                        uid = try await PeerCredentials.uid(of: channel)
+                    } catch {
+                        self.runtime.count { $0.peersRefused += 1 }
+                        logger.warning("connect from \(peer) refused: cannot learn the peer's uid: \(error)")
+                        try await refuse(SMTPReply(554, "5.7.1", "Error: peer identity unknown"))
+                        return
+                    }
+                    guard ruleset.clients.contains(uid) else {
+                        self.runtime.count { $0.peersRefused += 1 }
+                        let name = self.runtime.userNames.name(uid) ?? "unknown"
+                        logger.warning(
+                            "connect from \(peer) uid=\(uid) user=\(name) refused: not in clients",
+                            metadata: [LogKey.peerUID: .string(String(uid))])
+                        try await refuse(SMTPReply(554, "5.7.1", "Error: uid \(uid) is not permitted to use this service"))
+                        return
+                    }
+                }
+                if active > ruleset.configuration.value(.maxSessions) {
+                    logger.warning("connect from \(peer) refused: \(active - 1) sessions already (max_sessions)")
+                    try await refuse(SMTPReply(421, "4.3.2", "Error: too many sessions, try again later"))
+                    return
+                }
+                if self.runtime.isDraining {
+                    try await refuse(Replies.shuttingDown)
+                    return
+                }
+
+                let clock = SessionClock(idle: .seconds(settings.idleTimeout))
+                let timer = self.startTimer(clock: clock, channel: channel, logger: logger)
+                defer { timer.cancel() }
+
+                let relayChannel: ClientChannel
+                do {
+                    relayChannel = try await ClientBootstrap(group: channel.eventLoop)
+                        .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+                        .connectTimeout(.seconds(settings.relayConnectTimeout))
+                        .connect(host: settings.relayHost, port: settings.relayPort) { ch in
+                            ch.eventLoop.makeCompletedFuture { try ClientChannel(wrappingChannelSynchronously: ch) }
+                        }
+                } catch {
+                    logger.error("cannot connect to relay \(settings.relayHost):\(settings.relayPort): \(error)")
+                    try await refuse(Replies.relayUnavailable)
+                    return
+                }
+                clock.relay(relayChannel.channel)
+                try await relayChannel.executeThenClose { relayIn, relayOut in
+                    var clientIO = ClientIO(
+                        iterator: inbound.makeAsyncIterator(), writer: outbound,
+                        framer: LineFramer(maxLength: settings.limits.commandLine), clock: clock)
+                    var relayIO = RelayIO(
+                        iterator: relayIn.makeAsyncIterator(), writer: relayOut, channel: relayChannel.channel,
+                        clock: clock, timeout: .seconds(settings.relayTimeout))
+                    var session = Session(runtime: self.runtime, ruleset: ruleset, logger: logger)
+                    try await session.converse(client: &clientIO, relay: &relayIO)
+                }
+            }
+        } catch {
+            logger.debug("session with \(peer) ended: \(error)")
+        }
+    }
+
+    /// Checks the session's deadlines every tick; on expiry answers 421 and closes.
+    private func startTimer(clock: SessionClock, channel: any Channel, logger: Logger) -> RepeatedTask {
+        let tick: TimeAmount = clock.idle < .seconds(10) ? .milliseconds(250) : .seconds(1)
+        return channel.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { task in
+            guard let (expiry, relay) = clock.check(now: .now()) else { return }
+            switch expiry {
+            case .client(let why):
+                logger.warning("timeout: \(why); closing")
+                var out = ByteBuffer()
+                Replies.timeout.write(to: &out)
+                channel.writeAndFlush(out).whenComplete { _ in channel.close(promise: nil) }
+                relay?.close(promise: nil)
+                task.cancel()
+            case .relay:
+                logger.error("relay did not answer within relay_timeout; closing the relay connection")
+                relay?.close(promise: nil)
+            }
+        }
+    }
+
+    /// Accepts connections on one listener until it closes.
+    public func run(_ listener: Listener) async throws {
+        try await withThrowingDiscardingTaskGroup { group in
+            try await listener.executeThenClose { inbound in
+                for try await client in inbound {
+                    group.addTask { await self.serve(client) }
+                }
+            }
+        }
+    }
+}

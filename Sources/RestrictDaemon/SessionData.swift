@@ -1,0 +1,245 @@
+// The DATA phase of a session: hold the header section, decide, then relay or refuse.
+
+import Logging
+import NIOCore
+import RestrictPolicy
+import SMTPCore
+
+extension Session {
+    /// Why a message is refused before the policy is even asked.
+    enum DataFailure {
+        case violation(DataViolation)
+        case headerTooBig
+        case tooBig
+
+        func reply(_ limits: SMTPLimits) -> SMTPReply {
+            switch self {
+            case .violation(let v): return v.reply
+            case .headerTooBig: return Replies.headerTooBig(limits.headerSection)
+            case .tooBig: return Replies.messageTooBig(limits.messageSize)
+            }
+        }
+
+        var reason: String {
+            switch self {
+            case .violation(let v): return "\(v.logName) in message data"
+            case .headerTooBig: return "header section over header_limit"
+            case .tooBig: return "message over message_size_limit"
+            }
+        }
+    }
+
+    /// Handles DATA up to the reply to the end of data. False when the session must end.
+    mutating func data(client: inout ClientIO, relay: inout RelayIO, out: inout ByteBuffer) async throws -> Bool {
+        guard case .accepted(let reversePath) = self.txn.mail else {
+            Replies.needMail.write(to: &out)
+            try await client.send(out)
+            return true
+        }
+        guard !self.txn.recipients.isEmpty else {
+            Replies.needRecipient.write(to: &out)
+            try await client.send(out)
+            return true
+        }
+        // RFC 2920: DATA ends a pipelined group; the client must wait for 354. Bytes already
+        // here would be read as message content by one side and as commands by another.
+        if client.buffer.readableBytes > 0 {
+            self.logger.warning("improper command pipelining after DATA: \(client.buffer.readableBytes) bytes sent before 354; closing")
+            Replies.pipelining.write(to: &out)
+            try await client.send(out)
+            return false
+        }
+        Replies.startData.write(to: &out)
+        try await client.send(out)
+        out.clear()
+
+        let limits = self.settings.limits
+        client.clock.phase("DATA", timeout: .seconds(self.settings.dataTimeout))
+        var scanner = DataScanner(maxLineLength: limits.dataLine)
+        var held = ByteBuffer()
+        var reader = HeaderReader()
+        var size = 0
+        var failure: DataFailure? = nil
+        var ended = false
+        let recipients = self.txn.recipients.map(\.description)
+        let from = reversePath?.description ?? ""
+
+        // 1. The header section, line by line, held until it ends.
+        headers: while !ended {
+            guard let event = try await client.dataEvent(&scanner, oneLine: true) else { return false }
+            switch event {
+            case .end:
+                ended = true
+            case .violation(let v):
+                failure = failure ?? .violation(v)
+            case .content(let line):
+                size += line.readableBytes
+                if limits.messageSize > 0, size > limits.messageSize {
+                    failure = .tooBig
+                    scanner.discardRest()
+                    continue
+                }
+                if held.readableBytes + line.readableBytes > limits.headerSection {
+                    failure = .headerTooBig
+                    scanner.discardRest()
+                    continue
+                }
+                let text = line.readableBytesView.dropLast(2)
+                let event = reader.push(ByteBufferView(text))
+                held.writeImmutableBuffer(line)
+                if event == .endOfHeaders { break headers }
+            }
+        }
+
+        let identity = reader.identity
+        var record = DecisionRecord(
+            queueID: identity.queueID, uid: identity.uid, user: identity.uid.flatMap { self.runtime.userNames.name($0) },
+            from: from, to: recipients, verdict: "refused", reason: "", quota: nil, relayReply: nil)
+
+        if let failure {
+            try await self.drain(&scanner, client: &client, ended: ended)
+            let reply = failure.reply(limits)
+            record.reason = failure.reason
+            try await self.finishRefused(reply: reply, record: record, client: &client, relay: &relay)
+            return true
+        }
+
+        // 2. The decision.
+        let sender: Sender
+        switch identity {
+        case .pickup(let uid, _, _, _): sender = .user(uid: uid, name: record.user)
+        case .unidentified(let reason): sender = .unidentified(reason: reason)
+        }
+        let verdict = await self.ruleset.policy.decide(
+            sender: sender, recipients: recipients, store: self.runtime.store, now: self.runtime.clock())
+        record.quota = verdict.quota
+        record.reason = verdict.reason
+        if case .unidentified(let why) = sender { record.reason += " (unidentified: \(why))" }
+        guard verdict.kind == Verdict.Kind.relay else {
+            scanner.discardRest()
+            try await self.drain(&scanner, client: &client, ended: ended)
+            record.verdict = verdict.kind.rawValue
+            let reply = SMTPReply(verdict.code, verdict.enhanced, verdict.text)
+            try await self.finishRefused(reply: reply, record: record, client: &client, relay: &relay)
+            return true
+        }
+
+        // 3. Relay: DATA, the held header section, the body as it streams, the end of data.
+        try await relay.send("DATA")
+        let go = try await relay.reply()
+        guard go.code == 354 else {
+            scanner.discardRest()
+            try await self.drain(&scanner, client: &client, ended: ended)
+            record.verdict = go.isTransient ? "deferred" : "refused"
+            record.reason = "relay refused DATA"
+            record.relayReply = go.description
+            try await self.finishRefused(reply: go, record: record, client: &client, relay: &relay)
+            return true
+        }
+
+        var pending: [ByteBuffer] = [held]
+        var abort: DataFailure? = nil
+        do {
+            body: while !ended {
+                while let event = scanner.next(&client.buffer) {
+                    switch event {
+                    case .end:
+                        ended = true
+                        break body
+                    case .violation(let v):
+                        abort = .violation(v)
+                        break body
+                    case .content(let span):
+                        size += span.readableBytes
+                        if limits.messageSize > 0, size > limits.messageSize {
+                            abort = .tooBig
+                            scanner.discardRest()
+                            break body
+                        }
+                        pending.append(span)
+                    }
+                }
+                if !pending.isEmpty {
+                    try await relay.send(contentsOf: pending)
+                    pending.removeAll(keepingCapacity: true)
+                }
+                guard try await client.fill() else {
+                    // The client left mid-message: the relay must not see an end of data.
+                    relay.abort()
+                    self.logger.warning("\(record.queueID ?? "NOQUEUE"): client disconnected during DATA; message discarded")
+                    return false
+                }
+            }
+        } catch is RelayFailure {
+            relay.abort()
+            self.relayAborted = true
+            scanner.discardRest()
+            try await self.drain(&scanner, client: &client, ended: ended)
+            record.verdict = "deferred"
+            record.reason = "relay connection lost during DATA"
+            try await client.send(Replies.relayLostInData)
+            self.log(record, level: .warning)
+            return true
+        }
+
+        if let abort {
+            // Part of the message already went to the relay: drop that connection so it
+            // never sees an end of data, then answer the client.
+            relay.abort()
+            self.relayAborted = true
+            try await self.drain(&scanner, client: &client, ended: false)
+            record.verdict = "refused"
+            record.reason = abort.reason
+            try await client.send(abort.reply(limits))
+            self.log(record, level: .warning)
+            return true
+        }
+
+        var dot = ByteBuffer()
+        dot.writeStaticString(".\r\n")
+        pending.append(dot)
+        try await relay.send(contentsOf: pending)
+        let final = try await relay.reply()
+        record.relayReply = final.description
+        record.verdict = final.isPositive ? "relayed" : final.isTransient ? "deferred" : "refused"
+        if !final.isPositive { record.reason = "relay refused the message" }
+        try await client.send(final)
+        self.log(record, level: final.isPositive ? .info : .warning)
+        self.resetTransaction()
+        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout))
+        return true
+    }
+
+    /// Reads and drops the rest of the message up to its end of data.
+    func drain(_ scanner: inout DataScanner, client: inout ClientIO, ended: Bool) async throws {
+        guard !ended, !scanner.isFinished else { return }
+        scanner.discardRest()
+        while true {
+            guard let event = try await client.dataEvent(&scanner, oneLine: false) else { throw ClientGone() }
+            if case .end = event { return }
+        }
+    }
+
+    struct ClientGone: Error {}
+
+    /// The message is refused (or deferred): clear the relay's envelope, answer, log.
+    mutating func finishRefused(reply: SMTPReply, record: DecisionRecord, client: inout ClientIO, relay: inout RelayIO) async throws {
+        try await relay.send("RSET")
+        _ = try await relay.reply()
+        self.resetTransaction()
+        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout))
+        try await client.send(reply)
+        self.log(record, level: .warning)
+    }
+
+    func log(_ record: DecisionRecord, level: Logger.Level) {
+        self.runtime.count { c in
+            switch record.verdict {
+            case "relayed": c.relayed += 1
+            case "deferred": c.deferred += 1
+            default: c.refused += 1
+            }
+        }
+        self.logger.log(level: level, "\(record.line)", metadata: record.metadata)
+    }
+}

@@ -1,0 +1,197 @@
+// The two byte streams of a session: the client (Postfix's smtp client, or whoever connected)
+// and the relay (Postfix's smtpd on 10026). Reads are bounded by the framers and the scanner;
+// nothing here buffers more than one read plus one incomplete line.
+
+import NIOCore
+import SMTPCore
+
+enum RelayFailure: Error, CustomStringConvertible {
+    case closed
+    case timeout
+    case protocolError(String)
+
+    var description: String {
+        switch self {
+        case .closed: return "relay closed the connection"
+        case .timeout: return "relay did not answer in time"
+        case .protocolError(let s): return "relay protocol error: \(s)"
+        }
+    }
+}
+
+/// Deadlines of one session, checked by a timer on the client's event loop (see Session).
+final class SessionClock: Sendable {
+    struct State {
+        var lastActivity = NIODeadline.now()
+        var phase = "command"
+        var phaseDeadline: NIODeadline? = nil
+        var relayDeadline: NIODeadline? = nil
+        var relayChannel: (any Channel)? = nil
+        var expired: String? = nil
+    }
+    enum Expiry { case client(String), relay }
+
+    let state = Mutex(State())
+    let idle: TimeAmount
+
+    init(idle: TimeAmount) { self.idle = idle }
+
+    func touch() { self.state.withLock { $0.lastActivity = .now() } }
+
+    func phase(_ name: String, timeout: TimeAmount) {
+        self.state.withLock {
+            $0.phase = name
+            $0.phaseDeadline = .now() + timeout
+        }
+    }
+
+    func waitingForRelay(_ timeout: TimeAmount?) {
+        self.state.withLock { $0.relayDeadline = timeout.map { .now() + $0 } }
+    }
+
+    func relay(_ channel: (any Channel)?) { self.state.withLock { $0.relayChannel = channel } }
+
+    var expired: String? { self.state.withLock { $0.expired } }
+
+    /// What has run out, once.
+    func check(now: NIODeadline) -> (Expiry, (any Channel)?)? {
+        self.state.withLock { s in
+            guard s.expired == nil else { return nil }
+            if now - s.lastActivity > self.idle {
+                s.expired = "idle for \(self.idle.nanoseconds / 1_000_000_000)s in \(s.phase)"
+                return (.client(s.expired ?? ""), s.relayChannel)
+            }
+            if let d = s.phaseDeadline, now > d {
+                s.expired = "\(s.phase) took too long"
+                return (.client(s.expired ?? ""), s.relayChannel)
+            }
+            if let d = s.relayDeadline, now > d {
+                s.relayDeadline = nil
+                return (.relay, s.relayChannel)
+            }
+            return nil
+        }
+    }
+}
+
+struct ClientIO {
+    var iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
+    let writer: NIOAsyncChannelOutboundWriter<ByteBuffer>
+    var buffer = ByteBuffer()
+    var framer: LineFramer
+    let clock: SessionClock
+
+    enum Line {
+        case line(ByteBuffer)
+        case error(LineError)
+        case eof
+    }
+
+    /// Reads one more chunk from the client. False at end of stream.
+    mutating func fill() async throws -> Bool {
+        guard var chunk = try await self.iterator.next() else { return false }
+        self.clock.touch()
+        if self.buffer.readableBytes == 0 {
+            self.buffer = chunk
+        } else {
+            if self.buffer.readerIndex > 65536 { self.buffer.discardReadBytes() }
+            self.buffer.writeBuffer(&chunk)
+        }
+        return true
+    }
+
+    /// The next command line; with `wait` false, nil when no complete line is buffered.
+    mutating func nextLine(wait: Bool) async throws -> Line? {
+        while true {
+            do {
+                if let line = try self.framer.next(&self.buffer) { return .line(line) }
+            } catch {
+                return .error(error)
+            }
+            if !wait { return nil }
+            if try await !self.fill() { return .eof }
+        }
+    }
+
+    /// The next DATA event, reading as needed; nil when the client went away.
+    mutating func dataEvent(_ scanner: inout DataScanner, oneLine: Bool) async throws -> DataEvent? {
+        while true {
+            if let event = scanner.next(&self.buffer, oneLine: oneLine) { return event }
+            if try await !self.fill() { return nil }
+        }
+    }
+
+    func send(_ reply: SMTPReply) async throws {
+        var out = ByteBuffer()
+        reply.write(to: &out)
+        try await self.writer.write(out)
+    }
+
+    func send(_ buffer: ByteBuffer) async throws {
+        guard buffer.readableBytes > 0 else { return }
+        try await self.writer.write(buffer)
+    }
+}
+
+struct RelayIO {
+    var iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
+    let writer: NIOAsyncChannelOutboundWriter<ByteBuffer>
+    let channel: any Channel
+    var buffer = ByteBuffer()
+    var parser = ReplyParser()
+    let clock: SessionClock
+    let timeout: TimeAmount
+
+    mutating func reply() async throws -> SMTPReply {
+        self.clock.waitingForRelay(self.timeout)
+        defer { self.clock.waitingForRelay(nil) }
+        while true {
+            do {
+                if let reply = try self.parser.next(&self.buffer) { return reply }
+            } catch {
+                throw RelayFailure.protocolError("\(error)")
+            }
+            let chunk: ByteBuffer?
+            do {
+                chunk = try await self.iterator.next()
+            } catch {
+                throw RelayFailure.closed
+            }
+            guard var chunk else { throw RelayFailure.closed }
+            if self.buffer.readableBytes == 0 {
+                self.buffer = chunk
+            } else {
+                self.buffer.writeBuffer(&chunk)
+            }
+        }
+    }
+
+    func send(_ line: String) async throws {
+        var out = ByteBuffer()
+        out.reserveCapacity(line.utf8.count + 2)
+        out.writeString(line)
+        out.writeStaticString("\r\n")
+        try await self.send(out)
+    }
+
+    func send(_ buffer: ByteBuffer) async throws {
+        do {
+            try await self.writer.write(buffer)
+        } catch {
+            throw RelayFailure.closed
+        }
+    }
+
+    func send(contentsOf buffers: [ByteBuffer]) async throws {
+        do {
+            try await self.writer.write(contentsOf: buffers)
+        } catch {
+            throw RelayFailure.closed
+        }
+    }
+
+    /// Drops the connection without an end of data: the relay discards the message.
+    func abort() {
+        self.channel.close(mode: .all, promise: nil)
+    }
+}
