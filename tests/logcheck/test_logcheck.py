@@ -157,7 +157,7 @@ def test_real_startup_and_stop_lines_are_hidden(tmp_path):
             if " ready: " in line or time.monotonic() > deadline:
                 break
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
+        _, rest = proc.communicate(timeout=30)
         lines += rest.splitlines()
     finally:
         if proc.poll() is None:
