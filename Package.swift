@@ -59,7 +59,12 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        .testTarget(name: "SMTPCoreTests", dependencies: ["SMTPCore"], resources: [.copy("Fixtures")], swiftSettings: strict),
+        .testTarget(
+            name: "SMTPCoreTests",
+            dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],
+            resources: [.copy("Fixtures")],
+            swiftSettings: strict
+        ),
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
         .testTarget(
             name: "RestrictDaemonTests",
