@@ -88,4 +88,14 @@ private func frame(_ s: String, maxLength: Int = 16) -> [String] { frame([Array(
         ])
         #expect(frame(chunking.split(input), maxLength: 32) == expected)
     }
+
+    /// The error reported is that of the earliest offending byte, however the bytes arrive.
+    @Test(arguments: Chunking.all)
+    func errorsDoNotDependOnSegmentation(_ chunking: Chunking) {
+        let cases = ["a\rb\nNOOP\r\n", "a\rbcdefghijklmnopqrstuvwxyz\r\nNOOP\r\n", "abcdefghijklmn\r\nNOOP\r\n", "abcdefghijklmno\rx\nNOOP\r\n"]
+        for c in cases {
+            let input = Array(c)
+            #expect(frame(chunking.split(input), maxLength: 16) == frame([input[...]], maxLength: 16), "\(c.debugDescription)")
+        }
+    }
 }
