@@ -146,20 +146,27 @@ public struct DataScanner: Sendable {
                 let lf: Int? = raw.baseAddress.flatMap { b in
                     memchrIndex(b + lineOffset, 10, window)
                 }
+                // The violation reported is always that of the earliest offending byte, so that
+                // it does not depend on how the bytes were segmented.
                 guard let lfRel = lf else {
-                    if remaining >= maxLine {
-                        stop = .violation(.lineTooLong(limit: maxLine), p + 1)
+                    // Incomplete line (or one over the limit): bytes already known to be bad come
+                    // first. A CR as the last byte of the window may still be followed by LF.
+                    if let bad = firstBad(raw, from: lineOffset, count: window, allowTrailingCR: true) {
+                        stop = .violation(bad.0, p + bad.1 + 1)
                         return
                     }
-                    // Incomplete line: bytes already known to be bad are reported now.
-                    if let bad = firstBad(raw, from: lineOffset, count: remaining, allowTrailingCR: true) {
-                        stop = .violation(bad.0, p + bad.1 + 1)
+                    if remaining >= maxLine {
+                        stop = .violation(.lineTooLong(limit: maxLine), p + 1)
                         return
                     }
                     stop = .needMore
                     return
                 }
                 if lfRel == 0 || raw[lineOffset + lfRel - 1] != 13 {
+                    if let bad = firstBad(raw, from: lineOffset, count: lfRel, allowTrailingCR: false) {
+                        stop = .violation(bad.0, p + bad.1 + 1)
+                        return
+                    }
                     stop = .violation(.bareLF, p + lfRel + 1)
                     return
                 }
