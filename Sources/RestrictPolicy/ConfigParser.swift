@@ -355,7 +355,9 @@ public enum ConfigParser {
         guard !digits.isEmpty, digits.count <= 13, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int(digits) else {
             return nil
         }
-        return n * factor
+        // "9999999999999g" must be an error, not an overflow trap.
+        let (product, overflow) = n.multipliedReportingOverflow(by: factor)
+        return overflow ? nil : product
     }
 
     public static func parseListen(_ s: String) -> ListenAddress? {
