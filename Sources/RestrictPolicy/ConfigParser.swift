@@ -124,7 +124,7 @@ public enum ConfigParser {
                     for arg in args {
                         switch parsePattern(arg) {
                         case .success(let p): rule.allow.append(p)
-                        case .failure(let why): error(lineNumber, "bad allow entry '\(arg)': \(why)")
+                        case .failure(let why): error(lineNumber, "bad allow entry '\(arg)': \(why.text)")
                         }
                     }
                 case "arbitrary":
