@@ -70,7 +70,8 @@ public enum ConfigParser {
             return .failure(ConfigErrors([ConfigError(file: file, line: 0, message: "file larger than \(maxFileSize) bytes")]))
         }
         var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        // "\r\n" is one Character in Swift: split on it too, or a CRLF file is a single line.
+        for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }) {
             lineNumber += 1
             if rawLine.utf8.count > maxLineLength {
                 error(lineNumber, "line longer than \(maxLineLength) bytes")
