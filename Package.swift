@@ -62,7 +62,12 @@ let package = Package(
         ),
         // bench/quota-bench: throughput of the SQLite quota store.
         .executableTarget(name: "restrictpd-quota-bench", dependencies: ["RestrictDaemon", "RestrictPolicy"], swiftSettings: strict),
-        .testTarget(name: "SMTPCoreTests", dependencies: ["SMTPCore"], resources: [.copy("Fixtures")], swiftSettings: strict),
+        .testTarget(
+            name: "SMTPCoreTests",
+            dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],
+            resources: [.copy("Fixtures")],
+            swiftSettings: strict
+        ),
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
         .testTarget(
             name: "RestrictDaemonTests",

@@ -70,7 +70,8 @@ public enum ConfigParser {
             return .failure(ConfigErrors([ConfigError(file: file, line: 0, message: "file larger than \(maxFileSize) bytes")]))
         }
         var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        // "\r\n" is one Character in Swift: split on it too, or a CRLF file is a single line.
+        for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }) {
             lineNumber += 1
             if rawLine.utf8.count > maxLineLength {
                 error(lineNumber, "line longer than \(maxLineLength) bytes")
@@ -124,7 +125,7 @@ public enum ConfigParser {
                     for arg in args {
                         switch parsePattern(arg) {
                         case .success(let p): rule.allow.append(p)
-                        case .failure(let why): error(lineNumber, "bad allow entry '\(arg)': \(why)")
+                        case .failure(let why): error(lineNumber, "bad allow entry '\(arg)': \(why.text)")
                         }
                     }
                 case "arbitrary":
@@ -355,7 +356,9 @@ public enum ConfigParser {
         guard !digits.isEmpty, digits.count <= 13, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int(digits) else {
             return nil
         }
-        return n * factor
+        // "9999999999999g" must be an error, not an overflow trap.
+        let (product, overflow) = n.multipliedReportingOverflow(by: factor)
+        return overflow ? nil : product
     }
 
     public static func parseListen(_ s: String) -> ListenAddress? {
