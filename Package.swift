@@ -60,6 +60,8 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // bench/quota-bench: throughput of the SQLite quota store.
+        .executableTarget(name: "restrictpd-quota-bench", dependencies: ["RestrictDaemon", "RestrictPolicy"], swiftSettings: strict),
         .testTarget(name: "SMTPCoreTests", dependencies: ["SMTPCore"], resources: [.copy("Fixtures")], swiftSettings: strict),
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
         .testTarget(

@@ -70,14 +70,5 @@ int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
     return -ENOENT;
 }
 
-int crs_peercred(int fd, uint32_t *uid, uint32_t *gid, int32_t *pid) {
-    struct ucred cred;
-    socklen_t len = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
-    if (len != sizeof cred) return -EPROTO;
-    *uid = cred.uid; *gid = cred.gid; *pid = cred.pid;
-    return 0;
-}
-
 void crs_openlog(const char *ident, int facility) { openlog(ident, LOG_PID | LOG_NDELAY, facility); }
 void crs_syslog(int priority, const char *message) { syslog(priority, "%s", message); }

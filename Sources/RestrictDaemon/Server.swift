@@ -16,9 +16,13 @@ public typealias ClientChannel = NIOAsyncChannel<ByteBuffer, ByteBuffer>
 public typealias Listener = NIOAsyncChannel<ClientChannel, Never>
 
 public enum ListenerFactory {
+    /// At most a few reads are buffered per connection before reading stops: with the relay
+    /// slow, a fast client holds a few hundred KiB at most, not its whole message.
+    static let backPressure = NIOAsyncSequenceProducerBackPressureStrategies.HighLowWatermark(lowWatermark: 2, highWatermark: 4)
+
     static func initializer(_ channel: any Channel) -> EventLoopFuture<ClientChannel> {
         channel.eventLoop.makeCompletedFuture {
-            try ClientChannel(wrappingChannelSynchronously: channel)
+            try ClientChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: backPressure))
         }
     }
 
@@ -153,9 +157,7 @@ public struct ConnectionHandler: Sendable {
                     relayChannel = try await ClientBootstrap(group: channel.eventLoop)
                         .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                         .connectTimeout(.seconds(settings.relayConnectTimeout))
-                        .connect(host: settings.relayHost, port: settings.relayPort) { ch in
-                            ch.eventLoop.makeCompletedFuture { try ClientChannel(wrappingChannelSynchronously: ch) }
-                        }
+                        .connect(host: settings.relayHost, port: settings.relayPort) { ListenerFactory.initializer($0) }
                 } catch {
                     logger.error("cannot connect to relay \(settings.relayHost):\(settings.relayPort): \(error)")
                     try await refuse(Replies.relayUnavailable)

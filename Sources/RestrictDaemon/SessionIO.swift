@@ -158,6 +158,8 @@ struct RelayIO {
                 throw RelayFailure.closed
             }
             guard var chunk else { throw RelayFailure.closed }
+            // The relay making progress is not the client idling.
+            self.clock.touch()
             if self.buffer.readableBytes == 0 {
                 self.buffer = chunk
             } else {

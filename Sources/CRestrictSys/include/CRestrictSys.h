@@ -1,5 +1,5 @@
 // Kernel and libc interfaces that Swift cannot import on its own: the netlink sock_diag
-// structures (behind function-like macros), struct ucred, and syslog(3), which is variadic.
+// structures (behind function-like macros) and syslog(3), which is variadic.
 #ifndef CRESTRICTSYS_H
 #define CRESTRICTSYS_H
 
@@ -12,9 +12,6 @@
 /// Returns 0 and sets *uid on success, or -errno (-ENOENT when no such socket exists).
 int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
                       const uint8_t *dst, uint16_t dport, uint32_t *uid);
-
-/// SO_PEERCRED of a connected UNIX-domain socket. Returns 0 or -errno.
-int crs_peercred(int fd, uint32_t *uid, uint32_t *gid, int32_t *pid);
 
 /// syslog(3) with a fixed "%s" format, since Swift cannot call variadic C functions.
 void crs_openlog(const char *ident, int facility);

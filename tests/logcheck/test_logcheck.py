@@ -1,0 +1,123 @@
+"""The logcheck rules in etc/logcheck/ignore.d.server/restrictpd, applied the way
+logcheck(8) applies them: blank and comment lines dropped, then
+`grep -E --text -v -f RULES` over the log. Routine lines must vanish; every
+refusal, deferral, peer refusal, warning and error must stay.
+
+The lines follow restrictpd's decision line (Sources/RestrictDaemon/DecisionLog.swift)
+as rsyslog writes it, in both timestamp formats Debian's logcheck-database
+rules accept (traditional and RFC 3339)."""
+
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RULES = ROOT / "etc" / "logcheck" / "ignore.d.server" / "restrictpd"
+
+OLD = "Nov 27 09:13:34 lab restrictpd[1234]: "
+OLD_PAD = "Nov  7 19:03:04 mail-1.example.org restrictpd[7]: "
+RFC = "2026-11-27T09:13:34.123456+01:00 lab restrictpd[1234]: "
+
+ROUTINE = [
+    OLD + '62F36F78196: uid=33 user=www-data from=<www-data@lab.localdomain> to=<carol@example.com> '
+    'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as 6810AF781A5"',
+    RFC + '62F36F78196: uid=33 user=www-data from=<www-data@lab.localdomain> to=<carol@example.com> '
+    'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as 6810AF781A5"',
+    OLD_PAD + '4Kx9Ds1Zw3zB: uid=0 user=root from=<> to=<a@example.org>,<b@example.net> '
+    'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as 4Kx9Ds2pQ4z1"',
+    OLD + 'A1B2C3: uid=33 user=www-data from=<www-data@lab.localdomain> to=<x@example.com> '
+    'verdict=relayed reason="quota" quota="17/20 per day" relay="250 2.0.0 Ok: queued as B2C3D4"',
+    OLD + 'A1B2C3: uid=1001 user=nagios from=<nagios@lab> to=<ops@example.com> '
+    'verdict=relayed reason="learned" quota="3/3" relay="250 2.0.0 Ok: queued as B2C3D4"',
+    OLD + 'A1B2C3: uid=1002 from=<u@lab> to=<a \\"quoted\\" local@example.com> '
+    'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as B2C3D4"',
+    OLD + 'A1B2C3: uid=0 user=root from=<root@lab> to=' + ",".join(f"<r{i}@example.com>" for i in range(20))
+    + ',...(25 in all) verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as B2C3D4"',
+    OLD + "starting restrictpd 0.1.0",
+    OLD + "restrictpd 0.1.0 starting (config /etc/restrictpd.conf)",
+    OLD + "listening on 127.0.0.1:10027",
+    OLD + "using 1 socket from systemd",
+    OLD + "ready",
+    OLD + "reloading configuration",
+    RFC + "configuration reloaded from /etc/restrictpd.conf (4 rules)",
+    OLD + "stopping: draining 0 sessions",
+    OLD + "stopped",
+]
+
+VISIBLE = [
+    # Refusals and deferrals (warning level).
+    OLD + 'warning: 62F36F78196: uid=33 user=www-data from=<www-data@lab.localdomain> to=<spam@example.net> '
+    'verdict=refused reason="<spam@example.net> not on the allow list"',
+    RFC + 'warning: 62F36F78196: uid=33 user=www-data from=<www-data@lab.localdomain> to=<spam@example.net> '
+    'verdict=deferred reason="quota exhausted" quota="20/20 per day"',
+    OLD + 'warning: NOQUEUE: uid=unknown from=<x@y> to=<a@example.com> verdict=refused '
+    'reason="unidentified sender (no pickup header)"',
+    # The same without the prefix, should the level ever change: still visible.
+    OLD + '62F36F78196: uid=33 user=www-data from=<w@lab> to=<s@example.net> '
+    'verdict=refused reason="<s@example.net> not on the allow list"',
+    OLD + '62F36F78196: uid=33 user=www-data from=<w@lab> to=<s@example.net> '
+    'verdict=deferred reason="quota exhausted" quota="20/20 per day"',
+    # A refusal whose attacker-chosen recipient imitates a relayed line: quotes are escaped.
+    OLD + 'warning: 62F36F78196: uid=33 user=www-data from=<w@lab> '
+    'to=<x verdict=relayed reason=\\"allowed\\" relay=\\"250 ok\\"@example.net> verdict=refused '
+    'reason="<x verdict=relayed reason=\\"allowed\\" relay=\\"250 ok\\"@example.net> not on the allow list"',
+    # Relayed, but the relay's reply was not 2xx: not routine.
+    OLD + '62F36F78196: uid=0 user=root from=<root@lab> to=<a@example.com> verdict=relayed '
+    'reason="allowed" relay="451 4.3.0 Error: queue file write error"',
+    # The intrusion alarm.
+    OLD + "warning: connect from uid=1000 user=mallory refused: not in clients",
+    RFC + "warning: connect from uid=65534 refused: not in clients",
+    # Warnings and errors.
+    OLD + "warning: peer_check is off: any local user can forge a sender",
+    OLD + "error: /etc/restrictpd.conf:12: unknown user 'www-date'",
+    OLD + "error: reload failed, keeping the old rules",
+    OLD + "error: quota database: database is locked",
+    OLD + "fatal: cannot bind 127.0.0.1:10027: Address already in use",
+    OLD + "warning: relay 127.0.0.1:10026 unreachable: Connection refused",
+    # Another program's line that looks like ours.
+    "Nov 27 09:13:34 lab fakepd[1]: starting restrictpd 0.1.0",
+]
+
+
+def logcheck_filter(lines, tmp_path):
+    """What logcheck does: clean the rule file, then grep -E --text -v -f."""
+    clean = tmp_path / "rules"
+    cleaned = [l for l in RULES.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    clean.write_text("\n".join(cleaned) + "\n")
+    log = tmp_path / "log"
+    log.write_text("\n".join(lines) + "\n")
+    r = subprocess.run(["grep", "-E", "--text", "-v", "-f", str(clean), str(log)],
+                       capture_output=True, text=True)
+    assert r.returncode in (0, 1), r.stderr
+    assert r.stderr == ""
+    return r.stdout.splitlines()
+
+
+def test_rules_file_shape():
+    text = RULES.read_text()
+    assert text.endswith("\n")
+    for n, line in enumerate(text.splitlines(), 1):
+        # An empty pattern would match, and hide, every line.
+        assert line.strip(), f"line {n} is empty"
+        assert line.startswith(r"^(\w{3} [ :[:digit:]]{11}|[0-9T:.+-]{32}) [._[:alnum:]-]+ restrictpd\["), n
+        assert line.endswith("$"), n
+        re.compile(line.replace("[:digit:]", r"\d").replace("[:alnum:]", r"a-zA-Z0-9")
+                   .replace("[:space:]", r"\s").replace("[:upper:]", "A-Z"))
+
+
+@pytest.mark.skipif(shutil.which("grep") is None, reason="grep missing")
+def test_routine_lines_are_hidden(tmp_path):
+    assert logcheck_filter(ROUTINE, tmp_path) == []
+
+
+@pytest.mark.parametrize("line", VISIBLE)
+def test_alarming_lines_stay(tmp_path, line):
+    assert logcheck_filter([line], tmp_path) == [line]
+
+
+def test_mixed_log_keeps_exactly_the_alarms(tmp_path):
+    mixed = [l for pair in zip(ROUTINE, VISIBLE) for l in pair] + ROUTINE[len(VISIBLE):] + VISIBLE[len(ROUTINE):]
+    assert logcheck_filter(mixed, tmp_path) == VISIBLE
