@@ -198,8 +198,21 @@ extension Session {
         var dot = ByteBuffer()
         dot.writeStaticString(".\r\n")
         pending.append(dot)
-        try await relay.send(contentsOf: pending)
-        let final = try await relay.reply()
+        let final: SMTPReply
+        do {
+            try await relay.send(contentsOf: pending)
+            final = try await relay.reply()
+        } catch let failure as RelayFailure {
+            // Lost with the last lines or before its reply: the relay did not take the
+            // message, so it is deferred and logged like a loss earlier in DATA.
+            relay.abort()
+            self.relayAborted = true
+            record.verdict = "deferred"
+            record.reason = "relay connection lost at end of data: \(failure)"
+            try await client.send(Replies.relayLostInData)
+            self.log(record, level: .warning)
+            return true
+        }
         record.relayReply = final.description
         record.verdict = final.isPositive ? "relayed" : final.isTransient ? "deferred" : "refused"
         if !final.isPositive { record.reason = "relay refused the message" }
