@@ -202,6 +202,8 @@ enum RelayAction: Sendable {
     case close
     /// Say nothing.
     case silent
+    /// Reply lines after a delay in milliseconds (the connection reads on meanwhile).
+    case delayed(Int64, [String])
 
     static func reply(_ line: String) -> RelayAction { .reply([line]) }
 }
@@ -332,7 +334,12 @@ final class RelayHandler: ChannelInboundHandler {
             self.pending.removeFirst(lf + 1)
             self.log.update(self.index) { $0.commands.append(line) }
             let action = self.script.command(line) ?? self.defaultAction(line)
-            if case .reply(let lines) = action, lines.last?.hasPrefix("354") == true { self.inData = true }
+            switch action {
+            case .reply(let lines), .delayed(_, let lines):
+                if lines.last?.hasPrefix("354") == true { self.inData = true }
+            case .close, .silent:
+                break
+            }
             self.perform(action, context: context)
             if line.uppercased() == "QUIT", case .reply = action { context.close(promise: nil) }
         }
@@ -365,6 +372,16 @@ final class RelayHandler: ChannelInboundHandler {
             context.close(promise: nil)
         case .silent:
             break
+        case .delayed(let ms, let lines):
+            var out = context.channel.allocator.buffer(capacity: 64)
+            for line in lines {
+                out.writeString(line)
+                out.writeStaticString("\r\n")
+            }
+            let channel = context.channel
+            context.eventLoop.scheduleTask(in: .milliseconds(ms)) { [out] in
+                channel.writeAndFlush(out, promise: nil)
+            }
         }
     }
 }

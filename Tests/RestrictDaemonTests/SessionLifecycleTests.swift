@@ -148,3 +148,64 @@ struct SessionLifecycleTests {
         }
     }
 }
+
+@Suite("Session: deadlines around a slow relay", .serialized, .timeLimit(.minutes(2)))
+struct SessionSlowRelayTests {
+    static let envelope = "MAIL FROM:<root@lab.localdomain>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n"
+
+    @Test("a relay slower than idle_timeout (within relay_timeout) at end of data: the client still gets its reply")
+    func slowEndOfDataIsNotClientIdle() async throws {
+        var script = RelayScript()
+        script.endOfData = { _ in .delayed(2000, ["250 2.0.0 Ok: queued as SLOW"]) }
+        try await withDaemon("idle_timeout 1\nrelay_timeout 10\n" + rootAllowsAll, relay: script) { h in
+            let client = try await h.ready()
+            try await client.send(Self.envelope)
+            #expect(try await client.replies(3).map(\.code) == [250, 250, 354])
+            try await client.send(message())
+            let reply = try await client.reply()
+            #expect(reply.lines == ["250 2.0.0 Ok: queued as SLOW"])
+        }
+    }
+
+    @Test("a relay slower than command_timeout (within relay_timeout) on MAIL: the client still gets its reply")
+    func slowMailIsNotCommandTimeout() async throws {
+        var script = RelayScript()
+        script.command = { $0.hasPrefix("MAIL") ? .delayed(2000, ["250 2.1.0 Ok"]) : nil }
+        try await withDaemon("command_timeout 1\nrelay_timeout 10\n" + rootAllowsAll, relay: script) { h in
+            let client = try await h.ready()
+            let reply = try await client.command("MAIL FROM:<root@lab.localdomain>")
+            #expect(reply.lines == ["250 2.1.0 Ok"])
+            #expect(try await client.command("RCPT TO:<alice@example.com>").code == 250)
+        }
+    }
+
+    @Test("relay_timeout 1, no reply to the end of data: 451 4.4.2, logged as deferred")
+    func relayTimeoutAtEndOfData() async throws {
+        var script = RelayScript()
+        script.endOfData = { _ in .silent }
+        try await withDaemon("relay_timeout 1\n" + rootAllowsAll, relay: script) { h in
+            let client = try await h.ready()
+            try await client.send(Self.envelope)
+            #expect(try await client.replies(3).map(\.code) == [250, 250, 354])
+            try await client.send(message())
+            let reply = try await client.reply(within: 5)
+            #expect(reply.code == 451)
+            #expect(reply.enhanced == "4.4.2")
+            #expect(h.logs.decisions.first?.message.contains(" verdict=deferred ") == true)
+            try await eventually("the relay connection to be dropped") { h.relay.log.connections.first?.closed ?? false }
+        }
+    }
+
+    @Test("relay_timeout 1, no reply to MAIL: 421 4.4.2 and close")
+    func relayTimeoutOnMail() async throws {
+        var script = RelayScript()
+        script.command = { $0.hasPrefix("MAIL") ? .silent : nil }
+        try await withDaemon("relay_timeout 1\n" + rootAllowsAll, relay: script) { h in
+            let client = try await h.ready()
+            let reply = try await client.command("MAIL FROM:<root@lab.localdomain>")
+            #expect(reply.code == 421)
+            #expect(reply.enhanced == "4.4.2")
+            try await client.waitClosed()
+        }
+    }
+}
