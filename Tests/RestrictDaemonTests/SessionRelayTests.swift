@@ -226,3 +226,64 @@ struct SessionRelayTests {
         }
     }
 }
+
+@Suite("Session: relay replies", .serialized, .timeLimit(.minutes(2)))
+struct SessionRelayReplyTests {
+    @Test("every RCPT refused by the relay: DATA gets 554 5.5.1, the relay no DATA")
+    func noValidRecipients() async throws {
+        var script = RelayScript()
+        script.command = { $0.hasPrefix("RCPT") ? .reply("550 5.1.1 unknown user") : nil }
+        try await withDaemon(relay: script) { h in
+            let client = try await h.ready()
+            try await client.send("MAIL FROM:<root@lab.localdomain>\r\nRCPT TO:<nobody@example.com>\r\nDATA\r\n")
+            let replies = try await client.replies(3)
+            #expect(replies.map(\.code) == [250, 550, 554])
+            #expect(replies[2].enhanced == "5.5.1")
+            #expect(!h.relay.log.connection.commands.contains("DATA"))
+            #expect(try await client.command("RSET").code == 250)
+        }
+    }
+
+    @Test("the relay refusing MAIL: its reply passes through, RCPT then needs MAIL")
+    func relayRefusesMail() async throws {
+        var script = RelayScript()
+        script.command = { $0.hasPrefix("MAIL") ? .reply("451 4.3.5 Server configuration problem") : nil }
+        try await withDaemon(relay: script) { h in
+            let client = try await h.ready()
+            #expect(try await client.command("MAIL FROM:<root@lab.localdomain>").lines == ["451 4.3.5 Server configuration problem"])
+            let rcpt = try await client.command("RCPT TO:<alice@example.com>")
+            #expect(rcpt.code == 503)
+        }
+    }
+
+    @Test("the relay refusing DATA after the decision: its reply passes through, logged, no message relayed")
+    func relayRefusesData() async throws {
+        var script = RelayScript()
+        script.command = { $0 == "DATA" ? .reply("554 5.5.1 Error: no valid recipients") : nil }
+        try await withDaemon(relay: script) { h in
+            let client = try await h.ready()
+            try await client.send("MAIL FROM:<root@lab.localdomain>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+            #expect(try await client.replies(3).map(\.code) == [250, 250, 354])
+            try await client.send(message())
+            let reply = try await client.reply()
+            #expect(reply.lines == ["554 5.5.1 Error: no valid recipients"])
+            #expect(h.relay.log.connection.messages.isEmpty)
+            #expect(h.relay.log.connection.commands.last == "RSET")
+            let line = h.logs.decisions.first?.message ?? ""
+            #expect(line.contains(" verdict=refused "), "\(line)")
+            #expect(try await client.command("NOOP").code == 250)
+        }
+    }
+
+    @Test("EHLO SIZE is the smaller of the relay's and message_size_limit; HELO passes through")
+    func ehloSizeAndHelo() async throws {
+        try await withDaemon("message_size_limit 2000\n" + rootAllowsAll) { h in
+            let client = try await h.greeted()
+            let ehlo = try await client.command("EHLO lab.localdomain")
+            #expect(ehlo.keywords.contains("SIZE 2000"))
+            #expect(!ehlo.keywords.contains { $0.hasPrefix("STARTTLS") || $0.hasPrefix("AUTH") || $0.hasPrefix("CHUNKING") || $0.hasPrefix("XCLIENT") })
+            let helo = try await client.command("HELO lab.localdomain")
+            #expect(helo.lines == ["250 relay.test"])
+        }
+    }
+}
