@@ -237,8 +237,14 @@ extension Session {
 
     /// The message is refused (or deferred): clear the relay's envelope, answer, log.
     mutating func finishRefused(reply: SMTPReply, record: DecisionRecord, client: inout ClientIO, relay: inout RelayIO) async throws {
-        try await relay.send("RSET")
-        _ = try await relay.reply()
+        do {
+            try await relay.send("RSET")
+            _ = try await relay.reply()
+        } catch is RelayFailure {
+            // The decision stands and is still answered and logged; only QUIT is left after.
+            relay.abort()
+            self.relayAborted = true
+        }
         self.resetTransaction()
         client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout))
         try await client.send(reply)
