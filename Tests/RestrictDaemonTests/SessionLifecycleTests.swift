@@ -20,7 +20,7 @@ struct SessionLifecycleTests {
             #expect(reply.enhanced == "4.4.2")
             try await client.waitClosed(within: 5)
             let elapsed = ContinuousClock.now - start
-            #expect(elapsed < .milliseconds(2500), "closed after \(elapsed)")
+            #expect(elapsed < .seconds(3), "closed after \(elapsed)")
             #expect(elapsed > .milliseconds(900), "closed after \(elapsed)")
             try await eventually("the relay connection to close") { h.relay.log.connections.first?.closed ?? false }
         }

@@ -170,3 +170,29 @@ struct SessionPolicyTests {
         }
     }
 }
+
+@Suite("Session: refusals with a failing relay", .serialized, .timeLimit(.minutes(2)))
+struct SessionRefusalRelayTests {
+    @Test("a refused message is answered and logged even when the relay drops on the RSET")
+    func refusalSurvivesRelayLossOnReset() async throws {
+        var script = RelayScript()
+        script.command = { $0 == "RSET" ? .close : nil }
+        let rules = """
+            user root
+                allow @example.com
+            """
+        try await withDaemon(rules, relay: script) { h in
+            let client = try await h.ready()
+            try await client.send("MAIL FROM:<root@lab.localdomain>\r\nRCPT TO:<evil@spam.test>\r\nDATA\r\n")
+            #expect(try await client.replies(3).map(\.code) == [250, 250, 354])
+            try await client.send(message())
+            let reply = try await client.reply()
+            #expect(reply.lines == ["550 5.7.1 <evil@spam.test>: not permitted for uid 0 (root)"])
+            let line = h.logs.decisions.first?.message ?? ""
+            #expect(line.contains(" verdict=refused "), "\(line)")
+            let next = try await client.command("MAIL FROM:<root@lab.localdomain>")
+            #expect(next.code == 421)
+            try await client.waitClosed()
+        }
+    }
+}
