@@ -74,6 +74,12 @@ struct SessionLifecycleTests {
             try await second.waitClosed()
             #expect(try await first.command("NOOP").code == 250)
             #expect(h.relay.log.connections.count == 1)
+            // The refused connection did not keep its place: once the first leaves, a new one is served.
+            #expect(try await first.command("QUIT").code == 221)
+            try await first.waitClosed()
+            try await eventually("the first session to end") { h.runtime.snapshot.sessions == 0 }
+            let third = try await h.greeted()
+            #expect(try await third.command("NOOP").code == 250)
         }
     }
 
