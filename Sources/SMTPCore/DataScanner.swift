@@ -145,7 +145,7 @@ public struct DataScanner: Sendable {
                         if c == 13 {
                             if i + 1 < count {
                                 guard raw[i + 1] == 10 else { return (p, .violation(.bareCR, i + 1)) }
-                                if i + 1 >= p + maxLine { return (p, .violation(.lineTooLong(limit: maxLine), i + 1)) }
+                                if i + 1 >= p + maxLine { return (p, .violation(.lineTooLong(limit: maxLine), p + 1)) }
                                 lf = i + 1
                                 break
                             }
