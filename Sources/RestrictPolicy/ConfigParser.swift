@@ -51,6 +51,17 @@ public enum ConfigParser {
         var errors: [ConfigError] = []
         var clientsSeen = false
         var listenSeen = false
+        // Global settings other than `listen` take one value: a second line is a mistake.
+        var globalLine: [String: Int] = [:]
+        func once(_ key: String, _ line: Int) -> Bool {
+            if key == "listen" { return true }
+            if let first = globalLine[key] {
+                error(line, "\(key) given twice (first at line \(first))")
+                return false
+            }
+            globalLine[key] = line
+            return true
+        }
         var current: Rule? = nil
         var firstLine: [RuleSelector: Int] = [:]
 
@@ -169,7 +180,7 @@ public enum ConfigParser {
                 }
                 if current != nil {
                     current?.overQuota = v
-                } else {
+                } else if once(key, lineNumber) {
                     config.overQuota = v
                 }
 
@@ -182,6 +193,7 @@ public enum ConfigParser {
                     error(lineNumber, "\(key) is a global setting: move it above the first rule")
                     continue
                 }
+                guard once(key, lineNumber) else { continue }
                 parseGlobal(key, args, line: lineNumber, into: &config, users: users, error: error,
                     clientsSeen: &clientsSeen, listenSeen: &listenSeen)
             }

@@ -58,6 +58,9 @@ public struct DataScanner: Sendable {
         case finished
     }
     private var state: State = .lines
+    /// Bytes of the incomplete line at the buffer's reader index already found clean, so that a
+    /// line dripped in byte by byte is not scanned again from its start on every read.
+    private var checked = 0
 
     public init(maxLineLength: Int) {
         precondition(maxLineLength >= 3)
@@ -132,44 +135,46 @@ public struct DataScanner: Sendable {
 
         enum Stop { case needMore, endOfData, singleDot, violation(DataViolation, Int) }
         // One pass over the bytes: most are above CR and cost one comparison.
-        let (consumed, stop): (Int, Stop) = buffer.withUnsafeReadableBytes { raw in
+        let resume = self.checked
+        let (consumed, stop, checked): (Int, Stop, Int) = buffer.withUnsafeReadableBytes { raw in
             let count = raw.count
             var p = 0  // start of the line under examination
             while p < count {
                 let limit = min(count, p + maxLine)
-                var i = p
+                var i = p == 0 ? min(resume, count) : p
                 var lf = -1
                 while i < limit {
                     let c = raw[i]
                     if c <= 13 {
                         if c == 13 {
                             if i + 1 < count {
-                                guard raw[i + 1] == 10 else { return (p, .violation(.bareCR, i + 1)) }
-                                if i + 1 >= p + maxLine { return (p, .violation(.lineTooLong(limit: maxLine), p + 1)) }
+                                guard raw[i + 1] == 10 else { return (p, .violation(.bareCR, i + 1), 0) }
+                                if i + 1 >= p + maxLine { return (p, .violation(.lineTooLong(limit: maxLine), p + 1), 0) }
                                 lf = i + 1
                                 break
                             }
                             // A CR as the last byte so far: its LF may be in the next read.
-                            return (p, .needMore)
+                            return (p, .needMore, i - p)
                         }
-                        if c == 10 { return (p, .violation(.bareLF, i + 1)) }
-                        if c == 0 { return (p, .violation(.nul, i + 1)) }
+                        if c == 10 { return (p, .violation(.bareLF, i + 1), 0) }
+                        if c == 0 { return (p, .violation(.nul, i + 1), 0) }
                     }
                     i += 1
                 }
                 guard lf >= 0 else {
-                    if count - p >= maxLine { return (p, .violation(.lineTooLong(limit: maxLine), p + 1)) }
-                    return (p, .needMore)
+                    if count - p >= maxLine { return (p, .violation(.lineTooLong(limit: maxLine), p + 1), 0) }
+                    return (p, .needMore, i - p)
                 }
                 if raw[p] == 46 {  // "."
-                    if lf == p + 2 { return (p, .endOfData) }  // ".\r\n"
-                    if raw[p + 1] != 46 { return (p, .singleDot) }  // ".x": not stuffed
+                    if lf == p + 2 { return (p, .endOfData, 0) }  // ".\r\n"
+                    if raw[p + 1] != 46 { return (p, .singleDot, 0) }  // ".x": not stuffed
                 }
                 p = lf + 1
-                if oneLine { return (p, .needMore) }
+                if oneLine { return (p, .needMore, 0) }
             }
-            return (p, .needMore)
+            return (p, .needMore, 0)
         }
+        self.checked = checked
 
         if consumed > 0 {
             // Complete canonical lines first; whatever stopped the scan is seen on the next call.

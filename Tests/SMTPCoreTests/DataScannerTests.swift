@@ -232,4 +232,23 @@ func scan(_ s: String, _ chunking: Chunking = .whole, maxLine: Int = 1000) -> Sc
             #expect(!v.logName.isEmpty)
         }
     }
+
+    /// A long line dripped in one byte at a time is checked once, not from its start on every
+    /// read; the result is the same as whole.
+    @Test func dripFedLongLineIsScannedOnce() {
+        let long = String(repeating: "x", count: 8000)
+        var scanner = DataScanner(maxLineLength: 8192)
+        var buffer = ByteBuffer()
+        var events: [DataEvent] = []
+        for byte in Array("\(long)\r\n.\r\n".utf8) {
+            buffer.writeInteger(byte)
+            while let e = scanner.next(&buffer) { events.append(e) }
+        }
+        guard events.count == 2, case .content(let line) = events[0] else {
+            Issue.record("events: \(events)")
+            return
+        }
+        #expect(line.readableBytes == 8002)
+        #expect(events[1] == .end)
+    }
 }
