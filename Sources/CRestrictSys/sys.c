@@ -70,5 +70,19 @@ int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
     return -ENOENT;
 }
 
+int crs_getresuid(uint32_t *r, uint32_t *e, uint32_t *s) {
+    uid_t a, b, c;
+    if (getresuid(&a, &b, &c) < 0) return -errno;
+    *r = a; *e = b; *s = c;
+    return 0;
+}
+
+int crs_getresgid(uint32_t *r, uint32_t *e, uint32_t *s) {
+    gid_t a, b, c;
+    if (getresgid(&a, &b, &c) < 0) return -errno;
+    *r = a; *e = b; *s = c;
+    return 0;
+}
+
 void crs_openlog(const char *ident, int facility) { openlog(ident, LOG_PID | LOG_NDELAY, facility); }
 void crs_syslog(int priority, const char *message) { syslog(priority, "%s", message); }

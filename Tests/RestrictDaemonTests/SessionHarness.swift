@@ -573,7 +573,7 @@ func withDaemon(
     let harness = Harness(port: port, relay: relay, runtime: runtime, logs: recorder)
 
     try await withThrowingTaskGroup(of: Void.self) { tasks in
-        tasks.addTask { try await handler.run(listener) }
+        tasks.addTask { await handler.run(listener) }
         let outcome: Result<Void, any Error>
         do {
             try await body(harness)

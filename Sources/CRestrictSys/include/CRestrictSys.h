@@ -13,6 +13,10 @@
 int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
                       const uint8_t *dst, uint16_t dport, uint32_t *uid);
 
+/// getresuid(2) and getresgid(2), which glibc declares only with _GNU_SOURCE.
+int crs_getresuid(uint32_t *r, uint32_t *e, uint32_t *s);
+int crs_getresgid(uint32_t *r, uint32_t *e, uint32_t *s);
+
 /// syslog(3) with a fixed "%s" format, since Swift cannot call variadic C functions.
 void crs_openlog(const char *ident, int facility);
 void crs_syslog(int priority, const char *message);
