@@ -133,6 +133,12 @@ public struct ConnectionHandler: Sendable {
                     } catch where !channel.isActive {
                         logger.debug("connect from \(peer): gone before it could be identified")
                         return
+                    } catch PeerLookupError.failed(let why) {
+                        // A local failure (out of file descriptors, netlink unavailable): refuse,
+                        // but as a temporary condition, so Postfix retries instead of bouncing.
+                        logger.error("connect from \(peer) refused: cannot learn the peer's uid: \(why)")
+                        try await refuse(SMTPReply(421, "4.3.0", "Error: cannot verify the peer, try again later"))
+                        return
                     } catch {
                         self.runtime.count { $0.peersRefused += 1 }
                         logger.warning("connect from \(peer) refused: cannot learn the peer's uid: \(error)")
