@@ -7,10 +7,13 @@ The lines follow restrictpd's decision line (Sources/RestrictDaemon/DecisionLog.
 as rsyslog writes it, in both timestamp formats Debian's logcheck-database
 rules accept (traditional and RFC 3339)."""
 
+import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -36,15 +39,15 @@ ROUTINE = [
     'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as B2C3D4"',
     OLD + 'A1B2C3: uid=0 user=root from=<root@lab> to=' + ",".join(f"<r{i}@example.com>" for i in range(20))
     + ',...(25 in all) verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as B2C3D4"',
-    OLD + "starting restrictpd 0.1.0",
-    OLD + "restrictpd 0.1.0 starting (config /etc/restrictpd.conf)",
+    # Start-up, reload and stop (Sources/RestrictDaemon/Daemon.swift).
     OLD + "listening on 127.0.0.1:10027",
-    OLD + "using 1 socket from systemd",
-    OLD + "ready",
-    OLD + "reloading configuration",
-    RFC + "configuration reloaded from /etc/restrictpd.conf (4 rules)",
-    OLD + "stopping: draining 0 sessions",
-    OLD + "stopped",
+    OLD + "listening on [::1]:10027",
+    OLD + "listening on smtp (fd 3, from systemd)",
+    OLD + "restrictpd 0.1.0 ready: 4 rules, relay 127.0.0.1:10026",
+    RFC + "reloaded /etc/restrictpd.conf: 4 rules",
+    OLD + "signal TERM: stopping; draining 0 sessions",
+    OLD + "signal INT: stopping; draining 3 sessions",
+    OLD + "stopped: 0 sessions, 12 relayed, 3 refused, 1 deferred",
 ]
 
 VISIBLE = [
@@ -68,17 +71,23 @@ VISIBLE = [
     OLD + '62F36F78196: uid=0 user=root from=<root@lab> to=<a@example.com> verdict=relayed '
     'reason="allowed" relay="451 4.3.0 Error: queue file write error"',
     # The intrusion alarm.
-    OLD + "warning: connect from uid=1000 user=mallory refused: not in clients",
-    RFC + "warning: connect from uid=65534 refused: not in clients",
+    OLD + "warning: connect from 127.0.0.1:45678 uid=1000 user=mallory refused: not in clients",
+    RFC + "warning: connect from [::1]:45678 uid=65534 user=nobody refused: not in clients",
+    OLD + "warning: connect from 127.0.0.1:45678 refused: cannot learn the peer's uid: sock_diag failed",
+    OLD + "warning: connect from 127.0.0.1:45678 refused: 100 sessions already (max_sessions)",
     # Warnings and errors.
-    OLD + "warning: peer_check is off: any local user can forge a sender",
-    OLD + "error: /etc/restrictpd.conf:12: unknown user 'www-date'",
-    OLD + "error: reload failed, keeping the old rules",
-    OLD + "error: quota database: database is locked",
-    OLD + "fatal: cannot bind 127.0.0.1:10027: Address already in use",
-    OLD + "warning: relay 127.0.0.1:10026 unreachable: Connection refused",
+    OLD + "warning: peer_check is off: any local user who can connect can claim any uid",
+    OLD + "fatal: /etc/restrictpd.conf:12: unknown user 'www-date'",
+    OLD + "error: reload failed: /etc/restrictpd.conf:12: unknown user 'www-date'",
+    OLD + "error: reload failed: keeping the rules in force (1 errors)",
+    OLD + "reload: listen, unix_socket_*, and state changes take effect only at restart",
+    OLD + "error: quota database error: database is locked",
+    OLD + "fatal: cannot listen: Address already in use",
+    OLD + "error: cannot connect to relay 127.0.0.1:10026: Connection refused",
+    OLD + "warning: drain_timeout: closing 2 sessions with 421 4.3.2",
+    OLD + "warning: timeout: idle; closing",
     # Another program's line that looks like ours.
-    "Nov 27 09:13:34 lab fakepd[1]: starting restrictpd 0.1.0",
+    "Nov 27 09:13:34 lab fakepd[1]: listening on 127.0.0.1:10027",
 ]
 
 
@@ -121,3 +130,41 @@ def test_alarming_lines_stay(tmp_path, line):
 def test_mixed_log_keeps_exactly_the_alarms(tmp_path):
     mixed = [l for pair in zip(ROUTINE, VISIBLE) for l in pair] + ROUTINE[len(VISIBLE):] + VISIBLE[len(ROUTINE):]
     assert logcheck_filter(mixed, tmp_path) == VISIBLE
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not os.environ.get("RESTRICTPD_BIN"), reason="RESTRICTPD_BIN not set (scripts/test sets it)")
+def test_real_startup_and_stop_lines_are_hidden(tmp_path):
+    """The daemon's own start-up and stop lines, as it writes them today, are routine."""
+    port = _free_port()
+    conf = tmp_path / "restrictpd.conf"
+    conf.write_text(f"listen 127.0.0.1:{port}\nrelay 127.0.0.1:{_free_port()}\nclients root\n"
+                    f"state {tmp_path}/quota.db\n\ndefault\n    refuse\nunknown\n    refuse\n")
+    proc = subprocess.Popen([os.environ["RESTRICTPD_BIN"], "--config", str(conf), "--user", "root",
+                             "--log", "stderr", "--log-level", "info"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if " ready: " in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=30)
+        lines += rest.splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert any(" ready: " in l for l in lines), lines
+    # stderr lines are "restrictpd[PID]: ..."; syslog adds the timestamp and host.
+    logged = ["Nov 27 09:13:34 lab " + l for l in lines if l.startswith("restrictpd[")]
+    assert logged, lines
+    assert logcheck_filter(logged, tmp_path) == []
