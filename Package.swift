@@ -60,7 +60,14 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        .testTarget(name: "SMTPCoreTests", dependencies: ["SMTPCore"], resources: [.copy("Fixtures")], swiftSettings: strict),
+        // bench/quota-bench: throughput of the SQLite quota store.
+        .executableTarget(name: "restrictpd-quota-bench", dependencies: ["RestrictDaemon", "RestrictPolicy"], swiftSettings: strict),
+        .testTarget(
+            name: "SMTPCoreTests",
+            dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],
+            resources: [.copy("Fixtures")],
+            swiftSettings: strict
+        ),
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
         .testTarget(
             name: "RestrictDaemonTests",

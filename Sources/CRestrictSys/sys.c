@@ -70,12 +70,17 @@ int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
     return -ENOENT;
 }
 
-int crs_peercred(int fd, uint32_t *uid, uint32_t *gid, int32_t *pid) {
-    struct ucred cred;
-    socklen_t len = sizeof cred;
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return -errno;
-    if (len != sizeof cred) return -EPROTO;
-    *uid = cred.uid; *gid = cred.gid; *pid = cred.pid;
+int crs_getresuid(uint32_t *r, uint32_t *e, uint32_t *s) {
+    uid_t a, b, c;
+    if (getresuid(&a, &b, &c) < 0) return -errno;
+    *r = a; *e = b; *s = c;
+    return 0;
+}
+
+int crs_getresgid(uint32_t *r, uint32_t *e, uint32_t *s) {
+    gid_t a, b, c;
+    if (getresgid(&a, &b, &c) < 0) return -errno;
+    *r = a; *e = b; *s = c;
     return 0;
 }
 

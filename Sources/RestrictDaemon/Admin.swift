@@ -20,7 +20,10 @@ public enum Admin {
         switch ConfigurationLoader.load(path) {
         case .success(let c):
             out.stdout.append("\(path): OK: \(c.rules.count) rules, listen \(c.listen.map(\.description).joined(separator: " ")), relay \(c.relayHost):\(c.relayPort)")
-            if !c.peerCheck { out.stdout.append("\(path): note: peer_check is off") }
+            if !c.peerCheck { out.stdout.append("\(path): warning: peer_check is off: any local user can claim any uid") }
+            if c.peerCheck, c.clients.isEmpty {
+                out.stdout.append("\(path): warning: no user in clients (\(c.clientNames.joined(separator: " "))) exists here: every connection would be refused")
+            }
         case .failure(let errors):
             out.stderr = errors.errors.map(\.description)
             out.status = 1

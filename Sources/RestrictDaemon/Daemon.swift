@@ -75,15 +75,24 @@ final class LazyQuotaStore: QuotaStore, Sendable {
     }
 }
 
+/// What `Daemon.prepare` made while the process was still single-threaded.
+public struct PreparedDaemon: Sendable {
+    let options: DaemonOptions
+    let configuration: Configuration
+    /// Listening sockets: ours, bound from `listen` lines, or systemd's.
+    let sockets: [(fd: Int32, name: String)]
+}
+
 public enum Daemon {
-    /// Runs until SIGTERM or SIGINT. Returns the process exit status.
-    public static func run(_ options: DaemonOptions, logger: Logger) async -> Int32 {
+    /// The part that must run before any thread exists: configuration, listening sockets, and
+    /// the privilege drop. Returns nil (after logging why) when the daemon cannot start.
+    public static func prepare(_ options: DaemonOptions, logger: Logger) -> PreparedDaemon? {
         let configuration: Configuration
         switch ConfigurationLoader.load(options.configPath) {
         case .success(let c): configuration = c
         case .failure(let errors):
             for e in errors.errors { logger.critical("\(e)") }
-            return 1
+            return nil
         }
         if !configuration.peerCheck {
             logger.warning("peer_check is off: any local user who can connect can claim any uid")
@@ -91,6 +100,77 @@ public enum Daemon {
         if configuration.peerCheck, configuration.clients.isEmpty {
             logger.warning("no user in clients exists on this system: every connection will be refused")
         }
+        if let (soft, _) = Privileges.raiseFileLimit() {
+            let needed = UInt64(configuration.value(.maxSessions)) * 2 + 64
+            if soft < needed {
+                logger.warning("open file limit \(soft) is below what max_sessions \(configuration.value(.maxSessions)) needs (\(needed)): raise LimitNOFILE")
+            }
+        }
+
+        var sockets: [(fd: Int32, name: String)] = []
+        let passed = Systemd.listenSockets()
+        if !passed.isEmpty {
+            for socket in passed {
+                guard Systemd.isListeningStream(socket.fd) else {
+                    logger.warning("ignoring socket \(socket.name) (fd \(socket.fd)) from systemd: not a listening stream socket")
+                    continue
+                }
+                sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)"))
+            }
+        } else {
+            let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
+            if let name = configuration.unixSocketGroup, gid == nil {
+                logger.critical("unix_socket_group: no group named \(name)")
+                return nil
+            }
+            for address in configuration.listen {
+                do {
+                    sockets.append((try ListenSocket.open(address, mode: configuration.unixSocketMode, group: gid), "\(address)"))
+                } catch {
+                    logger.critical("cannot listen on \(address): \(error)")
+                    return nil
+                }
+            }
+        }
+        guard !sockets.isEmpty else {
+            logger.critical("nothing to listen on")
+            return nil
+        }
+
+        if getuid() == 0, options.user != "root" {
+            guard let user = Users.lookup(name: options.user) else {
+                logger.critical("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
+                return nil
+            }
+            do {
+                try Privileges.dropWhileSingleThreaded(to: user)
+            } catch {
+                logger.critical("cannot drop privileges to \(options.user): \(error)")
+                return nil
+            }
+            logger.info("running as \(options.user) (uid \(user.uid))")
+        }
+        return PreparedDaemon(options: options, configuration: configuration, sockets: sockets)
+    }
+
+    /// Runs the prepared daemon to its end from synchronous code (the executable's main, which
+    /// stays blocked here rather than parked by an async main). Returns the exit status.
+    public static func runBlocking(_ prepared: PreparedDaemon, logger: Logger) -> Int32 {
+        let status = Mutex<Int32>(1)
+        let done = DispatchSemaphore(value: 0)
+        Task.detached {
+            let s = await Self.run(prepared, logger: logger)
+            status.withLock { $0 = s }
+            done.signal()
+        }
+        done.wait()
+        return status.withLock { $0 }
+    }
+
+    /// Runs until SIGTERM or SIGINT. Returns the process exit status.
+    public static func run(_ prepared: PreparedDaemon, logger: Logger) async -> Int32 {
+        let options = prepared.options
+        let configuration = prepared.configuration
 
         // Ignore the signals before anything can deliver them; Dispatch sources read them.
         for sig in [SIGHUP, SIGTERM, SIGINT, SIGPIPE] { signal(sig, SIG_IGN) }
@@ -105,46 +185,12 @@ public enum Daemon {
 
         let group = MultiThreadedEventLoopGroup.singleton
         var listeners: [Listener] = []
-        do {
-            let passed = Systemd.listenSockets()
-            if !passed.isEmpty {
-                for socket in passed {
-                    guard Systemd.isListeningStream(socket.fd) else {
-                        logger.warning("ignoring socket \(socket.name) (fd \(socket.fd)) from systemd: not a listening stream socket")
-                        continue
-                    }
-                    listeners.append(try await ListenerFactory.adopt(fd: socket.fd, group: group))
-                    logger.info("listening on \(socket.name) (fd \(socket.fd), from systemd)")
-                }
-            } else {
-                let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
-                if let name = configuration.unixSocketGroup, gid == nil {
-                    logger.critical("unix_socket_group: no group named \(name)")
-                    return 1
-                }
-                for address in configuration.listen {
-                    listeners.append(try await ListenerFactory.bind(address, group: group, mode: configuration.unixSocketMode, group: gid))
-                    logger.info("listening on \(address)")
-                }
-            }
-        } catch {
-            logger.critical("cannot listen: \(error)")
-            return 1
-        }
-        guard !listeners.isEmpty else {
-            logger.critical("nothing to listen on")
-            return 1
-        }
-
-        if getuid() == 0, options.user != "root" {
-            guard let user = Users.lookup(name: options.user) else {
-                logger.critical("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
-                return 1
-            }
+        for socket in prepared.sockets {
             do {
-                try Privileges.drop(to: user)
+                listeners.append(try await ListenerFactory.adopt(fd: socket.fd, group: group))
+                logger.info("listening on \(socket.name)")
             } catch {
-                logger.critical("cannot drop privileges to \(options.user): \(error)")
+                logger.critical("cannot listen on \(socket.name): \(error)")
                 return 1
             }
         }
@@ -164,13 +210,7 @@ public enum Daemon {
 
         await withTaskGroup(of: Void.self) { tasks in
             for listener in listeners {
-                tasks.addTask {
-                    do {
-                        try await handler.run(listener)
-                    } catch {
-                        logger.error("listener stopped: \(error)")
-                    }
-                }
+                tasks.addTask { await handler.run(listener) }
             }
             tasks.addTask { await Self.housekeeping(runtime: runtime) }
 
@@ -182,7 +222,12 @@ public enum Daemon {
                 logger.info("signal \(sig == SIGTERM ? "TERM" : "INT"): stopping; draining \(registry.count) sessions")
                 Systemd.notify("STOPPING=1\nSTATUS=draining \(registry.count) sessions")
                 runtime.draining.withLock { $0 = true }
-                for listener in listeners { try? await listener.channel.close() }
+                for listener in listeners {
+                    // Stop accepting first: a connection accepted while the listener closes
+                    // would be handed to an accept loop that has already ended.
+                    try? await listener.channel.setOption(ChannelOptions.autoRead, value: false).get()
+                    try? await listener.channel.close()
+                }
                 let drain = Int64(runtime.ruleset.configuration.value(.drainTimeout))
                 let deadline = NIODeadline.now() + .seconds(drain)
                 while registry.count > 0, NIODeadline.now() < deadline {

@@ -34,6 +34,16 @@ public enum PeerCredentials {
         var gid: UInt32 = 0
     }
 
+    /// "127.0.0.1:40000", "[::1]:40000" or "unix" for log lines.
+    public static func describe(_ address: SocketAddress?) -> String {
+        guard let address else { return "unknown" }
+        switch address {
+        case .unixDomainSocket: return "unix"
+        case .v4: return "\(address.ipAddress ?? "?"):\(address.port ?? 0)"
+        case .v6: return "[\(address.ipAddress ?? "?")]:\(address.port ?? 0)"
+        }
+    }
+
     /// The UID of the process that owns the remote end of `channel`.
     public static func uid(of channel: any Channel) async throws -> UInt32 {
         guard let remote = channel.remoteAddress, let local = channel.localAddress else {

@@ -13,39 +13,45 @@ import Glibc
 #endif
 
 public typealias ClientChannel = NIOAsyncChannel<ByteBuffer, ByteBuffer>
-public typealias Listener = NIOAsyncChannel<ClientChannel, Never>
+/// Accepted connections come out as plain channels, not yet reading; each session wraps its
+/// own. (A connection accepted while the listener closes is then only an idle socket that
+/// goes with the process, not an async writer dropped unfinished, which NIO treats as a bug.)
+public typealias Listener = NIOAsyncChannel<any Channel, Never>
 
 public enum ListenerFactory {
+    /// At most a few reads are buffered per connection before reading stops: with the relay
+    /// slow, a fast client holds a few hundred KiB at most, not its whole message.
+    static let backPressure = NIOAsyncSequenceProducerBackPressureStrategies.HighLowWatermark(lowWatermark: 2, highWatermark: 4)
+
     static func initializer(_ channel: any Channel) -> EventLoopFuture<ClientChannel> {
         channel.eventLoop.makeCompletedFuture {
-            try ClientChannel(wrappingChannelSynchronously: channel)
+            try ClientChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: backPressure))
         }
     }
 
+    /// Accepted connections do not read until their session wraps them (see `Listener`).
+    static func acceptInitializer(_ channel: any Channel) -> EventLoopFuture<any Channel> {
+        channel.eventLoop.makeCompletedFuture {
+            try channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+            return channel
+        }
+    }
+
+    /// Wraps an accepted connection for its session and lets it read.
+    static func wrapAccepted(_ channel: any Channel) async throws -> ClientChannel {
+        try await channel.eventLoop.submit {
+            let client = try ClientChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: backPressure))
+            try channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+            return client
+        }.get()
+    }
+
+    /// Binds a listening socket for `address` (see `ListenSocket.open`) and hands it to NIO.
     public static func bind(_ address: ListenAddress, group: any EventLoopGroup, mode: UInt32, group gid: UInt32?) async throws -> Listener {
-        switch address {
-        case .tcp(let host, let port):
-            return try await ServerBootstrap(group: group)
-                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .serverChannelOption(.backlog, value: 256)
-                .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-                .bind(host: host, port: port) { initializer($0) }
-        case .unix(let path):
-            // Refuse to remove anything that is not a socket left over from an earlier run.
-            var st = stat()
-            if lstat(path, &st) == 0, (st.st_mode & S_IFMT) != S_IFSOCK {
-                throw SystemError("\(path) exists and is not a socket", errno: 0)
-            }
-            let listener = try await ServerBootstrap(group: group)
-                .serverChannelOption(.backlog, value: 256)
-                .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true) { initializer($0) }
-            guard chmod(path, mode_t(mode)) == 0 else { throw SystemError("chmod \(path)") }
-            if let gid, chown(path, UInt32.max, gid) != 0 { throw SystemError("chown \(path)") }
-            return listener
-        }
+        try await adopt(fd: ListenSocket.open(address, mode: mode, group: gid), group: group)
     }
 
-    /// A socket systemd passed us (already bound and listening).
+    /// A bound, listening socket: one of ours (`ListenSocket.open`) or one systemd passed us.
     public static func adopt(fd: Int32, group: any EventLoopGroup) async throws -> Listener {
         var type: Int32 = 0
         var len = socklen_t(MemoryLayout<Int32>.size)
@@ -54,7 +60,7 @@ public enum ListenerFactory {
         if type == AF_INET || type == AF_INET6 {
             bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
         }
-        return try await bootstrap.bind(fd) { initializer($0) }
+        return try await bootstrap.bind(fd) { acceptInitializer($0) }
     }
 }
 
@@ -92,8 +98,14 @@ public struct ConnectionHandler: Sendable {
     let group: any EventLoopGroup
 
     /// Serves one accepted connection to its end. Never throws: a connection's failure is its own.
-    func serve(_ client: ClientChannel) async {
-        let channel = client.channel
+    func serve(_ channel: any Channel) async {
+        let client: ClientChannel
+        do {
+            client = try await ListenerFactory.wrapAccepted(channel)
+        } catch {
+            channel.close(promise: nil)
+            return
+        }
         let active = self.registry.add(channel)
         self.runtime.count { $0.sessions = self.registry.count }
         defer {
@@ -102,7 +114,7 @@ public struct ConnectionHandler: Sendable {
         }
         let ruleset = self.runtime.ruleset
         let settings = ruleset.settings
-        let peer = channel.remoteAddress.map { "\($0)" } ?? "unknown"
+        let peer = PeerCredentials.describe(channel.remoteAddress)
         var logger = self.runtime.logger
         logger[metadataKey: LogKey.peer] = .string(peer)
 
@@ -118,6 +130,15 @@ public struct ConnectionHandler: Sendable {
                     let uid: UInt32
                     do {
                         uid = try await PeerCredentials.uid(of: channel)
+                    } catch where !channel.isActive {
+                        logger.debug("connect from \(peer): gone before it could be identified")
+                        return
+                    } catch PeerLookupError.failed(let why) {
+                        // A local failure (out of file descriptors, netlink unavailable): refuse,
+                        // but as a temporary condition, so Postfix retries instead of bouncing.
+                        logger.error("connect from \(peer) refused: cannot learn the peer's uid: \(why)")
+                        try await refuse(SMTPReply(421, "4.3.0", "Error: cannot verify the peer, try again later"))
+                        return
                     } catch {
                         self.runtime.count { $0.peersRefused += 1 }
                         logger.warning("connect from \(peer) refused: cannot learn the peer's uid: \(error)")
@@ -153,9 +174,7 @@ public struct ConnectionHandler: Sendable {
                     relayChannel = try await ClientBootstrap(group: channel.eventLoop)
                         .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                         .connectTimeout(.seconds(settings.relayConnectTimeout))
-                        .connect(host: settings.relayHost, port: settings.relayPort) { ch in
-                            ch.eventLoop.makeCompletedFuture { try ClientChannel(wrappingChannelSynchronously: ch) }
-                        }
+                        .connect(host: settings.relayHost, port: settings.relayPort) { ListenerFactory.initializer($0) }
                 } catch {
                     logger.error("cannot connect to relay \(settings.relayHost):\(settings.relayPort): \(error)")
                     try await refuse(Replies.relayUnavailable)
@@ -198,13 +217,19 @@ public struct ConnectionHandler: Sendable {
         }
     }
 
-    /// Accepts connections on one listener until it closes.
-    public func run(_ listener: Listener) async throws {
-        try await withThrowingDiscardingTaskGroup { group in
-            try await listener.executeThenClose { inbound in
-                for try await client in inbound {
-                    group.addTask { await self.serve(client) }
+    /// Accepts connections on one listener until it closes. Sessions in progress outlive the
+    /// listener (a drain closes it first); the end of the accept loop, however it ends, never
+    /// cancels them.
+    public func run(_ listener: Listener) async {
+        await withDiscardingTaskGroup { group in
+            do {
+                try await listener.executeThenClose { inbound in
+                    for try await client in inbound {
+                        group.addTask { await self.serve(client) }
+                    }
                 }
+            } catch {
+                self.runtime.logger.debug("listener closed: \(error)")
             }
         }
     }

@@ -51,6 +51,7 @@ struct Session {
     }
     var txn = Transaction()
     var relayAborted = false
+    var warnedLongLine = false
 
     init(runtime: Runtime, ruleset: Ruleset, logger: Logger) {
         self.runtime = runtime
@@ -114,7 +115,11 @@ struct Session {
             case .eof:
                 terminal = .eof
             case .error(.tooLong(let limit)):
-                self.logger.warning("command line longer than \(limit) bytes from client")
+                // Once per session: a client repeating it must not flood the log.
+                if !self.warnedLongLine {
+                    self.logger.warning("command line longer than \(limit) bytes from client")
+                    self.warnedLongLine = true
+                }
                 steps.append(.local(Replies.lineTooLong))
             case .error(.bareLF), .error(.bareCR):
                 self.logger.warning("bare <CR> or <LF> in a command line from client: closing")

@@ -198,8 +198,21 @@ extension Session {
         var dot = ByteBuffer()
         dot.writeStaticString(".\r\n")
         pending.append(dot)
-        try await relay.send(contentsOf: pending)
-        let final = try await relay.reply()
+        let final: SMTPReply
+        do {
+            try await relay.send(contentsOf: pending)
+            final = try await relay.reply()
+        } catch let failure as RelayFailure {
+            // Lost with the last lines or before its reply: the relay did not take the
+            // message, so it is deferred and logged like a loss earlier in DATA.
+            relay.abort()
+            self.relayAborted = true
+            record.verdict = "deferred"
+            record.reason = "relay connection lost at end of data: \(failure)"
+            try await client.send(Replies.relayLostInData)
+            self.log(record, level: .warning)
+            return true
+        }
         record.relayReply = final.description
         record.verdict = final.isPositive ? "relayed" : final.isTransient ? "deferred" : "refused"
         if !final.isPositive { record.reason = "relay refused the message" }
@@ -224,8 +237,14 @@ extension Session {
 
     /// The message is refused (or deferred): clear the relay's envelope, answer, log.
     mutating func finishRefused(reply: SMTPReply, record: DecisionRecord, client: inout ClientIO, relay: inout RelayIO) async throws {
-        try await relay.send("RSET")
-        _ = try await relay.reply()
+        do {
+            try await relay.send("RSET")
+            _ = try await relay.reply()
+        } catch is RelayFailure {
+            // The decision stands and is still answered and logged; only QUIT is left after.
+            relay.abort()
+            self.relayAborted = true
+        }
         self.resetTransaction()
         client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout))
         try await client.send(reply)

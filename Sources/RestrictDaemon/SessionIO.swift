@@ -26,6 +26,7 @@ final class SessionClock: Sendable {
         var phase = "command"
         var phaseDeadline: NIODeadline? = nil
         var relayDeadline: NIODeadline? = nil
+        var relayWaitStart: NIODeadline? = nil
         var relayChannel: (any Channel)? = nil
         var expired: String? = nil
     }
@@ -45,8 +46,20 @@ final class SessionClock: Sendable {
         }
     }
 
+    /// While the session waits for the relay (bounded by relay_timeout), the client's idle and
+    /// phase deadlines stand still: the client is waiting for us, not idling.
     func waitingForRelay(_ timeout: TimeAmount?) {
-        self.state.withLock { $0.relayDeadline = timeout.map { .now() + $0 } }
+        self.state.withLock { s in
+            let now = NIODeadline.now()
+            s.relayDeadline = timeout.map { now + $0 }
+            if timeout != nil {
+                s.relayWaitStart = now
+            } else if let start = s.relayWaitStart {
+                s.relayWaitStart = nil
+                s.phaseDeadline = s.phaseDeadline.map { $0 + (now - start) }
+                s.lastActivity = max(s.lastActivity, now)
+            }
+        }
     }
 
     func relay(_ channel: (any Channel)?) { self.state.withLock { $0.relayChannel = channel } }
@@ -57,11 +70,11 @@ final class SessionClock: Sendable {
     func check(now: NIODeadline) -> (Expiry, (any Channel)?)? {
         self.state.withLock { s in
             guard s.expired == nil else { return nil }
-            if now - s.lastActivity > self.idle {
+            if s.relayWaitStart == nil, now - s.lastActivity > self.idle {
                 s.expired = "idle for \(self.idle.nanoseconds / 1_000_000_000)s in \(s.phase)"
                 return (.client(s.expired ?? ""), s.relayChannel)
             }
-            if let d = s.phaseDeadline, now > d {
+            if s.relayWaitStart == nil, let d = s.phaseDeadline, now > d {
                 s.expired = "\(s.phase) took too long"
                 return (.client(s.expired ?? ""), s.relayChannel)
             }
@@ -158,6 +171,8 @@ struct RelayIO {
                 throw RelayFailure.closed
             }
             guard var chunk else { throw RelayFailure.closed }
+            // The relay making progress is not the client idling.
+            self.clock.touch()
             if self.buffer.readableBytes == 0 {
                 self.buffer = chunk
             } else {

@@ -51,6 +51,17 @@ public enum ConfigParser {
         var errors: [ConfigError] = []
         var clientsSeen = false
         var listenSeen = false
+        // Global settings other than `listen` take one value: a second line is a mistake.
+        var globalLine: [String: Int] = [:]
+        func once(_ key: String, _ line: Int) -> Bool {
+            if key == "listen" { return true }
+            if let first = globalLine[key] {
+                error(line, "\(key) given twice (first at line \(first))")
+                return false
+            }
+            globalLine[key] = line
+            return true
+        }
         var current: Rule? = nil
         var firstLine: [RuleSelector: Int] = [:]
 
@@ -70,7 +81,8 @@ public enum ConfigParser {
             return .failure(ConfigErrors([ConfigError(file: file, line: 0, message: "file larger than \(maxFileSize) bytes")]))
         }
         var lineNumber = 0
-        for rawLine in text.split(separator: "\n", omittingEmptySubsequences: false) {
+        // "\r\n" is one Character in Swift: split on it too, or a CRLF file is a single line.
+        for rawLine in text.split(omittingEmptySubsequences: false, whereSeparator: { $0 == "\n" || $0 == "\r\n" }) {
             lineNumber += 1
             if rawLine.utf8.count > maxLineLength {
                 error(lineNumber, "line longer than \(maxLineLength) bytes")
@@ -124,7 +136,7 @@ public enum ConfigParser {
                     for arg in args {
                         switch parsePattern(arg) {
                         case .success(let p): rule.allow.append(p)
-                        case .failure(let why): error(lineNumber, "bad allow entry '\(arg)': \(why)")
+                        case .failure(let why): error(lineNumber, "bad allow entry '\(arg)': \(why.text)")
                         }
                     }
                 case "arbitrary":
@@ -168,7 +180,7 @@ public enum ConfigParser {
                 }
                 if current != nil {
                     current?.overQuota = v
-                } else {
+                } else if once(key, lineNumber) {
                     config.overQuota = v
                 }
 
@@ -181,6 +193,7 @@ public enum ConfigParser {
                     error(lineNumber, "\(key) is a global setting: move it above the first rule")
                     continue
                 }
+                guard once(key, lineNumber) else { continue }
                 parseGlobal(key, args, line: lineNumber, into: &config, users: users, error: error,
                     clientsSeen: &clientsSeen, listenSeen: &listenSeen)
             }
@@ -355,7 +368,9 @@ public enum ConfigParser {
         guard !digits.isEmpty, digits.count <= 13, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int(digits) else {
             return nil
         }
-        return n * factor
+        // "9999999999999g" must be an error, not an overflow trap.
+        let (product, overflow) = n.multipliedReportingOverflow(by: factor)
+        return overflow ? nil : product
     }
 
     public static func parseListen(_ s: String) -> ListenAddress? {

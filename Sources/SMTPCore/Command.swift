@@ -49,7 +49,7 @@ public enum SMTPCommand: Sendable, Equatable {
 
 /// A command that could not be parsed; each maps to one reply.
 public enum CommandError: Error, Sendable, Equatable {
-    /// 501 5.5.2 (syntax) / 501 5.5.4 (arguments).
+    /// 501 5.5.2: the command's syntax is wrong (the design's reply table).
     case syntax(String)
     /// 501 5.1.7 (bad sender) or 501 5.1.3 (bad recipient).
     case badAddress(String, isSender: Bool)
@@ -60,7 +60,7 @@ public enum CommandError: Error, Sendable, Equatable {
 
     public var reply: SMTPReply {
         switch self {
-        case .syntax(let why): return SMTPReply(501, "5.5.4", "Syntax error: \(why)")
+        case .syntax(let why): return SMTPReply(501, "5.5.2", "Syntax error: \(why)")
         case .badAddress(let why, let isSender):
             return SMTPReply(501, isSender ? "5.1.7" : "5.1.3", "Bad \(isSender ? "sender" : "recipient") address syntax: \(why)")
         case .unsupportedParameter(let p): return SMTPReply(555, "5.5.4", "Unsupported option: \(p)")
@@ -169,7 +169,7 @@ public enum CommandParser {
             zip(args.prefix(p.count), p).allSatisfy({ asciiUpper($0) == $1 })
         else { throw .syntax("expected \(prefix)<address>") }
         var i = args.startIndex + p.count
-        while i < args.endIndex, args[i] == 32 { i += 1 }  // tolerated, as Postfix does
+        while i < args.endIndex, args[i] == 32 || args[i] == 9 { i += 1 }  // tolerated, as Postfix does
         guard i < args.endIndex, args[i] == UInt8(ascii: "<") else { throw .syntax("expected \(prefix)<address>") }
         // The path ends at the first ">" outside a quoted string.
         var j = i + 1
@@ -183,7 +183,7 @@ public enum CommandParser {
         }
         guard j < args.endIndex else { throw .syntax("unterminated address") }
         let rest = args[(j + 1)...]
-        guard rest.isEmpty || rest.first == 32 else { throw .syntax("garbage after address") }
+        guard rest.isEmpty || rest.first == 32 || rest.first == 9 else { throw .syntax("garbage after address") }
         return (args[i...j], rest)
     }
 

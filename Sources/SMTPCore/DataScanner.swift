@@ -58,6 +58,9 @@ public struct DataScanner: Sendable {
         case finished
     }
     private var state: State = .lines
+    /// Bytes of the incomplete line at the buffer's reader index already found clean, so that a
+    /// line dripped in byte by byte is not scanned again from its start on every read.
+    private var checked = 0
 
     public init(maxLineLength: Int) {
         precondition(maxLineLength >= 3)
@@ -128,65 +131,57 @@ public struct DataScanner: Sendable {
     }
 
     private mutating func scanLines(_ buffer: inout ByteBuffer, oneLine: Bool) -> DataEvent? {
-        let start = buffer.readerIndex
-        let end = buffer.writerIndex
-        var p = start  // start of the line under examination
         let maxLine = self.maxLineLength
 
         enum Stop { case needMore, endOfData, singleDot, violation(DataViolation, Int) }
-        var stop: Stop = .needMore
-
-        buffer.withUnsafeReadableBytes { raw in
-            let base = start
-            while p < end {
-                let lineOffset = p - base
-                let remaining = end - p
-                // Look for LF within this line's allowance only: a longer line is an error anyway.
-                let window = min(remaining, maxLine)
-                let lf: Int? = raw.baseAddress.flatMap { b in
-                    memchrIndex(b + lineOffset, 10, window)
-                }
-                guard let lfRel = lf else {
-                    if remaining >= maxLine {
-                        stop = .violation(.lineTooLong(limit: maxLine), p + 1)
-                        return
+        // One pass over the bytes: most are above CR and cost one comparison.
+        let resume = self.checked
+        let (consumed, stop, checked): (Int, Stop, Int) = buffer.withUnsafeReadableBytes { raw in
+            let count = raw.count
+            var p = 0  // start of the line under examination
+            while p < count {
+                let limit = min(count, p + maxLine)
+                var i = p == 0 ? min(resume, count) : p
+                var lf = -1
+                while i < limit {
+                    let c = raw[i]
+                    if c <= 13 {
+                        if c == 13 {
+                            if i + 1 < count {
+                                guard raw[i + 1] == 10 else { return (p, .violation(.bareCR, i + 1), 0) }
+                                if i + 1 >= p + maxLine { return (p, .violation(.lineTooLong(limit: maxLine), p + 1), 0) }
+                                lf = i + 1
+                                break
+                            }
+                            // A CR as the last byte so far: its LF may be in the next read.
+                            return (p, .needMore, i - p)
+                        }
+                        if c == 10 { return (p, .violation(.bareLF, i + 1), 0) }
+                        if c == 0 { return (p, .violation(.nul, i + 1), 0) }
                     }
-                    // Incomplete line: bytes already known to be bad are reported now.
-                    if let bad = firstBad(raw, from: lineOffset, count: remaining, allowTrailingCR: true) {
-                        stop = .violation(bad.0, p + bad.1 + 1)
-                        return
-                    }
-                    stop = .needMore
-                    return
+                    i += 1
                 }
-                if lfRel == 0 || raw[lineOffset + lfRel - 1] != 13 {
-                    stop = .violation(.bareLF, p + lfRel + 1)
-                    return
+                guard lf >= 0 else {
+                    if count - p >= maxLine { return (p, .violation(.lineTooLong(limit: maxLine), p + 1), 0) }
+                    return (p, .needMore, i - p)
                 }
-                if let bad = firstBad(raw, from: lineOffset, count: lfRel - 1, allowTrailingCR: false) {
-                    stop = .violation(bad.0, p + bad.1 + 1)
-                    return
+                if raw[p] == 46 {  // "."
+                    if lf == p + 2 { return (p, .endOfData, 0) }  // ".\r\n"
+                    if raw[p + 1] != 46 { return (p, .singleDot, 0) }  // ".x": not stuffed
                 }
-                if raw[lineOffset] == 46 {  // "."
-                    if lfRel == 2 {  // ".\r\n"
-                        if p == start { stop = .endOfData }
-                        return
-                    }
-                    if raw[lineOffset + 1] != 46 {  // ".x": not stuffed; emit alone, without the dot
-                        if p == start { stop = .singleDot }
-                        return
-                    }
-                }
-                p += lfRel + 1
-                if oneLine { return }
+                p = lf + 1
+                if oneLine { return (p, .needMore, 0) }
             }
+            return (p, .needMore, 0)
         }
+        self.checked = checked
 
-        if p > start {
+        if consumed > 0 {
             // Complete canonical lines first; whatever stopped the scan is seen on the next call.
-            let slice = buffer.readSlice(length: p - start)!
+            guard let slice = buffer.readSlice(length: consumed) else { preconditionFailure("scanned past the buffer") }
             return .content(slice)
         }
+        let start = buffer.readerIndex
         switch stop {
         case .needMore:
             return nil
@@ -195,33 +190,13 @@ public struct DataScanner: Sendable {
             self.state = .finished
             return .end
         case .singleDot:
-            let lf = buffer.readableBytesView.firstIndex(of: 10)!
-            let slice = buffer.getSlice(at: start + 1, length: lf - start)!
+            guard let lf = buffer.readableBytesView.firstIndex(of: 10),
+                let slice = buffer.getSlice(at: start + 1, length: lf - start)
+            else { preconditionFailure("single-dot line without its LF") }
             buffer.moveReaderIndex(to: lf + 1)
             return .content(slice)
         case .violation(let v, let resumeAt):
-            return self.violation(v, &buffer, at: resumeAt, lineStart: false)
+            return self.violation(v, &buffer, at: start + resumeAt, lineStart: false)
         }
     }
-}
-
-/// Index of the first `byte` in `count` bytes at `pointer`, or nil.
-@inline(__always)
-private func memchrIndex(_ pointer: UnsafeRawPointer, _ byte: UInt8, _ count: Int) -> Int? {
-    let bytes = UnsafeRawBufferPointer(start: pointer, count: count)
-    return bytes.firstIndex(of: byte)
-}
-
-/// The first NUL or CR in the given range (a CR as the very last byte is allowed when the line
-/// is still incomplete), with its offset from `from`.
-@inline(__always)
-private func firstBad(_ raw: UnsafeRawBufferPointer, from: Int, count: Int, allowTrailingCR: Bool) -> (DataViolation, Int)? {
-    var i = 0
-    while i < count {
-        let c = raw[from + i]
-        if c == 0 { return (.nul, i) }
-        if c == 13 && !(allowTrailingCR && i == count - 1) { return (.bareCR, i) }
-        i += 1
-    }
-    return nil
 }

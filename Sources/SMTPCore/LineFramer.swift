@@ -35,35 +35,35 @@ public struct LineFramer: Sendable {
             buffer.moveReaderIndex(to: lf + 1)
             self.skipping = false
         }
+        // The error reported is always that of the earliest offending byte, so that it does not
+        // depend on how the bytes were segmented. Only the first `maxLength` bytes are examined.
         let view = buffer.readableBytesView
-        guard let lf = view.firstIndex(of: UInt8(ascii: "\n")) else {
-            if view.count >= self.maxLength {
-                buffer.moveReaderIndex(forwardBy: view.count)
-                self.skipping = true
-                throw .tooLong(limit: self.maxLength)
-            }
-            // A CR that is not the last byte seen so far can no longer be followed by LF.
-            if let cr = view.firstIndex(of: UInt8(ascii: "\r")), cr != view.endIndex - 1 {
+        let start = view.startIndex
+        let windowEnd = start + min(view.count, self.maxLength)
+        guard let lf = view[start..<windowEnd].firstIndex(of: UInt8(ascii: "\n")) else {
+            // A CR before the window's last byte is followed by something other than LF.
+            if windowEnd - start > 1, let cr = view[start..<(windowEnd - 1)].firstIndex(of: UInt8(ascii: "\r")) {
                 buffer.moveReaderIndex(to: cr + 1)
                 throw .bareCR
             }
+            if view.count >= self.maxLength {
+                // No LF within the limit: the line is too long. Drop it up to its LF.
+                buffer.moveReaderIndex(to: windowEnd)
+                self.skipping = true
+                throw .tooLong(limit: self.maxLength)
+            }
             return nil
         }
-        let start = view.startIndex
-        let length = lf - start + 1
-        if length > self.maxLength {
-            buffer.moveReaderIndex(to: lf + 1)
-            throw .tooLong(limit: self.maxLength)
-        }
-        guard lf > start, view[lf - 1] == UInt8(ascii: "\r") else {
-            buffer.moveReaderIndex(to: lf + 1)
-            throw .bareLF
-        }
-        if let cr = view[start..<(lf - 1)].firstIndex(of: UInt8(ascii: "\r")) {
+        let crlf = lf > start && view[lf - 1] == UInt8(ascii: "\r")
+        if let cr = view[start..<(crlf ? lf - 1 : lf)].firstIndex(of: UInt8(ascii: "\r")) {
             buffer.moveReaderIndex(to: cr + 1)
             throw .bareCR
         }
-        let line = buffer.getSlice(at: start, length: length - 2)
+        guard crlf else {
+            buffer.moveReaderIndex(to: lf + 1)
+            throw .bareLF
+        }
+        let line = buffer.getSlice(at: start, length: lf - 1 - start)
         buffer.moveReaderIndex(to: lf + 1)
         return line
     }

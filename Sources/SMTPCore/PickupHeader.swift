@@ -81,12 +81,12 @@ public enum PickupHeader {
     /// Reads the first header field, given as its physical lines without CRLF.
     public static func identify(_ lines: [[UInt8]]) -> SenderIdentity {
         guard let first = lines.first else { return .unidentified(reason: "no header") }
-        guard lines.count == 2 else {
-            return .unidentified(reason: lines.count == 1 ? "first header is not folded as pickup's" : "first header has \(lines.count) lines")
-        }
         let prefix = Array("Received: by ".utf8)
         guard first.count > prefix.count, Array(first.prefix(prefix.count)) == prefix else {
             return .unidentified(reason: "first header is not pickup's Received")
+        }
+        guard lines.count == 2 else {
+            return .unidentified(reason: lines.count == 1 ? "first Received is not folded as pickup's" : "first Received has \(lines.count) lines")
         }
         // HOST ends at the first space; it cannot contain one.
         let rest = first[prefix.count...]

@@ -110,9 +110,10 @@ public enum EHLOFilter {
     public static func filter(_ reply: SMTPReply, sizeLimit: Int) -> SMTPReply {
         guard reply.code == 250 else { return reply }
         var out = [reply.lines[0]]
+        var seen = Set<String>()
         for line in reply.lines.dropFirst() {
             let words = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard let keyword = words.first?.uppercased(), offered.contains(keyword) else { continue }
+            guard let keyword = words.first?.uppercased(), offered.contains(keyword), seen.insert(keyword).inserted else { continue }
             if keyword == "SIZE" {
                 let relayLimit = words.count > 1 ? Int(words[1]) ?? 0 : 0
                 let limit: Int

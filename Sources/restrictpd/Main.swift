@@ -1,4 +1,5 @@
 // restrictpd(8): argument parsing and wiring; everything else lives in RestrictDaemon.
+// The main function is synchronous: see Daemon.prepare.
 
 import ArgumentParser
 import Logging
@@ -9,7 +10,7 @@ import Glibc
 #endif
 
 @main
-struct Main: AsyncParsableCommand {
+struct Main: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "restrictpd",
         abstract: "Restrict which recipients each local user may send mail to (a Postfix content filter).",
@@ -59,7 +60,7 @@ struct Main: AsyncParsableCommand {
         guard Logger.Level(rawValue: self.logLevel) != nil else { throw ValidationError("--log-level takes debug, info, notice, warning or error") }
     }
 
-    func run() async throws {
+    func run() throws {
         let output: AdminOutput
         let now = Runtime.wallClock()
         if self.checkConfig {
@@ -75,7 +76,12 @@ struct Main: AsyncParsableCommand {
             let level = Logger.Level(rawValue: self.logLevel) ?? .info
             LoggingSystem.bootstrap { label in RestrictLogHandler(label: label, target: target, level: level) }
             let logger = Logger(label: "restrictpd")
-            let status = await Daemon.run(DaemonOptions(configPath: self.config, user: self.user), logger: logger)
+            // Synchronous on purpose: sockets are bound and privileges dropped while this is
+            // the only thread (see ListenSocket.swift), and then this thread waits.
+            guard let prepared = Daemon.prepare(DaemonOptions(configPath: self.config, user: self.user), logger: logger) else {
+                throw ExitCode(1)
+            }
+            let status = Daemon.runBlocking(prepared, logger: logger)
             if status != 0 { throw ExitCode(status) }
             return
         }

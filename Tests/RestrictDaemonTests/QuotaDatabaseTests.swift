@@ -11,7 +11,9 @@ private final class TempDir: Sendable {
     let path: String
 
     init() throws {
-        var template = Array((NSTemporaryDirectory() + "/restrictpd-quota-XXXXXX").utf8CString)
+        var base = NSTemporaryDirectory()
+        while base.count > 1 && base.hasSuffix("/") { base.removeLast() }
+        var template = Array((base + "/restrictpd-quota-XXXXXX").utf8CString)
         let made = template.withUnsafeMutableBufferPointer { buffer -> Bool in
             guard let base = buffer.baseAddress else { return false }
             return mkdtemp(base) != nil

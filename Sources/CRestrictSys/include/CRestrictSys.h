@@ -1,5 +1,5 @@
 // Kernel and libc interfaces that Swift cannot import on its own: the netlink sock_diag
-// structures (behind function-like macros), struct ucred, and syslog(3), which is variadic.
+// structures (behind function-like macros) and syslog(3), which is variadic.
 #ifndef CRESTRICTSYS_H
 #define CRESTRICTSYS_H
 
@@ -13,8 +13,9 @@
 int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
                       const uint8_t *dst, uint16_t dport, uint32_t *uid);
 
-/// SO_PEERCRED of a connected UNIX-domain socket. Returns 0 or -errno.
-int crs_peercred(int fd, uint32_t *uid, uint32_t *gid, int32_t *pid);
+/// getresuid(2) and getresgid(2), which glibc declares only with _GNU_SOURCE.
+int crs_getresuid(uint32_t *r, uint32_t *e, uint32_t *s);
+int crs_getresgid(uint32_t *r, uint32_t *e, uint32_t *s);
 
 /// syslog(3) with a fixed "%s" format, since Swift cannot call variadic C functions.
 void crs_openlog(const char *ident, int facility);

@@ -1,0 +1,56 @@
+"""Started as root, restrictpd binds, then drops to --user (uid, gid and supplementary groups)."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+
+import daemonlib as dl
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+def proc_status(pid):
+    text = open(f"/proc/{pid}/status").read()
+    return {m.group(1): m.group(2).split() for m in re.finditer(r"^(\w+):[ \t]*(.*)$", text, re.M)}
+
+
+def test_drops_to_nobody_and_still_serves(lab):
+    port = dl.free_port()
+    config = lab.config(listen=f"127.0.0.1:{port}", rules="user root\n    allow @example.org\n    arbitrary 5\n")
+    notify = lab.notify()
+    daemon = lab.daemon(config, user="nobody", env={"NOTIFY_SOCKET": notify.path})
+    notify.wait_for(lambda t: "READY=1" in t.split("\n"), 10, what="READY=1")
+    # Every thread, the main thread (tid == pid, what /proc/PID/status shows) included: a thread
+    # left as root shares the address space and signal handlers of the dropped ones, so the drop
+    # would be undone by anyone who gets code execution in the daemon.
+    still_root = []
+    for tid in sorted(os.listdir(f"/proc/{daemon.pid}/task"), key=int):
+        st = proc_status(f"{daemon.pid}/task/{tid}")
+        comm = open(f"/proc/{daemon.pid}/task/{tid}/comm").read().strip()
+        if (st["Uid"] != [str(NOBODY.pw_uid)] * 4 or st["Gid"] != [str(NOBODY.pw_gid)] * 4
+                or "0" in st.get("Groups", []) or int(st["CapEff"][0], 16) != 0):
+            still_root.append(f"tid {tid} ({comm}): Uid {st['Uid']} Gid {st['Gid']} "
+                              f"Groups {st.get('Groups')} CapEff {st['CapEff']}")
+    main_uid = proc_status(daemon.pid)["Uid"]
+    # Still serves: an allowed message, and one that needs the quota database (opened as nobody).
+    assert dl.send_message(port, ["a@example.org"])[0] == 250
+    code, lines = dl.send_message(port, ["someone@elsewhere.test"])
+    assert code == 250, lines
+    assert lab.state.exists()
+    assert lab.state.stat().st_uid == NOBODY.pw_uid
+    daemon.wait_log(r'verdict=relayed.*quota="?[14]/5', timeout=5)
+    assert main_uid == [str(NOBODY.pw_uid)] * 4 and not still_root, (
+        "privileges not dropped in every thread:\n" + "\n".join(still_root))
+
+
+def test_unknown_user_exits_nonzero_with_a_clear_message(lab):
+    port = dl.free_port()
+    config = lab.config(listen=f"127.0.0.1:{port}")
+    daemon = lab.daemon(config, user="nosuchuser")
+    rc = daemon.wait_exit(10)
+    assert rc != 0
+    log = daemon.log()
+    assert "nosuchuser" in log and "does not exist" in log, log
+    assert not dl.port_accepts(port)

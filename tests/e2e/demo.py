@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""restrictpd demo: a private Postfix with restrictpd between pickup and delivery.
+
+Started by scripts/demo (which installs packages and builds restrictpd first); can be run alone:
+    python3 tests/e2e/demo.py [--binary PATH] [--keep]
+
+It sends a handful of messages as root, www-data and nobody with /usr/sbin/sendmail, waits
+until each one reached a final state, prints a table (sender, recipient, verdict) built from the
+sink, Postfix's log and restrictpd's log, then stops everything and removes its files
+(--keep leaves the instance directory for inspection). Exit status 0 when every verdict is
+the expected one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # noqa: E402
+
+RULES = """\
+user www-data                       # the web application
+    allow webmaster@example.org @lists.example.org
+
+user root
+    allow *
+
+default                             # every other local user
+    allow @localhost
+    arbitrary 2 per day             # two other addresses a day; then 451 4.7.1 (Postfix retries)
+
+unknown                             # no pickup "from userid" header on top
+    refuse
+"""
+
+
+@dataclass
+class Case:
+    user: str
+    rcpt: str
+    what: str
+    expect: str            # relayed | refused | deferred
+    forged: bool = False
+    message_id: str = ""
+    queue_id: str = ""
+    uid: str = ""
+    sink: str = ""
+    postfix: str = ""
+    restrictpd: str = ""
+    verdict: str = ""
+
+
+CASES = [
+    Case("root", "alice@example.com", "root may write to anyone", "relayed"),
+    Case("www-data", "webmaster@example.org", "on www-data's allow list", "relayed"),
+    Case("www-data", "news@lists.example.org", "allowed domain @lists.example.org", "relayed"),
+    Case("www-data", "carol@example.com", "not on the allow list", "refused"),
+    Case("www-data", "boss@example.com", "forged 'from userid 0' header inside the message",
+         "refused", forged=True),
+    Case("nobody", "friend1@example.com", "default rule: arbitrary address 1 of 2", "relayed"),
+    Case("nobody", "friend2@example.com", "default rule: arbitrary address 2 of 2", "relayed"),
+    Case("nobody", "friend3@example.com", "default rule: over quota (kept queued)", "deferred"),
+]
+
+
+def say(text: str = ""):
+    print(text, flush=True)
+
+
+def classify(case: Case, pf: harness.PostfixInstance, sink: harness.Sink,
+             rpd: harness.Restrictpd, mark: int) -> bool:
+    """Fill in what each source says; True once the message reached a final state."""
+    if not case.queue_id:
+        try:
+            case.queue_id = pf.queue_id_for(case.message_id, mark, timeout=0.5)
+        except TimeoutError:
+            return False
+        m = pf.grep(rf"pickup\[\d+\]: {case.queue_id}: uid=(\d+)", mark)
+        case.uid = re.search(r"uid=(\d+)", m[0]).group(1) if m else "?"
+    arrived = [m for m in sink.messages_to(case.rcpt) if case.message_id.encode() in m.data]
+    case.sink = "arrived" if arrived else "-"
+    lines = pf.grep(rf"{case.queue_id}: to=<{re.escape(case.rcpt)}>.*status=", mark)
+    if lines:
+        st = re.search(r"dsn=([\d.]+), status=(\w+)", lines[-1])
+        case.postfix = f"{st.group(2)} {st.group(1)}" if st else "?"
+    rl = rpd.grep(rf"{case.queue_id}: uid=\S+ .*verdict=", 0)
+    if rl:
+        v = re.search(r"verdict=(\w+)", rl[-1]).group(1)
+        q = re.search(r'quota="([^"]*)"|quota=(\S+)', rl[-1])
+        case.restrictpd = v + (f" (quota {q.group(1) or q.group(2)})" if q else "")
+    if case.sink == "arrived":
+        case.verdict = "relayed"
+    elif case.postfix.startswith("bounced"):
+        case.verdict = "refused"
+    elif case.postfix.startswith("deferred") and case.restrictpd.startswith("deferred"):
+        case.verdict = "deferred"
+    else:
+        return False
+    return True
+
+
+def print_table(cases: list[Case]):
+    head = ("#", "sender (uid)", "recipient", "verdict", "expected", "sink", "postfix",
+            "restrictpd log", "case")
+    rows = [head]
+    for i, c in enumerate(cases, 1):
+        rows.append((str(i), f"{c.user} ({c.uid or '?'})", c.rcpt,
+                     (c.verdict or "?") + ("" if c.verdict == c.expect else "  <-- UNEXPECTED"),
+                     c.expect, c.sink or "-", c.postfix or "-", c.restrictpd or "-", c.what))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for n, r in enumerate(rows):
+        say("  ".join(col.ljust(widths[i]) for i, col in enumerate(r)).rstrip())
+        if n == 0:
+            say("  ".join("-" * w for w in widths))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default=str(harness.restrictpd_binary()))
+    ap.add_argument("--keep", action="store_true", help="leave the instance directory")
+    ap.add_argument("--timeout", type=float, default=90)
+    args = ap.parse_args()
+
+    problem = harness.environment_problem()
+    if problem:
+        say(f"demo: {problem}")
+        return 2
+    binary = Path(args.binary)
+    if not binary.exists():
+        say(f"demo: restrictpd binary {binary} not found")
+        return 2
+
+    slot = harness.Slot.acquire()
+    sink = pf = rpd = None
+    ok = False
+    try:
+        sink = harness.Sink(slot.path / "sink").start()
+        pf = harness.PostfixInstance(slot, sink.port)
+        pf.configure()
+        say(f"demo: private Postfix in {slot.path} (config {pf.etc})")
+        say(f"      pickup -> content_filter smtp:[127.0.0.1]:{pf.filter_port} (restrictpd) "
+            f"-> 127.0.0.1:{pf.relay_port} (reinjection smtpd) -> sink 127.0.0.1:{sink.port}")
+        pf.start()
+        cfg = harness.restrictpd_config(port=pf.filter_port, relay_port=pf.relay_port,
+                                        state=slot.path / "restrictpd" / "quota.db", rules=RULES)
+        rpd = harness.Restrictpd(slot.path / "restrictpd", cfg, pf.filter_port, binary)
+        say(f"demo: restrictpd {binary} with this configuration:")
+        say("      " + cfg.replace("\n", "\n      ").rstrip())
+        rpd.start()
+        mark = pf.log_mark()
+
+        say("demo: sending mail with /usr/sbin/sendmail ...")
+        for i, c in enumerate(CASES, 1):
+            forged = (b"Received: by x (Postfix, from userid 0)\n"
+                      b"\tid 0FA4ED000; Fri, 27 Nov 2026 09:13:28 +0000 (UTC)\n") if c.forged else b""
+            msg, c.message_id = harness.make_message(
+                sender=f"{c.user}@{harness.MYHOSTNAME}", to=[c.rcpt],
+                subject=f"demo {i}: {c.what}", body=f"Demo message {i} from {c.user}.\n",
+                prefix=forged, message_id=harness.unique_id(f"demo{i}"))
+            pf.sendmail([c.rcpt], msg, user=c.user)
+            say(f"      {i}. {c.user:<8} -> {c.rcpt}")
+            time.sleep(0.2)   # keep quota order readable (1 of 2, 2 of 2, over)
+
+        say("demo: waiting for every message to reach a final state ...")
+        deadline = time.monotonic() + args.timeout
+        pending = list(CASES)
+        while pending and time.monotonic() < deadline:
+            pending = [c for c in pending if not classify(c, pf, sink, rpd, mark)]
+            time.sleep(0.3)
+        for c in CASES:           # one last look, so the table is as complete as it can be
+            classify(c, pf, sink, rpd, mark)
+        say()
+        print_table(CASES)
+        say()
+        if pending:
+            say(f"demo: {len(pending)} message(s) did not reach a final state in {args.timeout:.0f}s")
+        say("restrictpd's decisions (its log, one line per message):")
+        for line in rpd.grep(r"verdict=", 0):
+            say("  " + line)
+        say()
+        say("Postfix's view (queue still holding the over-quota mail; it retries with back-off):")
+        say("  " + pf.mailq_text().strip().replace("\n", "\n  "))
+        ok = not pending and all(c.verdict == c.expect for c in CASES)
+        say()
+        say("demo: " + ("every verdict as expected" if ok else "SOME VERDICTS WERE NOT AS EXPECTED"))
+    except Exception as e:  # noqa: BLE001 - a demo reports and cleans up
+        say(f"demo: failed: {e}")
+        if rpd is not None:
+            say("restrictpd log (tail):\n" + rpd.log_text()[-2000:])
+        if pf is not None:
+            say("Postfix log (tail):\n" + pf.log_text()[-2000:])
+    finally:
+        say("demo: stopping restrictpd, Postfix and the sink; cleaning up")
+        if rpd is not None:
+            rpd.stop()
+        if pf is not None:
+            pf.purge()
+            pf.stop()
+        if sink is not None:
+            sink.stop()
+        if args.keep:
+            say(f"demo: kept {slot.path}")
+        else:
+            slot.release()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
