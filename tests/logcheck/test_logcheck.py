@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -40,6 +41,7 @@ ROUTINE = [
     OLD + 'A1B2C3: uid=0 user=root from=<root@lab> to=' + ",".join(f"<r{i}@example.com>" for i in range(20))
     + ',...(25 in all) verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as B2C3D4"',
     # Start-up, reload and stop (Sources/RestrictDaemon/Daemon.swift).
+    OLD + "running as restrict (uid 103)",
     OLD + "listening on 127.0.0.1:10027",
     OLD + "listening on [::1]:10027",
     OLD + "listening on smtp (fd 3, from systemd)",
@@ -140,13 +142,19 @@ def _free_port():
 
 
 @pytest.mark.skipif(not os.environ.get("RESTRICTPD_BIN"), reason="RESTRICTPD_BIN not set (scripts/test sets it)")
-def test_real_startup_and_stop_lines_are_hidden(tmp_path):
-    """The daemon's own start-up and stop lines, as it writes them today, are routine."""
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_real_startup_and_stop_lines_are_hidden(tmp_path, user):
+    """The daemon's own start-up and stop lines, as it writes them today, are routine
+    (with "nobody" it also drops privileges and says so, as it does as a root service)."""
+    if user != "root" and os.geteuid() != 0:
+        pytest.skip("dropping privileges needs root")
+    state = pathlib.Path(tempfile.mkdtemp(prefix="restrictpd-logcheck-"))
+    state.chmod(0o777)
     port = _free_port()
     conf = tmp_path / "restrictpd.conf"
     conf.write_text(f"listen 127.0.0.1:{port}\nrelay 127.0.0.1:{_free_port()}\nclients root\n"
-                    f"state {tmp_path}/quota.db\n\ndefault\n    refuse\nunknown\n    refuse\n")
-    proc = subprocess.Popen([os.environ["RESTRICTPD_BIN"], "--config", str(conf), "--user", "root",
+                    f"state {state}/quota.db\n\ndefault\n    refuse\nunknown\n    refuse\n")
+    proc = subprocess.Popen([os.environ["RESTRICTPD_BIN"], "--config", str(conf), "--user", user,
                              "--log", "stderr", "--log-level", "info"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -163,7 +171,10 @@ def test_real_startup_and_stop_lines_are_hidden(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        shutil.rmtree(state, ignore_errors=True)
     assert any(" ready: " in l for l in lines), lines
+    if user != "root":
+        assert any(": running as " in l for l in lines), lines
     # stderr lines are "restrictpd[PID]: ..."; syslog adds the timestamp and host.
     logged = ["Nov 27 09:13:34 lab " + l for l in lines if l.startswith("restrictpd[")]
     assert logged, lines
