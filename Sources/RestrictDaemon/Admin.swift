@@ -15,6 +15,19 @@ public struct AdminOutput: Sendable {
 }
 
 public enum Admin {
+    /// Run as root, the commands that open the quota database become the database file's
+    /// owner first (the service user), so that SQLite's -wal and -shm files are never left
+    /// owned by root where the service could not open them.
+    static func becomeOwner(of path: String) -> String? {
+        guard getuid() == 0 else { return nil }
+        var st = stat()
+        guard stat(path, &st) == 0, st.st_uid != 0 else { return nil }
+        guard setgid(st.st_gid) == 0, setuid(st.st_uid) == 0 else {
+            return "restrictpd: cannot become uid \(st.st_uid), the owner of \(path)"
+        }
+        return nil
+    }
+
     public static func checkConfig(_ path: String) -> AdminOutput {
         var out = AdminOutput()
         switch ConfigurationLoader.load(path) {
@@ -80,6 +93,11 @@ public enum Admin {
             let request = QuotaRequest(uid: sender.uid ?? 0, addresses: addresses, quota: quota, now: now)
             let outcome: QuotaOutcome
             if SystemFiles.exists(configuration.statePath) {
+                if let failure = becomeOwner(of: configuration.statePath) {
+                    out.stderr.append(failure)
+                    out.status = 1
+                    return out
+                }
                 do {
                     let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
                     defer { db.close() }
@@ -134,6 +152,11 @@ public enum Admin {
             out.stdout.append("no quota database at \(configuration.statePath) yet: nothing counted")
             return out
         }
+        if let failure = becomeOwner(of: configuration.statePath) {
+            out.stderr.append(failure)
+            out.status = 1
+            return out
+        }
         let entries: [QuotaEntry]
         do {
             let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
@@ -177,6 +200,15 @@ public enum Admin {
         }
         guard let s = self.sender(user), let uid = s.uid else {
             out.stderr.append("restrictpd: no such user: \(user)")
+            out.status = 1
+            return out
+        }
+        guard SystemFiles.exists(configuration.statePath) else {
+            out.stdout.append("\(s.phrase): nothing counted (no quota database at \(configuration.statePath) yet)")
+            return out
+        }
+        if let failure = becomeOwner(of: configuration.statePath) {
+            out.stderr.append(failure)
             out.status = 1
             return out
         }

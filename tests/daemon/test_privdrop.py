@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import subprocess
 
 import daemonlib as dl
 
@@ -54,3 +55,23 @@ def test_unknown_user_exits_nonzero_with_a_clear_message(lab):
     log = daemon.log()
     assert "nosuchuser" in log and "does not exist" in log, log
     assert not dl.port_accepts(port)
+
+
+def test_admin_commands_as_root_leave_no_root_owned_database_files(lab):
+    # The service (here nobody) made the quota database; root then runs --quota and
+    # --reset-quota. SQLite's -wal/-shm files must not end up owned by root, or the
+    # service could no longer open its own database.
+    port = dl.free_port()
+    config = lab.config(listen=f"127.0.0.1:{port}", rules="user root\n    allow @example.org\n    arbitrary 5\n")
+    daemon = lab.daemon(config, user="nobody")
+    daemon.wait_ready_log()
+    assert dl.send_message(port, ["someone@elsewhere.test"])[0] == 250
+    for args in (["--quota"], ["--reset-quota", "root"], ["--test", "root", "x@elsewhere.test"]):
+        out = subprocess.run([dl.binary(), "-c", str(config), *args], capture_output=True, text=True, timeout=30)
+        assert out.returncode in (0, 2), out.stderr
+    for f in lab.state.parent.iterdir():
+        if f.name.startswith(lab.state.name):
+            assert f.stat().st_uid == NOBODY.pw_uid, f"{f} is owned by uid {f.stat().st_uid}"
+    # And the service still counts: the reset emptied root's destinations.
+    assert dl.send_message(port, ["other@elsewhere.test"])[0] == 250
+    daemon.wait_log(r'verdict=relayed.*quota="?4/5', timeout=5)
