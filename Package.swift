@@ -55,6 +55,8 @@ let package = Package(
             name: "restrictpd",
             dependencies: [
                 "RestrictDaemon", "RestrictPolicy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

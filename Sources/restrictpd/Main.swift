@@ -3,6 +3,8 @@
 
 import ArgumentParser
 import Logging
+import NIOCore
+import NIOPosix
 import RestrictDaemon
 
 #if canImport(Glibc)
@@ -81,6 +83,9 @@ struct Main: ParsableCommand {
             guard let prepared = Daemon.prepare(DaemonOptions(configPath: self.config, user: self.user), logger: logger) else {
                 throw ExitCode(1)
             }
+            // Sessions are async code doing I/O on NIO's event loops: run Swift Concurrency on
+            // those same threads, so no read or write crosses to another thread and back.
+            NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor()
             let status = Daemon.runBlocking(prepared, logger: logger)
             if status != 0 { throw ExitCode(status) }
             return
