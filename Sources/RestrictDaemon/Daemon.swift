@@ -228,6 +228,7 @@ public enum Daemon {
                     try? await listener.channel.setOption(ChannelOptions.autoRead, value: false).get()
                     try? await listener.channel.close()
                 }
+                handler.pool.closeAll()
                 let drain = Int64(runtime.ruleset.configuration.value(.drainTimeout))
                 let deadline = NIODeadline.now() + .seconds(drain)
                 while registry.count > 0, NIODeadline.now() < deadline {
@@ -284,6 +285,7 @@ public enum Daemon {
                 logger.notice("reload: listen, unix_socket_*, and state changes take effect only at restart")
             }
             runtime.replace(Ruleset(configuration))
+            runtime.userNames.forget()
             logger.info("reloaded \(options.configPath): \(configuration.rules.count) rules")
             Systemd.notify("READY=1\nSTATUS=reloaded; \(runtime.snapshot.status)")
         case .failure(let errors):

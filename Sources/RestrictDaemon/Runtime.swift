@@ -2,6 +2,7 @@
 // counters for STATUS=, and whether the daemon is draining.
 
 public import Logging
+public import NIOCore
 public import RestrictPolicy
 public import SMTPCore
 
@@ -40,12 +41,15 @@ public struct Ruleset: Sendable {
     public let policy: Policy
     public let settings: SessionSettings
     public let clients: Set<UInt32>
+    /// The relay's address, resolved once per load rather than once per session.
+    public let relayAddress: SocketAddress?
 
     public init(_ configuration: Configuration) {
         self.configuration = configuration
         self.policy = Policy(configuration)
         self.settings = SessionSettings(configuration)
         self.clients = Set(configuration.clients)
+        self.relayAddress = try? SocketAddress.makeAddressResolvingHost(configuration.relayHost, port: configuration.relayPort)
     }
 }
 

@@ -96,6 +96,14 @@ public struct ConnectionHandler: Sendable {
     let runtime: Runtime
     let registry: SessionRegistry
     let group: any EventLoopGroup
+    let pool: RelayPool
+
+    init(runtime: Runtime, registry: SessionRegistry, group: any EventLoopGroup, pool: RelayPool = RelayPool()) {
+        self.runtime = runtime
+        self.registry = registry
+        self.group = group
+        self.pool = pool
+    }
 
     /// Serves one accepted connection to its end. Never throws: a connection's failure is its own.
     func serve(_ channel: any Channel) async {
@@ -166,30 +174,39 @@ public struct ConnectionHandler: Sendable {
                 }
 
                 let clock = SessionClock(idle: .seconds(settings.idleTimeout))
-                let timer = self.startTimer(clock: clock, channel: channel, logger: logger)
+                let shortest = min(settings.idleTimeout, settings.commandTimeout, settings.dataTimeout, settings.relayTimeout)
+                let timer = self.startTimer(clock: clock, channel: channel, shortest: shortest, logger: logger)
                 defer { timer.cancel() }
 
-                let relayChannel: ClientChannel
+                let relay: RelayConnection
                 do {
-                    relayChannel = try await ClientBootstrap(group: channel.eventLoop)
-                        .channelOption(.tcpOption(.tcp_nodelay), value: 1)
-                        .connectTimeout(.seconds(settings.relayConnectTimeout))
-                        .connect(host: settings.relayHost, port: settings.relayPort) { ListenerFactory.initializer($0) }
+                    guard let address = ruleset.relayAddress else {
+                        throw SystemError("cannot resolve \(settings.relayHost)", errno: 0)
+                    }
+                    relay = try await self.pool.checkout(
+                        on: channel.eventLoop, address: address, timeout: .seconds(settings.relayConnectTimeout))
                 } catch {
                     logger.error("cannot connect to relay \(settings.relayHost):\(settings.relayPort): \(error)")
                     try await refuse(Replies.relayUnavailable)
                     return
                 }
-                clock.relay(relayChannel.channel)
-                try await relayChannel.executeThenClose { relayIn, relayOut in
-                    var clientIO = ClientIO(
-                        iterator: inbound.makeAsyncIterator(), writer: outbound,
-                        framer: LineFramer(maxLength: settings.limits.commandLine), clock: clock)
-                    var relayIO = RelayIO(
-                        iterator: relayIn.makeAsyncIterator(), writer: relayOut, channel: relayChannel.channel,
-                        clock: clock, timeout: .seconds(settings.relayTimeout))
-                    var session = Session(runtime: self.runtime, ruleset: ruleset, logger: logger)
-                    try await session.converse(client: &clientIO, relay: &relayIO)
+                clock.relay(relay.channel)
+                var clientIO = ClientIO(
+                    iterator: inbound.makeAsyncIterator(), writer: outbound,
+                    framer: LineFramer(maxLength: settings.limits.commandLine), clock: clock)
+                var relayIO = RelayIO(connection: relay, clock: clock, timeout: .seconds(settings.relayTimeout))
+                var session = Session(runtime: self.runtime, ruleset: ruleset, logger: logger)
+                let reusable: Bool
+                do {
+                    reusable = try await session.converse(client: &clientIO, relay: &relayIO)
+                } catch {
+                    relay.abort()
+                    throw error
+                }
+                if reusable, clock.expired == nil, !self.runtime.isDraining {
+                    await self.pool.checkin(relay)
+                } else {
+                    relay.abort()
                 }
             }
         } catch {
@@ -198,8 +215,9 @@ public struct ConnectionHandler: Sendable {
     }
 
     /// Checks the session's deadlines every tick; on expiry answers 421 and closes.
-    private func startTimer(clock: SessionClock, channel: any Channel, logger: Logger) -> RepeatedTask {
-        let tick: TimeAmount = clock.idle < .seconds(10) ? .milliseconds(250) : .seconds(1)
+    private func startTimer(clock: SessionClock, channel: any Channel, shortest: Int64, logger: Logger) -> RepeatedTask {
+        // A quarter of the shortest timeout, between 100 ms and 1 s: late by at most that.
+        let tick: TimeAmount = .milliseconds(max(100, min(1000, shortest * 250)))
         return channel.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { task in
             guard let (expiry, relay) = clock.check(now: .now()) else { return }
             switch expiry {

@@ -74,20 +74,14 @@ struct Session {
         case eof
     }
 
-    /// Runs the SMTP dialogue until QUIT, an error, or the client leaving.
-    mutating func converse(client: inout ClientIO, relay: inout RelayIO) async throws {
-        let greeting: SMTPReply
-        do {
-            greeting = try await relay.reply()
-        } catch {
-            self.logger.error("relay \(self.settings.relayHost):\(self.settings.relayPort) gave no greeting: \(error)")
-            try await client.send(Replies.relayUnavailable)
-            return
-        }
+    /// Runs the SMTP dialogue until QUIT, an error, or the client leaving. Returns true when
+    /// the relay connection is left with no transaction open and may serve another session.
+    mutating func converse(client: inout ClientIO, relay: inout RelayIO) async throws -> Bool {
+        let greeting = relay.connection.greeting
         guard greeting.code == 220 else {
             self.logger.error("relay refused the connection: \(LogText.escape(greeting.description))")
             try await client.send(Replies.relayUnavailable)
-            return
+            return false
         }
         try await client.send(greeting)
 
@@ -96,6 +90,16 @@ struct Session {
         } catch let failure as RelayFailure {
             self.logger.error("relay failed: \(failure)")
             try? await client.send(Replies.relayLost)
+            return false
+        }
+        if self.relayAborted { return false }
+        if case .none = self.txn.mail, self.txn.pendingRecipients == 0 { return true }
+        // The client left in the middle of an envelope: clear it before lending the connection.
+        do {
+            try await relay.send("RSET")
+            return try await relay.reply().isPositive
+        } catch {
+            return false
         }
     }
 
@@ -182,7 +186,8 @@ struct Session {
             }
         }
 
-        if relayOut.readableBytes > 0 { try await relay.send(relayOut) }
+        let relayed = steps.reduce(0) { n, step in if case .local = step { return n } else { return n + 1 } }
+        if relayOut.readableBytes > 0 { try await relay.send(relayOut, replies: relayed) }
         var out = ByteBuffer()
         for step in steps {
             switch step {
@@ -218,16 +223,23 @@ struct Session {
             try await client.send(out)
             return false
         case .quit:
-            if !self.relayAborted {
-                try? await relay.send("QUIT")
-                _ = try? await relay.reply()
-            }
+            // The relay connection stays open for the next session (RelayPool).
             Replies.bye.write(to: &out)
             try await client.send(out)
             return false
         case .hello(let command):
-            try await relay.send(command.wireLine)
-            let reply = try await relay.reply()
+            let reply: SMTPReply
+            if case .none = self.txn.mail, self.txn.pendingRecipients == 0,
+                let cached = relay.connection.hello.withLockedValue({ $0 }), cached.command == command
+            {
+                // A pooled connection already greeted the relay with this very command, and no
+                // transaction is open: the relay's answer would be the same.
+                reply = cached.reply
+            } else {
+                try await relay.send(command.wireLine)
+                reply = try await relay.reply()
+                relay.connection.hello.withLockedValue { $0 = reply.isPositive ? (command, reply) : nil }
+            }
             self.resetTransaction()
             if case .ehlo = command {
                 EHLOFilter.filter(reply, sizeLimit: self.settings.limits.messageSize).write(to: &out)

@@ -160,7 +160,7 @@ extension Session {
                     }
                 }
                 if !pending.isEmpty {
-                    try await relay.send(contentsOf: pending)
+                    try await relay.send(contentsOf: pending, replies: 0)
                     pending.removeAll(keepingCapacity: true)
                 }
                 guard try await client.fill() else {
@@ -200,7 +200,7 @@ extension Session {
         pending.append(dot)
         let final: SMTPReply
         do {
-            try await relay.send(contentsOf: pending)
+            try await relay.send(contentsOf: pending, replies: 1)
             final = try await relay.reply()
         } catch let failure as RelayFailure {
             // Lost with the last lines or before its reply: the relay did not take the

@@ -147,37 +147,23 @@ struct ClientIO {
 }
 
 struct RelayIO {
-    var iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
-    let writer: NIOAsyncChannelOutboundWriter<ByteBuffer>
-    let channel: any Channel
-    var buffer = ByteBuffer()
-    var parser = ReplyParser()
+    let connection: RelayConnection
     let clock: SessionClock
     let timeout: TimeAmount
 
-    mutating func reply() async throws -> SMTPReply {
+    /// The next reply; the wait counts against relay_timeout, not against the client.
+    func reply() async throws -> SMTPReply {
         self.clock.waitingForRelay(self.timeout)
         defer { self.clock.waitingForRelay(nil) }
-        while true {
-            do {
-                if let reply = try self.parser.next(&self.buffer) { return reply }
-            } catch {
-                throw RelayFailure.protocolError("\(error)")
-            }
-            let chunk: ByteBuffer?
-            do {
-                chunk = try await self.iterator.next()
-            } catch {
-                throw RelayFailure.closed
-            }
-            guard var chunk else { throw RelayFailure.closed }
+        do {
+            let reply = try await self.connection.reply()
             // The relay making progress is not the client idling.
             self.clock.touch()
-            if self.buffer.readableBytes == 0 {
-                self.buffer = chunk
-            } else {
-                self.buffer.writeBuffer(&chunk)
-            }
+            return reply
+        } catch let failure as RelayFailure {
+            throw failure
+        } catch {
+            throw RelayFailure.closed
         }
     }
 
@@ -186,27 +172,20 @@ struct RelayIO {
         out.reserveCapacity(line.utf8.count + 2)
         out.writeString(line)
         out.writeStaticString("\r\n")
-        try await self.send(out)
+        try await self.connection.send([out], replies: 1)
     }
 
-    func send(_ buffer: ByteBuffer) async throws {
-        do {
-            try await self.writer.write(buffer)
-        } catch {
-            throw RelayFailure.closed
-        }
+    /// `replies`: how many replies these bytes ask for.
+    func send(_ buffer: ByteBuffer, replies: Int) async throws {
+        try await self.connection.send([buffer], replies: replies)
     }
 
-    func send(contentsOf buffers: [ByteBuffer]) async throws {
-        do {
-            try await self.writer.write(contentsOf: buffers)
-        } catch {
-            throw RelayFailure.closed
-        }
+    func send(contentsOf buffers: [ByteBuffer], replies: Int) async throws {
+        try await self.connection.send(buffers, replies: replies)
     }
 
     /// Drops the connection without an end of data: the relay discards the message.
     func abort() {
-        self.channel.close(mode: .all, promise: nil)
+        self.connection.abort()
     }
 }

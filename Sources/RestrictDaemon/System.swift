@@ -96,16 +96,24 @@ public enum Users {
     }
 }
 
-/// A cache of uid -> user name for log lines (the passwd lookup can be slow with NSS modules).
+/// A cache of uid -> user name for log lines (the passwd lookup can be slow with NSS modules,
+/// and a uid without an entry costs a dozen failed file opens each time). Bounded; a uid
+/// without a name is remembered too. Replaced whole on reload, when users may have changed.
 final class UserNames: Sendable {
-    private let cache = Mutex<[UInt32: String]>([:])
+    static let capacity = 4096
+    private let cache = Mutex<[UInt32: String?]>([:])
 
     func name(_ uid: UInt32) -> String? {
         if let hit = self.cache.withLock({ $0[uid] }) { return hit }
         let name = Users.lookup(uid: uid)?.name
-        if let name { self.cache.withLock { $0[uid] = name } }
+        self.cache.withLock {
+            if $0.count >= Self.capacity { $0.removeAll(keepingCapacity: true) }
+            $0[uid] = .some(name)
+        }
         return name
     }
+
+    func forget() { self.cache.withLock { $0.removeAll() } }
 }
 
 public enum Privileges {

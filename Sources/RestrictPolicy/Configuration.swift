@@ -159,4 +159,9 @@ public struct Configuration: Sendable, Equatable {
     public func value(_ setting: Setting) -> Int { self.values[setting.key] ?? setting.defaultValue }
 
     public func rule(for selector: RuleSelector) -> Rule? { self.rules.first { $0.selector == selector } }
+
+    /// The rules by selector, for lookups on every message.
+    public var rulesBySelector: [RuleSelector: Rule] {
+        Dictionary(self.rules.map { ($0.selector, $0) }, uniquingKeysWith: { first, _ in first })
+    }
 }

@@ -148,15 +148,19 @@ public struct Verdict: Sendable, Equatable {
 
 public struct Policy: Sendable {
     public let configuration: Configuration
+    private let rules: [RuleSelector: Rule]
 
-    public init(_ configuration: Configuration) { self.configuration = configuration }
+    public init(_ configuration: Configuration) {
+        self.configuration = configuration
+        self.rules = configuration.rulesBySelector
+    }
 
     public func rule(for sender: Sender) -> Rule? {
         switch sender {
         case .user(let uid, _):
-            return self.configuration.rule(for: .user(uid: uid)) ?? self.configuration.rule(for: .default)
+            return self.rules[.user(uid: uid)] ?? self.rules[.default]
         case .unidentified:
-            return self.configuration.rule(for: .unknown)
+            return self.rules[.unknown]
         }
     }
 

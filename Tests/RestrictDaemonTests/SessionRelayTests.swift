@@ -23,6 +23,59 @@ struct SessionRelayTests {
         + "..leading dot line\r\n"
         + "last line\r\n"
 
+    @Test("relay connections serve the next sessions: no new connection, no second EHLO")
+    func relayConnectionIsReused() async throws {
+        try await withDaemon { h in
+            for n in 0..<3 {
+                let client = try await h.greeted()
+                #expect(try await client.command("EHLO lab.localdomain").code == 250)
+                try await client.send(Self.envelope)
+                #expect(try await client.replies(4).map(\.code) == [250, 250, 250, 354])
+                try await client.send(Self.content + ".\r\nQUIT\r\n")
+                #expect(try await client.reply().code == 250, "message \(n)")
+                #expect(try await client.reply().code == 221)
+                try await client.waitClosed()
+            }
+            // Pools are per event loop: at most one relay connection per loop, one EHLO each.
+            let connections = h.relay.log.connections
+            #expect(connections.count <= 2, "relay connections: \(connections.count)")
+            #expect(connections.map { $0.commands.filter { $0.hasPrefix("EHLO") }.count } == connections.map { _ in 1 })
+            #expect(connections.map(\.endsOfData).reduce(0, +) == 3)
+            #expect(connections.flatMap(\.messages).count == 3)
+        }
+    }
+
+    @Test("a session that leaves mid-envelope clears the relay before the next one uses it")
+    func relayIsResetBeforeReuse() async throws {
+        try await withDaemon { h in
+            let first = try await h.greeted()
+            #expect(try await first.command("EHLO lab.localdomain").code == 250)
+            #expect(try await first.command("MAIL FROM:<root@lab.localdomain>").code == 250)
+            #expect(try await first.command("RCPT TO:<victim@example.net>").code == 250)
+            #expect(try await first.command("QUIT").code == 221)
+            try await first.waitClosed()
+
+            let second = try await h.greeted()
+            #expect(try await second.command("EHLO lab.localdomain").code == 250)
+            try await second.send(Self.envelope)
+            #expect(try await second.replies(4).map(\.code) == [250, 250, 250, 354])
+            try await second.send(Self.content + ".\r\nQUIT\r\n")
+            #expect(try await second.reply().code == 250)
+            // Wherever the second session ran, the abandoned envelope was reset on its
+            // connection before anything else could use it.
+            for relay in h.relay.log.connections where relay.commands.contains("RCPT TO:<victim@example.net>") {
+                let commands = relay.commands
+                guard let victim = commands.firstIndex(of: "RCPT TO:<victim@example.net>"), let rset = commands.lastIndex(of: "RSET") else {
+                    Issue.record("no RSET after the abandoned envelope: \(commands)")
+                    continue
+                }
+                #expect(victim < rset)
+                #expect(!commands[victim...].contains("DATA") || commands[victim..<rset].allSatisfy { $0 != "DATA" })
+            }
+            #expect(h.relay.log.connections.flatMap(\.messages).count == 1)
+        }
+    }
+
     @Test("a Postfix-like session is relayed byte for byte")
     func wholeSession() async throws {
         try await withDaemon { h in
@@ -52,7 +105,6 @@ struct SessionRelayTests {
                 "RCPT TO:<alice@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;alice@example.com",
                 "RCPT TO:<bob@example.org> ORCPT=rfc822;bob@example.org",
                 "DATA",
-                "QUIT",
             ])
             #expect(relay.messages == [[UInt8](Self.content)])
             #expect(relay.endsOfData == 1)

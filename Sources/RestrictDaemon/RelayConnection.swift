@@ -1,0 +1,259 @@
+// The connection to the relay (Postfix's smtpd on 10026), and a small pool of them.
+//
+// A relay connection outlives one client session: Postfix's content filter opens a connection
+// per message, and a fresh relay connection for each would cost a TCP handshake, a greeting,
+// an EHLO and a QUIT more per message. A connection goes back to the pool only in a known
+// state (every command answered, no transaction open), and is used again only on the same
+// event loop and while the relay has said nothing unasked. Idle connections are closed after
+// a few seconds, well inside the relay's own idle timeout.
+//
+// Trusts the relay to speak SMTP, but reads its replies bounded (ReplyParser) and never
+// queues more replies than commands were sent.
+
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import SMTPCore
+
+/// Parses the relay's replies and hands them out one at a time. Event-loop confined.
+final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private var buffer = ByteBuffer()
+    private var parser = ReplyParser()
+    private var ready = CircularBuffer<SMTPReply>()
+    private var waiting: EventLoopPromise<SMTPReply>?
+    private var writable: [EventLoopPromise<Void>] = []
+    private(set) var failure: RelayFailure?
+    /// Replies the relay may still owe: anything beyond is unasked for.
+    var outstanding = 0
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var chunk = self.unwrapInboundIn(data)
+        if self.buffer.readableBytes == 0 {
+            self.buffer = chunk
+        } else {
+            self.buffer.writeBuffer(&chunk)
+        }
+        do {
+            while let reply = try self.parser.next(&self.buffer) {
+                if let waiting = self.waiting {
+                    self.waiting = nil
+                    waiting.succeed(reply)
+                } else {
+                    guard self.ready.count < 1024 else { throw RelayFailure.protocolError("too many unsolicited replies") }
+                    self.ready.append(reply)
+                }
+            }
+        } catch {
+            self.fail(error as? RelayFailure ?? .protocolError("\(error)"))
+            context.close(promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.fail(.closed)
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.fail(.closed)
+        context.close(promise: nil)
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            let waiters = self.writable
+            self.writable = []
+            waiters.forEach { $0.succeed() }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    private func fail(_ failure: RelayFailure) {
+        if self.failure == nil { self.failure = failure }
+        self.waiting?.fail(failure)
+        self.waiting = nil
+        let waiters = self.writable
+        self.writable = []
+        waiters.forEach { $0.fail(failure) }
+    }
+
+    func nextReply(_ eventLoop: any EventLoop) -> EventLoopFuture<SMTPReply> {
+        if let reply = self.ready.popFirst() { return eventLoop.makeSucceededFuture(reply) }
+        if let failure = self.failure { return eventLoop.makeFailedFuture(failure) }
+        precondition(self.waiting == nil, "two readers of one relay connection")
+        let promise = eventLoop.makePromise(of: SMTPReply.self)
+        self.waiting = promise
+        return promise.futureResult
+    }
+
+    func whenWritable(_ channel: any Channel) -> EventLoopFuture<Void> {
+        if let failure = self.failure { return channel.eventLoop.makeFailedFuture(failure) }
+        if channel.isWritable { return channel.eventLoop.makeSucceededVoidFuture() }
+        let promise = channel.eventLoop.makePromise(of: Void.self)
+        self.writable.append(promise)
+        return promise.futureResult
+    }
+
+    /// Nothing unread, nothing failed, nothing owed: safe to lend to another session.
+    var isIdle: Bool { self.failure == nil && self.ready.isEmpty && self.waiting == nil && self.outstanding == 0 }
+}
+
+/// One connection to the relay, with the greeting and EHLO reply it got.
+final class RelayConnection: Sendable {
+    let channel: any Channel
+    private let handler: NIOLoopBound<RelayHandler>
+    let greeting: SMTPReply
+    /// The last HELO/EHLO sent on this connection and the relay's reply to it.
+    let hello = NIOLockedValueBox<(command: SMTPCommand, reply: SMTPReply)?>(nil)
+
+    private init(channel: any Channel, handler: NIOLoopBound<RelayHandler>, greeting: SMTPReply) {
+        self.channel = channel
+        self.handler = handler
+        self.greeting = greeting
+    }
+
+    /// Connects and reads the greeting.
+    static func connect(to address: SocketAddress, on eventLoop: any EventLoop, timeout: TimeAmount) async throws -> RelayConnection {
+        let channel = try await ClientBootstrap(group: eventLoop)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .connectTimeout(timeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(RelayHandler()) }
+            }
+            .connect(to: address).get()
+        let handler = try await channel.eventLoop.submit {
+            NIOLoopBound(try channel.pipeline.syncOperations.handler(type: RelayHandler.self), eventLoop: channel.eventLoop)
+        }.get()
+        let greeting = try await Self.next(channel: channel, handler: handler)
+        return RelayConnection(channel: channel, handler: handler, greeting: greeting)
+    }
+
+    private static func next(channel: any Channel, handler: NIOLoopBound<RelayHandler>) async throws -> SMTPReply {
+        let el = channel.eventLoop
+        if el.inEventLoop { return try await handler.value.nextReply(el).get() }
+        return try await el.flatSubmit { handler.value.nextReply(el) }.get()
+    }
+
+    func reply() async throws -> SMTPReply {
+        let reply = try await Self.next(channel: self.channel, handler: self.handler)
+        self.onLoop { $0.outstanding = max(0, $0.outstanding - 1) }
+        return reply
+    }
+
+    /// Writes `buffers` and flushes once; `replies` is how many replies they ask for. Waits
+    /// while the socket is not writable, so a fast client cannot fill memory.
+    func send(_ buffers: [ByteBuffer], replies: Int) async throws {
+        guard let last = buffers.last else { return }
+        if replies > 0 { self.onLoop { $0.outstanding += replies } }
+        for buffer in buffers.dropLast() { self.channel.write(buffer, promise: nil) }
+        do {
+            try await self.channel.writeAndFlush(last)
+            if !self.channel.isWritable {
+                let el = self.channel.eventLoop
+                let handler = self.handler
+                let channel = self.channel
+                try await el.flatSubmit { handler.value.whenWritable(channel) }.get()
+            }
+        } catch {
+            throw RelayFailure.closed
+        }
+    }
+
+    var isIdle: Bool {
+        get async {
+            guard self.channel.isActive else { return false }
+            let handler = self.handler
+            return (try? await self.channel.eventLoop.submit { handler.value.isIdle }.get()) ?? false
+        }
+    }
+
+    private func onLoop(_ body: @escaping @Sendable (RelayHandler) -> Void) {
+        let handler = self.handler
+        if self.channel.eventLoop.inEventLoop {
+            body(handler.value)
+        } else {
+            self.channel.eventLoop.execute { body(handler.value) }
+        }
+    }
+
+    /// Says goodbye and closes (an idle connection leaving the pool).
+    func quit() {
+        var out = ByteBuffer()
+        out.writeStaticString("QUIT\r\n")
+        let channel = self.channel
+        channel.writeAndFlush(out).whenComplete { _ in channel.close(promise: nil) }
+    }
+
+    /// Drops the connection at once: a message in progress is discarded by the relay.
+    func abort() {
+        self.channel.close(mode: .all, promise: nil)
+    }
+}
+
+/// Idle relay connections, by event loop.
+final class RelayPool: Sendable {
+    static let idleTime: TimeAmount = .seconds(5)
+    static let perEventLoop = 32
+
+    private struct Idle {
+        let connection: RelayConnection
+        let generation: Int
+    }
+    private let idle = NIOLockedValueBox<(connections: [ObjectIdentifier: [Idle]], generation: Int, closed: Bool)>(([:], 0, false))
+
+    /// An idle connection on `eventLoop` to `address`, or a new one.
+    func checkout(on eventLoop: any EventLoop, address: SocketAddress, timeout: TimeAmount) async throws -> RelayConnection {
+        let key = ObjectIdentifier(eventLoop)
+        while let candidate = self.idle.withLockedValue({ state -> RelayConnection? in
+            guard var list = state.connections[key], let last = list.popLast() else { return nil }
+            state.connections[key] = list
+            return last.connection
+        }) {
+            if candidate.channel.remoteAddress == address, await candidate.isIdle { return candidate }
+            candidate.quit()
+        }
+        return try await RelayConnection.connect(to: address, on: eventLoop, timeout: timeout)
+    }
+
+    /// Takes back a connection whose session left it with nothing open; closes it otherwise.
+    func checkin(_ connection: RelayConnection) async {
+        guard await connection.isIdle else {
+            connection.abort()
+            return
+        }
+        let key = ObjectIdentifier(connection.channel.eventLoop)
+        let accepted = self.idle.withLockedValue { state -> Int? in
+            guard !state.closed, (state.connections[key]?.count ?? 0) < Self.perEventLoop else { return nil }
+            state.generation += 1
+            state.connections[key, default: []].append(Idle(connection: connection, generation: state.generation))
+            return state.generation
+        }
+        guard let generation = accepted else {
+            connection.quit()
+            return
+        }
+        // Leave the pool after idleTime unless a session took it before.
+        connection.channel.eventLoop.scheduleTask(in: Self.idleTime) {
+            let expired = self.idle.withLockedValue { state -> Bool in
+                guard var list = state.connections[key], let i = list.firstIndex(where: { $0.generation == generation }) else { return false }
+                list.remove(at: i)
+                state.connections[key] = list
+                return true
+            }
+            if expired { connection.quit() }
+        }
+    }
+
+    /// Closes every idle connection and takes no more (shutdown).
+    func closeAll() {
+        let all = self.idle.withLockedValue { state -> [RelayConnection] in
+            state.closed = true
+            let all = state.connections.values.flatMap { $0.map(\.connection) }
+            state.connections = [:]
+            return all
+        }
+        all.forEach { $0.quit() }
+    }
+}
