@@ -89,7 +89,7 @@ public enum Admin {
             verdict = Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "all recipients on the allow list", quota: nil)
         case .refused(let rcpt, let reason):
             verdict = Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "<\(rcpt)>: not permitted for \(sender.phrase)", reason: "<\(rcpt)> \(reason)", quota: nil)
-        case .needsQuota(let addresses, let quota, let overQuota):
+        case .needsQuota(let addresses, let quota, let overQuota, _):
             let request = QuotaRequest(uid: sender.uid ?? 0, addresses: addresses, quota: quota, now: now)
             let outcome: QuotaOutcome
             if SystemFiles.exists(configuration.statePath) {

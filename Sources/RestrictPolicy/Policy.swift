@@ -33,6 +33,17 @@ public enum AddressKey {
         return String(local[..<d]) + lower[at...]
     }
 
+    /// True when the local part can route the mail on by itself once the domain is stripped:
+    /// Postfix's trivial-rewrite re-resolves "user%remote@local", "remote!user@local" and
+    /// "\"user@remote\"@local" (allow_percent_hack, swap_bangpath, resolve_dequoted). Such an
+    /// address says nothing about where the mail goes by its domain, so domain patterns do not
+    /// allow it.
+    public static func routesOnward(_ address: String) -> Bool {
+        let at = address.lastIndex(of: "@") ?? address.endIndex
+        let local = address[..<at]
+        return local.hasPrefix("\"") || local.contains("%") || local.contains("!") || local.contains("@")
+    }
+
     static func domain(of address: String) -> Substring? {
         guard let at = address.lastIndex(of: "@") else { return nil }
         return address[address.index(after: at)...]
@@ -42,6 +53,14 @@ public enum AddressKey {
 extension AllowPattern {
     /// `address` is lower-cased; `key` is its normalized form.
     public func matches(address: String, key: String) -> Bool {
+        if AddressKey.routesOnward(address) {
+            // Only "*" or the very address may allow a routing local part (see routesOnward).
+            switch self {
+            case .any: return true
+            case .address(let a): return a == address
+            case .domain, .domainAndSubdomains: return false
+            }
+        }
         switch self {
         case .any:
             return true
@@ -119,7 +138,8 @@ public enum Evaluation: Sendable, Equatable {
     /// Every recipient is on the allow list.
     case allowed
     /// Some recipients need the quota; the store must be asked.
-    case needsQuota(addresses: [String], quota: Quota, overQuota: OverQuota)
+    /// `written`: each counted key with the recipient as the client wrote it, for replies.
+    case needsQuota(addresses: [String], quota: Quota, overQuota: OverQuota, written: [String: String])
     /// A recipient no rule allows: the message is refused (550 5.7.1).
     case refused(recipient: String, reason: String)
 }
@@ -173,6 +193,7 @@ public struct Policy: Sendable {
         }
         var needQuota: [String] = []
         var seen = Set<String>()
+        var written: [String: String] = [:]
         for recipient in recipients {
             let lower = recipient.lowercased()
             let key = AddressKey.normalize(recipient, delimiter: delimiter)
@@ -180,10 +201,13 @@ public struct Policy: Sendable {
             guard let quota = rule.quota, quota.limit > 0, sender.uid != nil else {
                 return .refused(recipient: recipient, reason: rule.refuse ? "rule refuses all" : "not on the allow list")
             }
-            if seen.insert(key).inserted { needQuota.append(key) }
+            if seen.insert(key).inserted {
+                needQuota.append(key)
+                written[key] = recipient
+            }
         }
         guard let quota = rule.quota, !needQuota.isEmpty else { return .allowed }
-        return .needsQuota(addresses: needQuota, quota: quota, overQuota: rule.overQuota ?? self.configuration.overQuota)
+        return .needsQuota(addresses: needQuota, quota: quota, overQuota: rule.overQuota ?? self.configuration.overQuota, written: written)
     }
 
     /// The whole decision, asking `store` when a quota is involved.
@@ -197,7 +221,7 @@ public struct Policy: Sendable {
             return Verdict(
                 kind: .refuse, code: 550, enhanced: "5.7.1", text: "<\(rcpt)>: not permitted for \(detail)",
                 reason: "<\(rcpt)> \(reason)", quota: nil)
-        case .needsQuota(let addresses, let quota, let overQuota):
+        case .needsQuota(let addresses, let quota, let overQuota, let written):
             guard let uid = sender.uid else {
                 return Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "not permitted", reason: "no uid", quota: nil)
             }
@@ -213,7 +237,8 @@ public struct Policy: Sendable {
             if outcome.admitted {
                 return Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "within quota", quota: figure)
             }
-            let rcpt = outcome.firstRefused ?? addresses[0]
+            let key = outcome.firstRefused ?? addresses[0]
+            let rcpt = written[key] ?? key
             let text = "<\(rcpt)>: quota of \(quota.limit) arbitrary recipients\(quota.period.map { " per \($0.rawValue)" } ?? "") exhausted for \(sender.phrase)"
             switch overQuota {
             case .defer:

@@ -101,6 +101,22 @@ private let t0: Int64 = 1_800_000_000
         }
         #expect(p.evaluate(sender: www, recipients: []) == .allowed)
     }
+
+    /// Postfix re-routes "user%remote@local", "remote!user@local" and "\"user@remote\"@local"
+    /// once it strips the local domain: a domain pattern must not allow them.
+    @Test func routingLocalPartsAreNotAllowedByDomain() throws {
+        let p = try policy("default\n allow @localhost @.example.org\nuser root\n allow *\nuser www-data\n allow \"a@b\"@localhost")
+        let nobody = Sender.user(uid: 65534, name: "nobody")
+        for sneaky in ["victim%gmail.example@localhost", "gmail.example!victim@localhost", "\"victim@gmail.example\"@localhost",
+            "x%y@mail.example.org", "\"quoted\"@localhost"]
+        {
+            #expect(p.evaluate(sender: nobody, recipients: [sneaky]) == .refused(recipient: sneaky, reason: "not on the allow list"), "\(sneaky)")
+        }
+        #expect(p.evaluate(sender: nobody, recipients: ["plain@localhost"]) == .allowed)
+        // "*" allows everything, and an exact entry allows exactly that address.
+        #expect(p.evaluate(sender: .user(uid: 0, name: "root"), recipients: ["victim%gmail.example@localhost"]) == .allowed)
+        #expect(p.evaluate(sender: www, recipients: ["\"a@b\"@localhost"]) == .allowed)
+    }
 }
 
 @Suite struct PolicyDecisionTests {
@@ -178,7 +194,7 @@ private let t0: Int64 = 1_800_000_000
         let q = try policy("user www-data\n allow @example.org\ndefault\n arbitrary 5")
         let store2 = FakeQuotaStore()
         let alice = Sender.user(uid: 1000, name: "alice")
-        #expect(q.evaluate(sender: alice, recipients: ["x@y.example"]) == .needsQuota(addresses: ["x@y.example"], quota: Quota(limit: 5, period: nil), overQuota: .defer))
+        #expect(q.evaluate(sender: alice, recipients: ["x@y.example"]) == .needsQuota(addresses: ["x@y.example"], quota: Quota(limit: 5, period: nil), overQuota: .defer, written: ["x@y.example": "x@y.example"]))
         let w = await q.decide(sender: www, recipients: ["ok@example.org", "x@y.example"], store: store2, now: t0)
         #expect(w.kind == .refuse)
         #expect(await store2.requests.isEmpty)
