@@ -450,6 +450,8 @@ queue_run_delay = 5s
 delay_warning_time = 0
 smtp_connection_cache_on_demand = no
 smtpd_banner = $myhostname ESMTP $mail_name (restrictpd-e2e)
+# As etc/postfix/main.cf.restrictpd: only root and postfix may choose the envelope sender.
+local_login_sender_maps = inline:{{ {{ root = * }}, {{ postfix = * }} }}, regexp:{etc}/login_senders
 """
 
 PICKUP_LINE = re.compile(r"^pickup\s+unix\s")
@@ -571,7 +573,8 @@ class PostfixInstance:
             sink_port=self.sink_port, maillog=self.maillog))
         (self.etc / "master.cf").write_text(build_master_cf(
             self.filter_port if content_filter else None, self.relay_port, self.relay_port_debian))
-        for f in ("main.cf", "master.cf"):
+        (self.etc / "login_senders").write_text(f"/(.+)/ $1 $1@{MYHOSTNAME}\n")
+        for f in ("main.cf", "master.cf", "login_senders"):
             os.chmod(self.etc / f, 0o644)
         self.maillog.touch()
         ensure_alternate_config_directories(all_slot_config_dirs())
@@ -629,11 +632,11 @@ class PostfixInstance:
     # -- submission
 
     def sendmail(self, recipients: Sequence[str], message: bytes | str, *, user: str = "root",
-                 options: Sequence[str] = (), timeout: float = 30) -> subprocess.CompletedProcess:
+                 options: Sequence[str] = (), timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         if isinstance(message, str):
             message = message.encode()
         argv = [SENDMAIL, "-C", str(self.etc), "-i", *options, "--", *recipients]
-        return run(argv, input=message, user=user, timeout=timeout)
+        return run(argv, input=message, user=user, timeout=timeout, check=check)
 
     def sendmail_async(self, recipients: Sequence[str], message: bytes, *, user: str = "root",
                        options: Sequence[str] = ()) -> subprocess.Popen:

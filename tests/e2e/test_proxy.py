@@ -113,6 +113,23 @@ def test_www_data_refused_recipient_bounces(postfix, sink, restrictpd_factory):
     assert not sink.messages_to("carol@example.com")
 
 
+def test_forged_envelope_sender_cannot_turn_a_refusal_into_backscatter(postfix, sink, restrictpd_factory):
+    # A refused message bounces to its envelope sender, and Postfix sends that bounce itself,
+    # past restrictpd. With local_login_sender_maps (etc/postfix/main.cf.restrictpd) www-data
+    # cannot name a victim as the sender: postdrop refuses the submission outright.
+    restrictpd_factory()
+    msg, _ = make_message(sender="victim@example.net", to=["carol@example.com"],
+                          subject="e2e: backscatter attempt", body="spam carried by a bounce\n")
+    out = postfix.sendmail(["carol@example.com"], msg, user="www-data", options=["-f", "victim@example.net"], check=False)
+    assert out.returncode != 0, "sendmail accepted a forged envelope sender from www-data"
+    assert settle_and_count(sink, "victim@example.net") == 0
+    assert not sink.messages_to("carol@example.com")
+    # Its own address still works, and root may still choose any sender.
+    ok = postfix.sendmail(["webmaster@example.org"], msg, user="www-data", options=["-f", "www-data@lab.localdomain"])
+    assert ok.returncode == 0, ok.stderr
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "webmaster@example.org" in m.rcpts)
+
+
 def test_www_data_mixed_recipients_all_or_nothing(postfix, sink, restrictpd_factory):
     rpd = restrictpd_factory()
     rcpts = ["webmaster@example.org", "carol@example.com"]
