@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <linux/netlink.h>
 #include <linux/sock_diag.h>
 #include <linux/inet_diag.h>
@@ -32,7 +33,8 @@ int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
     msg.nlh.nlmsg_seq = 1;
     msg.req.sdiag_family = (uint8_t)family;
     msg.req.sdiag_protocol = IPPROTO_TCP;
-    msg.req.idiag_states = ~0U;
+    // Established sockets only: a socket in TIME_WAIT or an orphan reports uid 0 (root).
+    msg.req.idiag_states = 1U << TCP_ESTABLISHED;
     msg.req.id.idiag_sport = htons(sport);
     msg.req.id.idiag_dport = htons(dport);
     size_t alen = family == AF_INET ? 4 : 16;
@@ -62,6 +64,7 @@ int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
             struct inet_diag_msg *m = NLMSG_DATA(h);
             // The kernel matched on the 4-tuple; check it anyway before trusting the owner.
             if (m->id.idiag_sport != htons(sport) || m->id.idiag_dport != htons(dport)) return -ENOENT;
+            if (m->idiag_state != TCP_ESTABLISHED || m->idiag_inode == 0) return -ENOENT;
             *uid = m->idiag_uid;
             return 0;
         }

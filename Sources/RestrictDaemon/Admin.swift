@@ -3,6 +3,7 @@
 // (SQLite's busy timeout lets them run beside it). --test and --quota never write.
 
 import RestrictPolicy
+import SMTPCore
 
 #if canImport(Glibc)
 import Glibc
@@ -22,7 +23,8 @@ public enum Admin {
         guard getuid() == 0 else { return nil }
         var st = stat()
         guard stat(path, &st) == 0, st.st_uid != 0 else { return nil }
-        guard setgid(st.st_gid) == 0, setuid(st.st_uid) == 0 else {
+        var gid = st.st_gid
+        guard setgroups(1, &gid) == 0, setgid(st.st_gid) == 0, setuid(st.st_uid) == 0 else {
             return "restrictpd: cannot become uid \(st.st_uid), the owner of \(path)"
         }
         return nil
@@ -181,7 +183,7 @@ public enum Admin {
                 out.stdout.append("\(sender.phrase): \(live.count) counted (the rule now grants no arbitrary destinations)")
             }
             for e in live {
-                out.stdout.append("  \(e.address)  first=\(timestamp(e.firstSeen)) last=\(timestamp(e.lastSeen))")
+                out.stdout.append("  \(LogText.escape(e.address))  first=\(timestamp(e.firstSeen)) last=\(timestamp(e.lastSeen))")
             }
         }
         if byUID.isEmpty { out.stdout.append("nothing counted") }

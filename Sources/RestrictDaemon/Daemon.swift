@@ -42,7 +42,9 @@ public enum ConfigurationLoader {
 final class LazyQuotaStore: QuotaStore, Sendable {
     let path: String
     let logger: Logger
-    private let database = Mutex<QuotaDatabase?>(nil)
+    /// After a failed open, decisions fail fast for this long before the next try.
+    static let retryAfter: TimeAmount = .seconds(5)
+    private let database = Mutex<(db: QuotaDatabase?, failed: (NIODeadline, String)?)>((nil, nil))
 
     init(path: String, logger: Logger) {
         self.path = path
@@ -50,11 +52,19 @@ final class LazyQuotaStore: QuotaStore, Sendable {
     }
 
     func open() throws -> QuotaDatabase {
-        try self.database.withLock { db in
-            if let db { return db }
-            let opened = try QuotaDatabase(path: self.path)
-            db = opened
-            return opened
+        try self.database.withLock { state in
+            if let db = state.db { return db }
+            if let (at, why) = state.failed, NIODeadline.now() - at < Self.retryAfter {
+                throw SystemError("quota database unavailable: \(why)", errno: 0)
+            }
+            do {
+                let opened = try QuotaDatabase(path: self.path)
+                state = (opened, nil)
+                return opened
+            } catch {
+                state.failed = (NIODeadline.now(), "\(error)")
+                throw error
+            }
         }
     }
 
@@ -283,6 +293,9 @@ public enum Daemon {
                 || configuration.unixSocketMode != old.unixSocketMode || configuration.unixSocketGroup != old.unixSocketGroup
             {
                 logger.notice("reload: listen, unix_socket_*, and state changes take effect only at restart")
+            }
+            if !configuration.peerCheck, old.peerCheck {
+                logger.warning("reload: peer_check is now off: any local user who can connect can claim any uid")
             }
             runtime.replace(Ruleset(configuration))
             runtime.userNames.forget()

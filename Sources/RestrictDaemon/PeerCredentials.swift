@@ -77,11 +77,13 @@ public enum PeerCredentials {
             }
         }
         if rc == 0 { return uid }
-        // Fallback: the same table as text. Slower, but it needs no netlink.
+        // The kernel answered that there is no such established socket: the text table would
+        // say the same, only slower (and a peer that resets in a loop must not make us read it).
+        if rc == -ENOENT { throw PeerLookupError.notFound("\(remote)") }
+        // Fallback when netlink is unavailable: the same table as text.
         if let found = procNetOwner(family: family, src: src, sport: sport, dst: dst, dport: dport) {
             return found
         }
-        if rc == -ENOENT { throw PeerLookupError.notFound("\(remote)") }
         throw PeerLookupError.failed("sock_diag: \(String(cString: strerror(-rc))); /proc/net fallback found nothing")
     }
 
@@ -114,7 +116,8 @@ public enum PeerCredentials {
         for line in text.split(separator: "\n").dropFirst() {
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
             guard fields.count > 7 else { continue }
-            if "\(fields[1]) \(fields[2])" == want, let uid = UInt32(fields[7]) { return uid }
+            // State 01 is ESTABLISHED; a socket in TIME_WAIT reports uid 0.
+            if "\(fields[1]) \(fields[2])" == want, fields[3] == "01", let uid = UInt32(fields[7]) { return uid }
         }
         return nil
     }

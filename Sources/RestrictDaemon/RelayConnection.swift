@@ -107,6 +107,12 @@ final class RelayConnection: Sendable {
     let greeting: SMTPReply
     /// The last HELO/EHLO sent on this connection and the relay's reply to it.
     let hello = NIOLockedValueBox<(command: SMTPCommand, reply: SMTPReply)?>(nil)
+    /// Sessions served and RSETs sent. Postfix's smtpd counts RSET as a "junk" command and
+    /// forgives only after a message it received, so a run of refused messages on one
+    /// connection would end in smtpd's error sleep and a 421: connections retire first.
+    let wear = NIOLockedValueBox<(sessions: Int, resets: Int)>((0, 0))
+    static let maxSessions = 100
+    static let maxResets = 20
 
     private init(channel: any Channel, handler: NIOLoopBound<RelayHandler>, greeting: SMTPReply) {
         self.channel = channel
@@ -115,7 +121,9 @@ final class RelayConnection: Sendable {
     }
 
     /// Connects and reads the greeting.
-    static func connect(to address: SocketAddress, on eventLoop: any EventLoop, timeout: TimeAmount) async throws -> RelayConnection {
+    static func connect(
+        to address: SocketAddress, on eventLoop: any EventLoop, timeout: TimeAmount, greetingTimeout: TimeAmount
+    ) async throws -> RelayConnection {
         let channel = try await ClientBootstrap(group: eventLoop)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .connectTimeout(timeout)
@@ -126,6 +134,10 @@ final class RelayConnection: Sendable {
         let handler = try await channel.eventLoop.submit {
             NIOLoopBound(try channel.pipeline.syncOperations.handler(type: RelayHandler.self), eventLoop: channel.eventLoop)
         }.get()
+        // A relay that accepts but never greets (all its processes busy) must not hold the
+        // session forever: close it after `greetingTimeout`, and the wait below fails.
+        let deadline = channel.eventLoop.scheduleTask(in: greetingTimeout) { channel.close(promise: nil) }
+        defer { deadline.cancel() }
         let greeting = try await Self.next(channel: channel, handler: handler)
         return RelayConnection(channel: channel, handler: handler, greeting: greeting)
     }
@@ -195,7 +207,9 @@ final class RelayConnection: Sendable {
 /// Idle relay connections, by event loop.
 final class RelayPool: Sendable {
     static let idleTime: TimeAmount = .seconds(5)
-    static let perEventLoop = 32
+    /// Idle connections each hold one of the relay's smtpd processes (10 in the shipped
+    /// master.cf line): keep few.
+    static let perEventLoop = 2
 
     private struct Idle {
         let connection: RelayConnection
@@ -204,7 +218,9 @@ final class RelayPool: Sendable {
     private let idle = NIOLockedValueBox<(connections: [ObjectIdentifier: [Idle]], generation: Int, closed: Bool)>(([:], 0, false))
 
     /// An idle connection on `eventLoop` to `address`, or a new one.
-    func checkout(on eventLoop: any EventLoop, address: SocketAddress, timeout: TimeAmount) async throws -> RelayConnection {
+    func checkout(
+        on eventLoop: any EventLoop, address: SocketAddress, timeout: TimeAmount, greetingTimeout: TimeAmount
+    ) async throws -> RelayConnection {
         let key = ObjectIdentifier(eventLoop)
         while let candidate = self.idle.withLockedValue({ state -> RelayConnection? in
             guard var list = state.connections[key], let last = list.popLast() else { return nil }
@@ -214,11 +230,19 @@ final class RelayPool: Sendable {
             if candidate.channel.remoteAddress == address, await candidate.isIdle { return candidate }
             candidate.quit()
         }
-        return try await RelayConnection.connect(to: address, on: eventLoop, timeout: timeout)
+        return try await RelayConnection.connect(to: address, on: eventLoop, timeout: timeout, greetingTimeout: greetingTimeout)
     }
 
     /// Takes back a connection whose session left it with nothing open; closes it otherwise.
     func checkin(_ connection: RelayConnection) async {
+        let wear = connection.wear.withLockedValue { w -> (Int, Int) in
+            w.sessions += 1
+            return (w.sessions, w.resets)
+        }
+        guard wear.0 < RelayConnection.maxSessions, wear.1 < RelayConnection.maxResets else {
+            connection.quit()
+            return
+        }
         guard await connection.isIdle else {
             connection.abort()
             return

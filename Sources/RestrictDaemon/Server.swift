@@ -139,7 +139,7 @@ public struct ConnectionHandler: Sendable {
                     do {
                         uid = try await PeerCredentials.uid(of: channel)
                     } catch where !channel.isActive {
-                        logger.debug("connect from \(peer): gone before it could be identified")
+                        logger.info("connect from \(peer): gone before it could be identified")
                         return
                     } catch PeerLookupError.failed(let why) {
                         // A local failure (out of file descriptors, netlink unavailable): refuse,
@@ -184,7 +184,8 @@ public struct ConnectionHandler: Sendable {
                         throw SystemError("cannot resolve \(settings.relayHost)", errno: 0)
                     }
                     relay = try await self.pool.checkout(
-                        on: channel.eventLoop, address: address, timeout: .seconds(settings.relayConnectTimeout))
+                        on: channel.eventLoop, address: address, timeout: .seconds(settings.relayConnectTimeout),
+                        greetingTimeout: .seconds(settings.relayTimeout))
                 } catch {
                     logger.error("cannot connect to relay \(settings.relayHost):\(settings.relayPort): \(error)")
                     try await refuse(Replies.relayUnavailable)
@@ -203,6 +204,10 @@ public struct ConnectionHandler: Sendable {
                     relay.abort()
                     throw error
                 }
+                // The session's timer must not touch the connection once another session may
+                // have it.
+                timer.cancel()
+                clock.relay(nil)
                 if reusable, clock.expired == nil, !self.runtime.isDraining {
                     await self.pool.checkin(relay)
                 } else {

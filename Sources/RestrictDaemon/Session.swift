@@ -31,6 +31,7 @@ enum Replies {
     static let relayLost = SMTPReply(421, "4.4.2", "Relay connection lost, closing connection")
     static let relayLostInData = SMTPReply(451, "4.4.2", "Relay connection lost during DATA, try again later")
     static let afterAbort = SMTPReply(421, "4.3.0", "Closing connection after an aborted transfer")
+    static let relayConfused = SMTPReply(451, "4.4.2", "Relay protocol error, try again later")
     static func headerTooBig(_ limit: Int) -> SMTPReply { SMTPReply(552, "5.3.4", "Message header section exceeds \(limit) bytes") }
     static func messageTooBig(_ limit: Int) -> SMTPReply { SMTPReply(552, "5.3.4", "Message size exceeds fixed limit of \(limit) bytes") }
     static let timeout = SMTPReply(421, "4.4.2", "Error: timeout exceeded, closing connection")
@@ -110,7 +111,7 @@ struct Session {
         var relayOut = ByteBuffer()
         var terminal: Terminal? = nil
         var wait = true
-        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout))
+        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout), fromFirstByte: true)
 
         while terminal == nil, steps.count < 1024 {
             guard let item = try await client.nextLine(wait: wait) else { break }
@@ -240,7 +241,8 @@ struct Session {
                 reply = try await relay.reply()
                 relay.connection.hello.withLockedValue { $0 = reply.isPositive ? (command, reply) : nil }
             }
-            self.resetTransaction()
+            // Postfix's smtpd resets its transaction only when it accepts the greeting.
+            if reply.isPositive { self.resetTransaction() }
             if case .ehlo = command {
                 EHLOFilter.filter(reply, sizeLimit: self.settings.limits.messageSize).write(to: &out)
             } else {

@@ -130,9 +130,16 @@ extension Session {
         guard go.code == 354 else {
             scanner.discardRest()
             try await self.drain(&scanner, client: &client, ended: ended)
+            record.relayReply = go.description
+            if go.isPositive {
+                // A 2xx to DATA would read to the client as if the message had been taken.
+                record.verdict = "deferred"
+                record.reason = "relay answered DATA without 354"
+                try await self.finishRefused(reply: Replies.relayConfused, record: record, client: &client, relay: &relay)
+                return true
+            }
             record.verdict = go.isTransient ? "deferred" : "refused"
             record.reason = "relay refused DATA"
-            record.relayReply = go.description
             try await self.finishRefused(reply: go, record: record, client: &client, relay: &relay)
             return true
         }
@@ -177,8 +184,8 @@ extension Session {
             try await self.drain(&scanner, client: &client, ended: ended)
             record.verdict = "deferred"
             record.reason = "relay connection lost during DATA"
-            try await client.send(Replies.relayLostInData)
             self.log(record, level: .warning)
+            try await client.send(Replies.relayLostInData)
             return true
         }
 
@@ -190,8 +197,8 @@ extension Session {
             try await self.drain(&scanner, client: &client, ended: false)
             record.verdict = "refused"
             record.reason = abort.reason
-            try await client.send(abort.reply(limits))
             self.log(record, level: .warning)
+            try await client.send(abort.reply(limits))
             return true
         }
 
@@ -209,17 +216,22 @@ extension Session {
             self.relayAborted = true
             record.verdict = "deferred"
             record.reason = "relay connection lost at end of data: \(failure)"
-            try await client.send(Replies.relayLostInData)
             self.log(record, level: .warning)
+            try await client.send(Replies.relayLostInData)
             return true
         }
         record.relayReply = final.description
-        record.verdict = final.isPositive ? "relayed" : final.isTransient ? "deferred" : "refused"
-        if !final.isPositive { record.reason = "relay refused the message" }
-        try await client.send(final)
-        self.log(record, level: final.isPositive ? .info : .warning)
+        // Only a 2xx means the relay took the message; a 3xx here is a protocol error.
+        let answer = final.code / 100 == 3 ? Replies.relayConfused : final
+        record.verdict = answer.code / 100 == 2 ? "relayed" : answer.isTransient ? "deferred" : "refused"
+        if answer.code / 100 != 2 { record.reason = final.code / 100 == 3 ? "relay answered the end of data with 3xx" : "relay refused the message" }
+        // Logged before the answer: if the client is gone by now, the relay still has the
+        // message, and the line must say so.
+        self.log(record, level: record.verdict == "relayed" ? .info : .warning)
+        if answer.code / 100 == 3 { relay.abort(); self.relayAborted = true }
+        try await client.send(answer)
         self.resetTransaction()
-        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout))
+        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout), fromFirstByte: true)
         return true
     }
 
@@ -246,9 +258,9 @@ extension Session {
             self.relayAborted = true
         }
         self.resetTransaction()
-        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout))
-        try await client.send(reply)
+        client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout), fromFirstByte: true)
         self.log(record, level: .warning)
+        try await client.send(reply)
     }
 
     func log(_ record: DecisionRecord, level: Logger.Level) {

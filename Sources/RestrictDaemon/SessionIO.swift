@@ -25,6 +25,9 @@ final class SessionClock: Sendable {
         var lastActivity = NIODeadline.now()
         var phase = "command"
         var phaseDeadline: NIODeadline? = nil
+        /// A phase whose deadline starts with the client's next bytes (a command: silence
+        /// before it is idle_timeout's business, not command_timeout's).
+        var pendingPhaseTimeout: TimeAmount? = nil
         var relayDeadline: NIODeadline? = nil
         var relayWaitStart: NIODeadline? = nil
         var relayChannel: (any Channel)? = nil
@@ -39,10 +42,25 @@ final class SessionClock: Sendable {
 
     func touch() { self.state.withLock { $0.lastActivity = .now() } }
 
-    func phase(_ name: String, timeout: TimeAmount) {
+    /// Bytes from the client: activity, and the start of a pending phase deadline.
+    func clientBytes() {
+        self.state.withLock { s in
+            let now = NIODeadline.now()
+            s.lastActivity = now
+            if let pending = s.pendingPhaseTimeout {
+                s.phaseDeadline = now + pending
+                s.pendingPhaseTimeout = nil
+            }
+        }
+    }
+
+    /// A new phase whose deadline runs from now (DATA) or, with `fromFirstByte`, from the
+    /// client's next bytes (a command).
+    func phase(_ name: String, timeout: TimeAmount, fromFirstByte: Bool = false) {
         self.state.withLock {
             $0.phase = name
-            $0.phaseDeadline = .now() + timeout
+            $0.phaseDeadline = fromFirstByte ? nil : .now() + timeout
+            $0.pendingPhaseTimeout = fromFirstByte ? timeout : nil
         }
     }
 
@@ -103,7 +121,7 @@ struct ClientIO {
     /// Reads one more chunk from the client. False at end of stream.
     mutating func fill() async throws -> Bool {
         guard var chunk = try await self.iterator.next() else { return false }
-        self.clock.touch()
+        self.clock.clientBytes()
         if self.buffer.readableBytes == 0 {
             self.buffer = chunk
         } else {
@@ -168,6 +186,7 @@ struct RelayIO {
     }
 
     func send(_ line: String) async throws {
+        if line == "RSET" { self.connection.wear.withLockedValue { $0.resets += 1 } }
         var out = ByteBuffer()
         out.reserveCapacity(line.utf8.count + 2)
         out.writeString(line)

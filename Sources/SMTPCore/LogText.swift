@@ -16,11 +16,14 @@ public enum LogText {
                 break
             }
             if c >= 0x80 {
-                // Keep a valid UTF-8 scalar (but not C1 controls or line separators); escape the rest.
+                // Keep a valid UTF-8 scalar (but not C1 controls, line separators or bidi
+                // controls, which could make a line read differently); escape the rest.
                 let len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1
                 if len > 1, it.count >= len, let s = String(validating: it.prefix(len), as: UTF8.self),
                     let scalar = s.unicodeScalars.first,
-                    !(0x80...0x9F).contains(scalar.value), scalar.value != 0x2028, scalar.value != 0x2029
+                    !(0x80...0x9F).contains(scalar.value), scalar.value != 0x2028, scalar.value != 0x2029,
+                    !(0x200E...0x200F).contains(scalar.value), !(0x202A...0x202E).contains(scalar.value),
+                    !(0x2066...0x2069).contains(scalar.value)
                 {
                     out += s
                     it = it.dropFirst(len)

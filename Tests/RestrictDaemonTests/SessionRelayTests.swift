@@ -23,6 +23,35 @@ struct SessionRelayTests {
         + "..leading dot line\r\n"
         + "last line\r\n"
 
+    @Test("a relay that accepts but never greets: 421 4.4.1 after relay_timeout, not a hung session")
+    func relayNeverGreets() async throws {
+        var script = RelayScript()
+        script.greeting = .silent
+        try await withDaemon("relay_timeout 1\n" + rootAllowsAll, relay: script) { h in
+            let client = try await h.client()
+            let start = ContinuousClock.now
+            let reply = try await client.reply(within: 5)
+            #expect(reply.code == 421 && reply.enhanced == "4.4.1", "\(reply)")
+            #expect(ContinuousClock.now - start < .seconds(4))
+            try await client.waitClosed()
+        }
+    }
+
+    @Test("a relay answering DATA with 250 (no 354): the client gets 451 4.4.2, never a false acceptance")
+    func relayAnswersDataWith250() async throws {
+        var script = RelayScript()
+        script.command = { $0 == "DATA" ? .reply("250 2.0.0 Ok: queued as SURPRISE") : nil }
+        try await withDaemon(relay: script) { h in
+            let client = try await h.ready()
+            try await client.send(Self.envelope)
+            #expect(try await client.replies(4).map(\.code) == [250, 250, 250, 354])
+            try await client.send(Self.content + ".\r\n")
+            let reply = try await client.reply()
+            #expect(reply.code == 451 && reply.enhanced == "4.4.2", "\(reply)")
+            #expect(h.logs.decisions.map(\.message).allSatisfy { $0.contains("verdict=deferred") })
+        }
+    }
+
     @Test("relay connections serve the next sessions: no new connection, no second EHLO")
     func relayConnectionIsReused() async throws {
         try await withDaemon { h in
