@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import signal
 import subprocess
 
 import daemonlib as dl
@@ -75,3 +76,24 @@ def test_admin_commands_as_root_leave_no_root_owned_database_files(lab):
     # And the service still counts: the reset emptied root's destinations.
     assert dl.send_message(port, ["other@elsewhere.test"])[0] == 250
     daemon.wait_log(r'verdict=relayed.*quota="?4/5', timeout=5)
+
+
+def test_quota_counts_survive_kill_9(lab):
+    # Counted destinations are committed (SQLite WAL) before the message is relayed, so a
+    # crash right after cannot give the quota back.
+    port = dl.free_port()
+    config = lab.config(listen=f"127.0.0.1:{port}", rules="user root\n    allow @example.org\n    arbitrary 2 per day\n")
+    daemon = lab.daemon(config)
+    daemon.wait_ready_log()
+    assert dl.send_message(port, ["one@elsewhere.test"])[0] == 250
+    assert dl.send_message(port, ["two@elsewhere.test"])[0] == 250
+    daemon.signal(signal.SIGKILL)
+    daemon.wait_exit(10)
+    again = lab.daemon(config)
+    again.wait_ready_log()
+    # Both slots are still taken: a third new address is over quota, a counted one is free.
+    code, lines = dl.send_message(port, ["three@elsewhere.test"])
+    assert code == 451 and "4.7.1" in lines[0], lines
+    assert dl.send_message(port, ["one@elsewhere.test"])[0] == 250
+    out = subprocess.run([dl.binary(), "-c", str(config), "--quota", "root"], capture_output=True, text=True, timeout=30)
+    assert "2 of 2 per day used" in out.stdout, out.stdout
