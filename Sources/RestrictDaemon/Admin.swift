@@ -30,6 +30,18 @@ public enum Admin {
         return nil
     }
 
+    /// The configuration, or nil with its errors (and status 1) in `out`.
+    static func load(_ path: String, into out: inout AdminOutput) -> Configuration? {
+        switch ConfigurationLoader.load(path) {
+        case .success(let c):
+            return c
+        case .failure(let errors):
+            out.stderr = errors.errors.map(\.description)
+            out.status = 1
+            return nil
+        }
+    }
+
     public static func checkConfig(_ path: String) -> AdminOutput {
         var out = AdminOutput()
         switch ConfigurationLoader.load(path) {
@@ -58,14 +70,7 @@ public enum Admin {
     /// refuse or defer; 1: error.
     public static func test(configPath: String, user: String, recipients: [String], now: Int64) -> AdminOutput {
         var out = AdminOutput()
-        let configuration: Configuration
-        switch ConfigurationLoader.load(configPath) {
-        case .success(let c): configuration = c
-        case .failure(let errors):
-            out.stderr = errors.errors.map(\.description)
-            out.status = 1
-            return out
-        }
+        guard let configuration = load(configPath, into: &out) else { return out }
         guard let sender = self.sender(user) else {
             out.stderr.append("restrictpd: no such user: \(user)")
             out.status = 1
@@ -133,14 +138,7 @@ public enum Admin {
 
     public static func showQuota(configPath: String, user: String?, now: Int64) -> AdminOutput {
         var out = AdminOutput()
-        let configuration: Configuration
-        switch ConfigurationLoader.load(configPath) {
-        case .success(let c): configuration = c
-        case .failure(let errors):
-            out.stderr = errors.errors.map(\.description)
-            out.status = 1
-            return out
-        }
+        guard let configuration = load(configPath, into: &out) else { return out }
         var only: UInt32? = nil
         if let user {
             guard let s = self.sender(user), let uid = s.uid else {
@@ -192,14 +190,7 @@ public enum Admin {
 
     public static func resetQuota(configPath: String, user: String) -> AdminOutput {
         var out = AdminOutput()
-        let configuration: Configuration
-        switch ConfigurationLoader.load(configPath) {
-        case .success(let c): configuration = c
-        case .failure(let errors):
-            out.stderr = errors.errors.map(\.description)
-            out.status = 1
-            return out
-        }
+        guard let configuration = load(configPath, into: &out) else { return out }
         guard let s = self.sender(user), let uid = s.uid else {
             out.stderr.append("restrictpd: no such user: \(user)")
             out.status = 1
