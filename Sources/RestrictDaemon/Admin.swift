@@ -19,15 +19,18 @@ public enum Admin {
     /// Run as root, the commands that open the quota database become the database file's
     /// owner first (the service user), so that SQLite's -wal and -shm files are never left
     /// owned by root where the service could not open them.
-    static func becomeOwner(of path: String) -> String? {
-        guard getuid() == 0 else { return nil }
+    /// False, with the reason in `out`, when that fails.
+    static func becomeOwner(of path: String, into out: inout AdminOutput) -> Bool {
+        guard getuid() == 0 else { return true }
         var st = stat()
-        guard stat(path, &st) == 0, st.st_uid != 0 else { return nil }
+        guard stat(path, &st) == 0, st.st_uid != 0 else { return true }
         var gid = st.st_gid
         guard setgroups(1, &gid) == 0, setgid(st.st_gid) == 0, setuid(st.st_uid) == 0 else {
-            return "restrictpd: cannot become uid \(st.st_uid), the owner of \(path)"
+            out.stderr.append("restrictpd: cannot become uid \(st.st_uid), the owner of \(path)")
+            out.status = 1
+            return false
         }
-        return nil
+        return true
     }
 
     /// The configuration, or nil with its errors (and status 1) in `out`.
@@ -100,11 +103,7 @@ public enum Admin {
             let request = QuotaRequest(uid: sender.uid ?? 0, addresses: addresses, quota: quota, now: now)
             let outcome: QuotaOutcome
             if SystemFiles.exists(configuration.statePath) {
-                if let failure = becomeOwner(of: configuration.statePath) {
-                    out.stderr.append(failure)
-                    out.status = 1
-                    return out
-                }
+                guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
                 do {
                     let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
                     defer { db.close() }
@@ -152,11 +151,7 @@ public enum Admin {
             out.stdout.append("no quota database at \(configuration.statePath) yet: nothing counted")
             return out
         }
-        if let failure = becomeOwner(of: configuration.statePath) {
-            out.stderr.append(failure)
-            out.status = 1
-            return out
-        }
+        guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
         let entries: [QuotaEntry]
         do {
             let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
@@ -200,11 +195,7 @@ public enum Admin {
             out.stdout.append("\(s.phrase): nothing counted (no quota database at \(configuration.statePath) yet)")
             return out
         }
-        if let failure = becomeOwner(of: configuration.statePath) {
-            out.stderr.append(failure)
-            out.status = 1
-            return out
-        }
+        guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
         do {
             let db = try QuotaDatabase(path: configuration.statePath)
             defer { db.close() }
