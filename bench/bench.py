@@ -164,6 +164,9 @@ def base_config(listen_port, sink_port, state, extra=""):
         "clients root\n"
         f"state {state}\n"
         "max_sessions 1000\n"
+        # As restrictpd.conf(5) advises: as many kept relay connections as concurrent
+        # sessions, which the relay (smtp-sink, no process limit) can take.
+        f"relay_pool {os.environ.get('BENCH_RELAY_POOL', '20')}\n"
         f"{extra}"
     )
 

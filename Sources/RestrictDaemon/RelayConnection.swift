@@ -207,9 +207,6 @@ final class RelayConnection: Sendable {
 /// Idle relay connections, by event loop.
 final class RelayPool: Sendable {
     static let idleTime: TimeAmount = .seconds(5)
-    /// Idle connections each hold one of the relay's smtpd processes (10 in the shipped
-    /// master.cf line): keep few.
-    static let perEventLoop = 2
 
     private struct Idle {
         let connection: RelayConnection
@@ -234,7 +231,9 @@ final class RelayPool: Sendable {
     }
 
     /// Takes back a connection whose session left it with nothing open; closes it otherwise.
-    func checkin(_ connection: RelayConnection) async {
+    /// `capacity`: idle connections kept on this connection's event loop (relay_pool, shared
+    /// out among the loops: each idle connection holds one of the relay's smtpd processes).
+    func checkin(_ connection: RelayConnection, capacity: Int) async {
         let wear = connection.wear.withLockedValue { w -> (Int, Int) in
             w.sessions += 1
             return (w.sessions, w.resets)
@@ -249,7 +248,7 @@ final class RelayPool: Sendable {
         }
         let key = ObjectIdentifier(connection.channel.eventLoop)
         let accepted = self.idle.withLockedValue { state -> Int? in
-            guard !state.closed, (state.connections[key]?.count ?? 0) < Self.perEventLoop else { return nil }
+            guard !state.closed, (state.connections[key]?.count ?? 0) < capacity else { return nil }
             state.generation += 1
             state.connections[key, default: []].append(Idle(connection: connection, generation: state.generation))
             return state.generation

@@ -97,12 +97,15 @@ public struct ConnectionHandler: Sendable {
     let registry: SessionRegistry
     let group: any EventLoopGroup
     let pool: RelayPool
+    /// relay_pool is shared out among the event loops (a connection is reused on its own loop).
+    let loopCount: Int
 
     init(runtime: Runtime, registry: SessionRegistry, group: any EventLoopGroup, pool: RelayPool = RelayPool()) {
         self.runtime = runtime
         self.registry = registry
         self.group = group
         self.pool = pool
+        self.loopCount = max(1, Array(group.makeIterator()).count)
     }
 
     /// Serves one accepted connection to its end. Never throws: a connection's failure is its own.
@@ -208,8 +211,9 @@ public struct ConnectionHandler: Sendable {
                 // have it.
                 timer.cancel()
                 clock.relay(nil)
-                if reusable, clock.expired == nil, !self.runtime.isDraining {
-                    await self.pool.checkin(relay)
+                let capacity = (ruleset.configuration.value(.relayPool) + self.loopCount - 1) / self.loopCount
+                if reusable, capacity > 0, clock.expired == nil, !self.runtime.isDraining {
+                    await self.pool.checkin(relay, capacity: capacity)
                 } else {
                     relay.abort()
                 }

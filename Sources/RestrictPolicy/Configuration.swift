@@ -29,10 +29,12 @@ public struct Setting: Sendable {
     public static let relayTimeout = Setting("relay_timeout", 300, 1...3600, .seconds)
     public static let relayConnectTimeout = Setting("relay_connect_timeout", 30, 1...600, .seconds)
     public static let drainTimeout = Setting("drain_timeout", 60, 0...3600, .seconds)
+    /// Idle relay connections kept for the next session; each holds one relay smtpd process.
+    public static let relayPool = Setting("relay_pool", 4, 0...1000, .count)
 
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
-        idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout,
+        idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
     ]
 }
 
