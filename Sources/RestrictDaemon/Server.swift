@@ -12,38 +12,18 @@ import SMTPCore
 import Glibc
 #endif
 
-public typealias ClientChannel = NIOAsyncChannel<ByteBuffer, ByteBuffer>
-/// Accepted connections come out as plain channels, not yet reading; each session wraps its
-/// own. (A connection accepted while the listener closes is then only an idle socket that
-/// goes with the process, not an async writer dropped unfinished, which NIO treats as a bug.)
+/// Accepted connections come out as plain channels, not yet reading; each session takes over
+/// its own (ClientConnection). A connection accepted while the listener closes is then only an
+/// idle socket that goes with the process.
 public typealias Listener = NIOAsyncChannel<any Channel, Never>
 
 public enum ListenerFactory {
-    /// At most a few reads are buffered per connection before reading stops: with the relay
-    /// slow, a fast client holds a few hundred KiB at most, not its whole message.
-    static let backPressure = NIOAsyncSequenceProducerBackPressureStrategies.HighLowWatermark(lowWatermark: 2, highWatermark: 4)
-
-    static func initializer(_ channel: any Channel) -> EventLoopFuture<ClientChannel> {
-        channel.eventLoop.makeCompletedFuture {
-            try ClientChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: backPressure))
-        }
-    }
-
-    /// Accepted connections do not read until their session wraps them (see `Listener`).
+    /// Accepted connections do not read until their session takes them over (see `Listener`).
     static func acceptInitializer(_ channel: any Channel) -> EventLoopFuture<any Channel> {
         channel.eventLoop.makeCompletedFuture {
             try channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
             return channel
         }
-    }
-
-    /// Wraps an accepted connection for its session and lets it read.
-    static func wrapAccepted(_ channel: any Channel) async throws -> ClientChannel {
-        try await channel.eventLoop.submit {
-            let client = try ClientChannel(wrappingChannelSynchronously: channel, configuration: .init(backPressureStrategy: backPressure))
-            try channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
-            return client
-        }.get()
     }
 
     /// Binds a listening socket for `address` (see `ListenSocket.open`) and hands it to NIO.
@@ -110,13 +90,14 @@ public struct ConnectionHandler: Sendable {
 
     /// Serves one accepted connection to its end. Never throws: a connection's failure is its own.
     func serve(_ channel: any Channel) async {
-        let client: ClientChannel
+        let client: ClientConnection
         do {
-            client = try await ListenerFactory.wrapAccepted(channel)
+            client = try await ClientConnection.adopt(channel)
         } catch {
             channel.close(promise: nil)
             return
         }
+        defer { client.close() }
         let active = self.registry.add(channel)
         self.runtime.count { $0.sessions = self.registry.count }
         defer {
@@ -130,11 +111,11 @@ public struct ConnectionHandler: Sendable {
         logger[metadataKey: LogKey.peer] = .string(peer)
 
         do {
-            try await client.executeThenClose { inbound, outbound in
+            try await { () async throws in
                 func refuse(_ reply: SMTPReply) async throws {
                     var out = ByteBuffer()
                     reply.write(to: &out)
-                    try await outbound.write(out)
+                    try await client.write(out)
                 }
                 // The peer check comes first: nothing else is said to a stranger.
                 if ruleset.configuration.peerCheck {
@@ -196,8 +177,7 @@ public struct ConnectionHandler: Sendable {
                 }
                 clock.relay(relay.channel)
                 var clientIO = ClientIO(
-                    iterator: inbound.makeAsyncIterator(), writer: outbound,
-                    framer: LineFramer(maxLength: settings.limits.commandLine), clock: clock)
+                    connection: client, framer: LineFramer(maxLength: settings.limits.commandLine), clock: clock)
                 var relayIO = RelayIO(connection: relay, clock: clock, timeout: .seconds(settings.relayTimeout))
                 var session = Session(runtime: self.runtime, ruleset: ruleset, logger: logger)
                 let reusable: Bool
@@ -217,7 +197,7 @@ public struct ConnectionHandler: Sendable {
                 } else {
                     relay.abort()
                 }
-            }
+            }()
         } catch {
             logger.debug("session with \(peer) ended: \(error)")
         }

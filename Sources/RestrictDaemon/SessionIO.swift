@@ -106,8 +106,7 @@ final class SessionClock: Sendable {
 }
 
 struct ClientIO {
-    var iterator: NIOAsyncChannelInboundStream<ByteBuffer>.AsyncIterator
-    let writer: NIOAsyncChannelOutboundWriter<ByteBuffer>
+    let connection: ClientConnection
     var buffer = ByteBuffer()
     var framer: LineFramer
     let clock: SessionClock
@@ -120,7 +119,7 @@ struct ClientIO {
 
     /// Reads one more chunk from the client. False at end of stream.
     mutating func fill() async throws -> Bool {
-        guard var chunk = try await self.iterator.next() else { return false }
+        guard var chunk = try await self.connection.read() else { return false }
         self.clock.clientBytes()
         if self.buffer.readableBytes == 0 {
             self.buffer = chunk
@@ -155,12 +154,12 @@ struct ClientIO {
     func send(_ reply: SMTPReply) async throws {
         var out = ByteBuffer()
         reply.write(to: &out)
-        try await self.writer.write(out)
+        try await self.connection.write(out)
     }
 
     func send(_ buffer: ByteBuffer) async throws {
         guard buffer.readableBytes > 0 else { return }
-        try await self.writer.write(buffer)
+        try await self.connection.write(buffer)
     }
 }
 
