@@ -54,10 +54,11 @@ public struct RestrictLogHandler: LogHandler {
     public func log(event: LogEvent) {
         let level = event.level
         let message = event.message
-        var merged = self.metadata
-        if let extra = event.metadata { merged.merge(extra) { _, new in new } }
         switch self.target {
         case .journal, .auto:
+            // Only the journal keeps metadata (as fields): the other sinks never build it.
+            var merged = self.metadata
+            if let extra = event.metadata { merged.merge(extra) { _, new in new } }
             Self.journal(level: level, message: "\(message)", metadata: merged)
         case .syslog:
             crs_syslog(Self.priority(level), "\(Self.prefix(level))\(message)")
