@@ -10,7 +10,6 @@
 // Trusts the relay to speak SMTP, but reads its replies bounded (ReplyParser) and never
 // queues more replies than commands were sent.
 
-import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import SMTPCore
@@ -106,11 +105,11 @@ final class RelayConnection: Sendable {
     private let handler: NIOLoopBound<RelayHandler>
     let greeting: SMTPReply
     /// The last HELO/EHLO sent on this connection and the relay's reply to it.
-    let hello = NIOLockedValueBox<(command: SMTPCommand, reply: SMTPReply)?>(nil)
+    let hello = Mutex<(command: SMTPCommand, reply: SMTPReply)?>(nil)
     /// Sessions served and RSETs sent. Postfix's smtpd counts RSET as a "junk" command and
     /// forgives only after a message it received, so a run of refused messages on one
     /// connection would end in smtpd's error sleep and a 421: connections retire first.
-    let wear = NIOLockedValueBox<(sessions: Int, resets: Int)>((0, 0))
+    let wear = Mutex<(sessions: Int, resets: Int)>((0, 0))
     static let maxSessions = 100
     static let maxResets = 20
 
@@ -212,14 +211,14 @@ final class RelayPool: Sendable {
         let connection: RelayConnection
         let generation: Int
     }
-    private let idle = NIOLockedValueBox<(connections: [ObjectIdentifier: [Idle]], generation: Int, closed: Bool)>(([:], 0, false))
+    private let idle = Mutex<(connections: [ObjectIdentifier: [Idle]], generation: Int, closed: Bool)>(([:], 0, false))
 
     /// An idle connection on `eventLoop` to `address`, or a new one.
     func checkout(
         on eventLoop: any EventLoop, address: SocketAddress, timeout: TimeAmount, greetingTimeout: TimeAmount
     ) async throws -> RelayConnection {
         let key = ObjectIdentifier(eventLoop)
-        while let candidate = self.idle.withLockedValue({ state -> RelayConnection? in
+        while let candidate = self.idle.withLock({ state -> RelayConnection? in
             guard var list = state.connections[key], let last = list.popLast() else { return nil }
             state.connections[key] = list
             return last.connection
@@ -234,7 +233,7 @@ final class RelayPool: Sendable {
     /// `capacity`: idle connections kept on this connection's event loop (relay_pool, shared
     /// out among the loops: each idle connection holds one of the relay's smtpd processes).
     func checkin(_ connection: RelayConnection, capacity: Int) async {
-        let wear = connection.wear.withLockedValue { w -> (Int, Int) in
+        let wear = connection.wear.withLock { w -> (Int, Int) in
             w.sessions += 1
             return (w.sessions, w.resets)
         }
@@ -247,7 +246,7 @@ final class RelayPool: Sendable {
             return
         }
         let key = ObjectIdentifier(connection.channel.eventLoop)
-        let accepted = self.idle.withLockedValue { state -> Int? in
+        let accepted = self.idle.withLock { state -> Int? in
             guard !state.closed, (state.connections[key]?.count ?? 0) < capacity else { return nil }
             state.generation += 1
             state.connections[key, default: []].append(Idle(connection: connection, generation: state.generation))
@@ -259,7 +258,7 @@ final class RelayPool: Sendable {
         }
         // Leave the pool after idleTime unless a session took it before.
         connection.channel.eventLoop.scheduleTask(in: Self.idleTime) {
-            let expired = self.idle.withLockedValue { state -> Bool in
+            let expired = self.idle.withLock { state -> Bool in
                 guard var list = state.connections[key], let i = list.firstIndex(where: { $0.generation == generation }) else { return false }
                 list.remove(at: i)
                 state.connections[key] = list
@@ -271,7 +270,7 @@ final class RelayPool: Sendable {
 
     /// Closes every idle connection and takes no more (shutdown).
     func closeAll() {
-        let all = self.idle.withLockedValue { state -> [RelayConnection] in
+        let all = self.idle.withLock { state -> [RelayConnection] in
             state.closed = true
             let all = state.connections.values.flatMap { $0.map(\.connection) }
             state.connections = [:]

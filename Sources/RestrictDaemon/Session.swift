@@ -231,7 +231,7 @@ struct Session {
         case .hello(let command):
             let reply: SMTPReply
             if case .none = self.txn.mail, self.txn.pendingRecipients == 0,
-                let cached = relay.connection.hello.withLockedValue({ $0 }), cached.command == command
+                let cached = relay.connection.hello.withLock({ $0 }), cached.command == command
             {
                 // A pooled connection already greeted the relay with this very command, and no
                 // transaction is open: the relay's answer would be the same.
@@ -239,7 +239,7 @@ struct Session {
             } else {
                 try await relay.send(command.wireLine)
                 reply = try await relay.reply()
-                relay.connection.hello.withLockedValue { $0 = reply.isPositive ? (command, reply) : nil }
+                relay.connection.hello.withLock { $0 = reply.isPositive ? (command, reply) : nil }
             }
             // Postfix's smtpd resets its transaction only when it accepts the greeting.
             if reply.isPositive { self.resetTransaction() }

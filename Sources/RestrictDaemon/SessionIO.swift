@@ -7,13 +7,11 @@ import SMTPCore
 
 enum RelayFailure: Error, CustomStringConvertible {
     case closed
-    case timeout
     case protocolError(String)
 
     var description: String {
         switch self {
         case .closed: return "relay closed the connection"
-        case .timeout: return "relay did not answer in time"
         case .protocolError(let s): return "relay protocol error: \(s)"
         }
     }
@@ -185,7 +183,7 @@ struct RelayIO {
     }
 
     func send(_ line: String) async throws {
-        if line == "RSET" { self.connection.wear.withLockedValue { $0.resets += 1 } }
+        if line == "RSET" { self.connection.wear.withLock { $0.resets += 1 } }
         var out = ByteBuffer()
         out.reserveCapacity(line.utf8.count + 2)
         out.writeString(line)
