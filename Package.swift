@@ -74,9 +74,10 @@ let package = Package(
         .testTarget(
             name: "RestrictDaemonTests",
             dependencies: [
-                "RestrictDaemon", "SMTPCore", "RestrictPolicy",
+                "RestrictDaemon", "SMTPCore", "RestrictPolicy", "CRestrictSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
             ],
             swiftSettings: strict
         ),

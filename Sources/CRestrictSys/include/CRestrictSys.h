@@ -12,6 +12,8 @@
 /// Returns 0 and sets *uid on success, or -errno (-ENOENT when no such socket exists).
 int crs_inet_diag_uid(int family, const uint8_t *src, uint16_t sport,
                       const uint8_t *dst, uint16_t dport, uint32_t *uid);
+/* This thread's cached sock_diag socket, or -1 when none is open (for tests). */
+int crs_inet_diag_cached_fd(void);
 
 /// getresuid(2) and getresgid(2), which glibc declares only with _GNU_SOURCE.
 int crs_getresuid(uint32_t *r, uint32_t *e, uint32_t *s);
