@@ -232,12 +232,35 @@ public struct ConnectionHandler: Sendable {
             do {
                 try await listener.executeThenClose { inbound in
                     for try await client in inbound {
-                        group.addTask { await self.serve(client) }
+                        group.addTask(executorPreference: LoopExecutor.of(client.eventLoop)) { await self.serve(client) }
                     }
                 }
             } catch {
                 self.runtime.logger.debug("listener closed: \(error)")
             }
+        }
+    }
+}
+
+/// Runs a session's task on its connection's event loop, so that its reads, writes and
+/// continuations never cross to another thread.
+final class LoopExecutor: TaskExecutor, @unchecked Sendable {
+    let loop: any EventLoop
+    init(_ loop: any EventLoop) { self.loop = loop }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let executor = self.asUnownedTaskExecutor()
+        self.loop.execute { job.runSynchronously(on: executor) }
+    }
+
+    private static let cache = Mutex<[ObjectIdentifier: LoopExecutor]>([:])
+    static func of(_ loop: any EventLoop) -> LoopExecutor {
+        self.cache.withLock { cache in
+            if let e = cache[ObjectIdentifier(loop)] { return e }
+            let e = LoopExecutor(loop)
+            cache[ObjectIdentifier(loop)] = e
+            return e
         }
     }
 }
