@@ -78,6 +78,9 @@ final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
         waiters.forEach { $0.fail(failure) }
     }
 
+    /// A reply already received, if any.
+    func take() -> SMTPReply? { self.ready.popFirst() }
+
     func nextReply(_ eventLoop: any EventLoop) -> EventLoopFuture<SMTPReply> {
         if let reply = self.ready.popFirst() { return eventLoop.makeSucceededFuture(reply) }
         if let failure = self.failure { return eventLoop.makeFailedFuture(failure) }
@@ -147,22 +150,45 @@ final class RelayConnection: Sendable {
         return try await el.flatSubmit { handler.value.nextReply(el) }.get()
     }
 
+    /// The next reply; one already received is handed out without suspending.
     func reply() async throws -> SMTPReply {
+        if self.channel.eventLoop.inEventLoop, let ready = self.handler.value.take() {
+            self.handler.value.outstanding = max(0, self.handler.value.outstanding - 1)
+            return ready
+        }
         let reply = try await Self.next(channel: self.channel, handler: self.handler)
         self.onLoop { $0.outstanding = max(0, $0.outstanding - 1) }
         return reply
     }
 
     /// Writes `buffers` and flushes once; `replies` is how many replies they ask for. Waits
-    /// while the socket is not writable, so a fast client cannot fill memory.
+    /// while the socket is not writable, so a fast client cannot fill memory. On the
+    /// connection's event loop it does not wait for the write itself: a failed write closes
+    /// the connection, which fails the next `reply()` and the next `send`.
     func send(_ buffers: [ByteBuffer], replies: Int) async throws {
         guard let last = buffers.last else { return }
+        let el = self.channel.eventLoop
+        if el.inEventLoop {
+            let handler = self.handler.value
+            if let failure = handler.failure { throw failure }
+            guard self.channel.isActive else { throw RelayFailure.closed }
+            handler.outstanding += replies
+            for buffer in buffers.dropLast() { self.channel.write(buffer, promise: nil) }
+            self.channel.writeAndFlush(last, promise: nil)
+            if !self.channel.isWritable {
+                do {
+                    try await handler.whenWritable(self.channel).get()
+                } catch {
+                    throw RelayFailure.closed
+                }
+            }
+            return
+        }
         if replies > 0 { self.onLoop { $0.outstanding += replies } }
         for buffer in buffers.dropLast() { self.channel.write(buffer, promise: nil) }
         do {
             try await self.channel.writeAndFlush(last)
             if !self.channel.isWritable {
-                let el = self.channel.eventLoop
                 let handler = self.handler
                 let channel = self.channel
                 try await el.flatSubmit { handler.value.whenWritable(channel) }.get()
@@ -175,6 +201,7 @@ final class RelayConnection: Sendable {
     var isIdle: Bool {
         get async {
             guard self.channel.isActive else { return false }
+            if self.channel.eventLoop.inEventLoop { return self.handler.value.isIdle }
             let handler = self.handler
             return (try? await self.channel.eventLoop.submit { handler.value.isIdle }.get()) ?? false
         }
@@ -206,19 +233,29 @@ final class RelayConnection: Sendable {
 /// Idle relay connections, by event loop.
 final class RelayPool: Sendable {
     static let idleTime: TimeAmount = .seconds(5)
+    /// How often an event loop with idle connections looks for expired ones: an idle
+    /// connection lives between idleTime and idleTime + sweepInterval.
+    static let sweepInterval: TimeAmount = .seconds(1)
 
     private struct Idle {
         let connection: RelayConnection
-        let generation: Int
+        let since: NIODeadline
     }
-    private let idle = Mutex<(connections: [ObjectIdentifier: [Idle]], generation: Int, closed: Bool)>(([:], 0, false))
+    private struct State {
+        var connections: [ObjectIdentifier: [Idle]] = [:]
+        /// Event loops with a sweep scheduled (one per loop, not one per connection).
+        var sweeping: Set<ObjectIdentifier> = []
+        var closed = false
+    }
+    private let state = Mutex(State())
 
     /// An idle connection on `eventLoop` to `address`, or a new one.
     func checkout(
         on eventLoop: any EventLoop, address: SocketAddress, timeout: TimeAmount, greetingTimeout: TimeAmount
     ) async throws -> RelayConnection {
         let key = ObjectIdentifier(eventLoop)
-        while let candidate = self.idle.withLock({ state -> RelayConnection? in
+        while let candidate = self.state.withLock({ state -> RelayConnection? in
+            // The most recently used first: the oldest are left to expire.
             guard var list = state.connections[key], let last = list.popLast() else { return nil }
             state.connections[key] = list
             return last.connection
@@ -245,32 +282,43 @@ final class RelayPool: Sendable {
             connection.abort()
             return
         }
-        let key = ObjectIdentifier(connection.channel.eventLoop)
-        let accepted = self.idle.withLock { state -> Int? in
-            guard !state.closed, (state.connections[key]?.count ?? 0) < capacity else { return nil }
-            state.generation += 1
-            state.connections[key, default: []].append(Idle(connection: connection, generation: state.generation))
-            return state.generation
+        let eventLoop = connection.channel.eventLoop
+        let key = ObjectIdentifier(eventLoop)
+        let (accepted, startSweep) = self.state.withLock { state -> (Bool, Bool) in
+            guard !state.closed, (state.connections[key]?.count ?? 0) < capacity else { return (false, false) }
+            state.connections[key, default: []].append(Idle(connection: connection, since: .now()))
+            return (true, state.sweeping.insert(key).inserted)
         }
-        guard let generation = accepted else {
+        guard accepted else {
             connection.quit()
             return
         }
-        // Leave the pool after idleTime unless a session took it before.
-        connection.channel.eventLoop.scheduleTask(in: Self.idleTime) {
-            let expired = self.idle.withLock { state -> Bool in
-                guard var list = state.connections[key], let i = list.firstIndex(where: { $0.generation == generation }) else { return false }
-                list.remove(at: i)
-                state.connections[key] = list
-                return true
+        if startSweep { self.scheduleSweep(on: eventLoop) }
+    }
+
+    /// Closes the connections of `eventLoop` idle for idleTime or more; runs again while any
+    /// are left.
+    private func scheduleSweep(on eventLoop: any EventLoop) {
+        let key = ObjectIdentifier(eventLoop)
+        eventLoop.scheduleTask(in: Self.sweepInterval) {
+            let now = NIODeadline.now()
+            let (expired, again) = self.state.withLock { state -> ([RelayConnection], Bool) in
+                let list = state.connections[key] ?? []
+                let expired = list.filter { now - $0.since >= Self.idleTime }.map(\.connection)
+                let kept = list.filter { now - $0.since < Self.idleTime }
+                state.connections[key] = kept
+                let again = !kept.isEmpty && !state.closed
+                if !again { state.sweeping.remove(key) }
+                return (expired, again)
             }
-            if expired { connection.quit() }
+            expired.forEach { $0.quit() }
+            if again { self.scheduleSweep(on: eventLoop) }
         }
     }
 
     /// Closes every idle connection and takes no more (shutdown).
     func closeAll() {
-        let all = self.idle.withLock { state -> [RelayConnection] in
+        let all = self.state.withLock { state -> [RelayConnection] in
             state.closed = true
             let all = state.connections.values.flatMap { $0.map(\.connection) }
             state.connections = [:]
