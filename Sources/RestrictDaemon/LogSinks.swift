@@ -44,7 +44,18 @@ public struct RestrictLogHandler: LogHandler {
         self.target = target
         self.logLevel = level
         if target == .syslog { crs_openlog("restrictpd", LOG_MAIL) }
+        if target == .journal || target == .auto { Self.structured.withLock { $0 = true } }
     }
+
+    private static let structured = Mutex(false)
+    /// Whether a handler that keeps metadata (the journal's) is in use. Until the logging
+    /// system is bootstrapped with this handler (tests, other handlers), metadata is built.
+    static var keepsMetadata: Bool {
+        Self.structured.withLock { $0 } || !Self.bootstrapped.withLock { $0 }
+    }
+    private static let bootstrapped = Mutex(false)
+    /// Called once the logging system uses this handler.
+    public static func installed() { Self.bootstrapped.withLock { $0 = true } }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { self.metadata[key] }

@@ -271,6 +271,7 @@ extension Session {
             default: c.refused += 1
             }
         }
-        self.logger.log(level: level, "\(record.line)", metadata: record.metadata)
+        // The fields are built only for a sink that keeps them (the journal).
+        self.logger.log(level: level, "\(record.line)", metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
     }
 }

@@ -77,6 +77,7 @@ struct Main: ParsableCommand {
             let target = (LogTarget(rawValue: self.log) ?? .auto).resolved()
             let level = Logger.Level(rawValue: self.logLevel) ?? .info
             LoggingSystem.bootstrap { label in RestrictLogHandler(label: label, target: target, level: level) }
+            RestrictLogHandler.installed()
             let logger = Logger(label: "restrictpd")
             // Synchronous on purpose: sockets are bound and privileges dropped while this is
             // the only thread (see ListenSocket.swift), and then this thread waits.
