@@ -68,10 +68,18 @@ final class LazyQuotaStore: QuotaStore, Sendable {
         }
     }
 
+    /// The open database, if any, without blocking.
+    private var current: QuotaDatabase? { self.database.withLock { $0.db } }
+
     func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
         let db: QuotaDatabase
         do {
-            db = try self.open()
+            // Opening (file I/O, perhaps a recovery) happens off the event loop.
+            if let open = self.current {
+                db = open
+            } else {
+                db = try await Offload.run { try self.open() }
+            }
         } catch {
             self.logger.error("quota database unavailable: \(error)")
             throw error
@@ -226,7 +234,9 @@ public enum Daemon {
 
             for await sig in signals {
                 if sig == SIGHUP {
-                    Self.reload(options, runtime: runtime, logger: logger)
+                    // Reading the file, user lookups and resolving the relay block: not on an
+                    // event loop, which sessions share.
+                    _ = try? await Offload.run { Self.reload(options, runtime: runtime, logger: logger) }
                     continue
                 }
                 logger.info("signal \(sig == SIGTERM ? "TERM" : "INT"): stopping; draining \(registry.count) sessions")

@@ -60,13 +60,25 @@ public enum PeerCredentials {
             ).get()
             return cred.uid
         case .v4, .v6:
-            return try tcpOwner(remote: remote, local: local)
+            // The netlink query is answered by the kernel at once; the text-table fallback
+            // reads a file, so it runs off the event loop.
+            switch try netlinkOwner(remote: remote, local: local) {
+            case .found(let uid):
+                return uid
+            case .unavailable(let why, let endpoints):
+                return try await Offload.run { try procOwner(endpoints, why: why) }
+            }
         }
     }
 
-    /// The owner of the TCP socket whose local end is `remote` and whose peer is `local`
-    /// (our side), that is, the client's socket.
-    static func tcpOwner(remote: SocketAddress, local: SocketAddress) throws -> UInt32 {
+    typealias Endpoints = (family: Int32, src: [UInt8], sport: UInt16, dst: [UInt8], dport: UInt16)
+    enum NetlinkAnswer {
+        case found(UInt32)
+        case unavailable(String, Endpoints)
+    }
+
+    /// The kernel's answer through NETLINK_SOCK_DIAG; `.unavailable` when netlink itself failed.
+    static func netlinkOwner(remote: SocketAddress, local: SocketAddress) throws -> NetlinkAnswer {
         guard let (family, src, sport) = endpoint(remote), let (lfamily, dst, dport) = endpoint(local), family == lfamily else {
             throw PeerLookupError.notLocal("\(remote)")
         }
@@ -76,15 +88,29 @@ public enum PeerCredentials {
                 crs_inet_diag_uid(family, s.baseAddress, sport, d.baseAddress, dport, &uid)
             }
         }
-        if rc == 0 { return uid }
+        if rc == 0 { return .found(uid) }
         // The kernel answered that there is no such established socket: the text table would
         // say the same, only slower (and a peer that resets in a loop must not make us read it).
         if rc == -ENOENT { throw PeerLookupError.notFound("\(remote)") }
-        // Fallback when netlink is unavailable: the same table as text.
-        if let found = procNetOwner(family: family, src: src, sport: sport, dst: dst, dport: dport) {
+        return .unavailable("sock_diag: \(String(cString: strerror(-rc)))", (family, src, sport, dst, dport))
+    }
+
+    /// Fallback when netlink is unavailable: the same table as text.
+    static func procOwner(_ e: Endpoints, why: String) throws -> UInt32 {
+        if let found = procNetOwner(family: e.family, src: e.src, sport: e.sport, dst: e.dst, dport: e.dport) {
             return found
         }
-        throw PeerLookupError.failed("sock_diag: \(String(cString: strerror(-rc))); /proc/net fallback found nothing")
+        throw PeerLookupError.failed("\(why); /proc/net fallback found nothing")
+    }
+
+    /// The owner of the TCP socket whose local end is `remote` and whose peer is `local`
+    /// (our side), that is, the client's socket.
+    /// `netlinkOwner`, then the text table, synchronously (tests and tools).
+    static func tcpOwner(remote: SocketAddress, local: SocketAddress) throws -> UInt32 {
+        switch try netlinkOwner(remote: remote, local: local) {
+        case .found(let uid): return uid
+        case .unavailable(let why, let endpoints): return try procOwner(endpoints, why: why)
+        }
     }
 
     /// (family, address bytes in network order, port) with v4-mapped IPv6 folded to IPv4.

@@ -139,7 +139,7 @@ public struct ConnectionHandler: Sendable {
                     }
                     guard ruleset.clients.contains(uid) else {
                         self.runtime.count { $0.peersRefused += 1 }
-                        let name = self.runtime.userNames.name(uid) ?? "unknown"
+                        let name = await self.runtime.userNames.name(uid) ?? "unknown"
                         logger.warning(
                             "connect from \(peer) uid=\(uid) user=\(name) refused: not in clients",
                             metadata: [LogKey.peerUID: .string(String(uid))])

@@ -92,8 +92,10 @@ extension Session {
         }
 
         let identity = reader.identity
+        var user: String? = nil
+        if let uid = identity.uid { user = await self.runtime.userNames.name(uid) }
         var record = DecisionRecord(
-            queueID: identity.queueID, uid: identity.uid, user: identity.uid.flatMap { self.runtime.userNames.name($0) },
+            queueID: identity.queueID, uid: identity.uid, user: user,
             from: from, to: recipients, verdict: "refused", reason: "", quota: nil, relayReply: nil)
 
         if let failure {

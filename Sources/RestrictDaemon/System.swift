@@ -1,6 +1,8 @@
 // Small wrappers over libc: reading a bounded file, local users, privileges.
 // No Foundation: the daemon stays small and its failure modes stay visible.
 
+import Dispatch
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -103,9 +105,11 @@ final class UserNames: Sendable {
     static let capacity = 4096
     private let cache = Mutex<[UInt32: String?]>([:])
 
-    func name(_ uid: UInt32) -> String? {
+    /// The name of `uid`, or nil when it has none. A name not cached yet is looked up off the
+    /// event loop (NSS may read files or ask a directory service).
+    func name(_ uid: UInt32) async -> String? {
         if let hit = self.cache.withLock({ $0[uid] }) { return hit }
-        let name = Users.lookup(uid: uid)?.name
+        let name = (try? await Offload.run { Users.lookup(uid: uid)?.name }) ?? nil
         self.cache.withLock {
             if $0.count >= Self.capacity { $0.removeAll(keepingCapacity: true) }
             $0[uid] = .some(name)
@@ -124,5 +128,17 @@ public enum Privileges {
         guard setgid(user.gid) == 0 else { throw SystemError("setgid \(user.gid)") }
         guard setuid(user.uid) == 0 else { throw SystemError("setuid \(user.uid)") }
         if user.uid != 0, setuid(0) == 0 { throw SystemError("could regain root after dropping privileges", errno: 0) }
+    }
+}
+
+/// Runs blocking work (a file read, an NSS lookup, opening a database) on a Dispatch worker
+/// thread, never on an event loop.
+enum Offload {
+    static func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global(qos: .utility).async {
+                continuation.resume(with: Result { try body() })
+            }
+        }
     }
 }
