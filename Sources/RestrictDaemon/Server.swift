@@ -12,20 +12,55 @@ import SMTPCore
 import Glibc
 #endif
 
-/// Accepted connections come out as plain channels, not yet reading; each session takes over
-/// its own (ClientConnection). A connection accepted while the listener closes is then only an
-/// idle socket that goes with the process.
-public typealias Listener = NIOAsyncChannel<any Channel, Never>
+/// A listening socket. It accepts nothing until a `ConnectionHandler` runs it; then each
+/// accepted connection starts its session right where NIO sets the connection up, on the
+/// connection's own event loop (no hop to another thread and back per connection).
+public final class Listener: Sendable {
+    public let channel: any Channel
+    fileprivate let box: AcceptorBox
 
-public enum ListenerFactory {
-    /// Accepted connections do not read until their session takes them over (see `Listener`).
-    static func acceptInitializer(_ channel: any Channel) -> EventLoopFuture<any Channel> {
+    fileprivate init(channel: any Channel, box: AcceptorBox) {
+        self.channel = channel
+        self.box = box
+    }
+}
+
+/// Who serves accepted connections: set once by `ConnectionHandler.run`.
+fileprivate final class AcceptorBox: Sendable {
+    let handler = Mutex<ConnectionHandler?>(nil)
+
+    /// Runs on the new connection's event loop, before it is registered. A connection has no
+    /// session until the session takes it over (ClientConnection), so it does not read yet;
+    /// the session starts once the connection is active.
+    func initialize(_ channel: any Channel) -> EventLoopFuture<Void> {
         channel.eventLoop.makeCompletedFuture {
             try channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
-            return channel
+            try channel.pipeline.syncOperations.addHandler(SessionStarter(box: self))
         }
     }
+}
 
+/// Starts the session when its connection becomes active, then leaves the pipeline.
+private final class SessionStarter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    let box: AcceptorBox
+
+    init(box: AcceptorBox) { self.box = box }
+
+    func channelActive(context: ChannelHandlerContext) {
+        context.fireChannelActive()
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        guard let handler = self.box.handler.withLock({ $0 }) else {
+            // The listener only accepts once a handler runs it: not reached.
+            context.close(promise: nil)
+            return
+        }
+        let channel = context.channel
+        Task(executorPreference: LoopExecutor.of(channel.eventLoop)) { await handler.serve(channel) }
+    }
+}
+
+public enum ListenerFactory {
     /// Binds a listening socket for `address` (see `ListenSocket.open`) and hands it to NIO.
     public static func bind(_ address: ListenAddress, group: any EventLoopGroup, mode: UInt32, group gid: UInt32?) async throws -> Listener {
         try await adopt(fd: ListenSocket.open(address, mode: mode, group: gid), group: group)
@@ -36,11 +71,18 @@ public enum ListenerFactory {
         var type: Int32 = 0
         var len = socklen_t(MemoryLayout<Int32>.size)
         getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &type, &len)
+        let box = AcceptorBox()
         var bootstrap = ServerBootstrap(group: group)
+            // Not accepting until a ConnectionHandler runs this listener.
+            .serverChannelOption(.autoRead, value: false)
+            .childChannelInitializer { box.initialize($0) }
+            // A message comes in a few reads rather than many small ones.
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16384, maximum: 65536))
         if type == AF_INET || type == AF_INET6 {
             bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
         }
-        return try await bootstrap.bind(fd) { acceptInitializer($0) }
+        let channel = try await bootstrap.withBoundSocket(fd).get()
+        return Listener(channel: channel, box: box)
     }
 }
 
@@ -224,20 +266,16 @@ public struct ConnectionHandler: Sendable {
         }
     }
 
-    /// Accepts connections on one listener until it closes. Sessions in progress outlive the
-    /// listener (a drain closes it first); the end of the accept loop, however it ends, never
-    /// cancels them.
+    /// Accepts connections on one listener until it closes. Each session is a task of its
+    /// own on its connection's event loop; sessions in progress outlive the listener (a drain
+    /// closes it first and waits for them through the registry).
     public func run(_ listener: Listener) async {
-        await withDiscardingTaskGroup { group in
-            do {
-                try await listener.executeThenClose { inbound in
-                    for try await client in inbound {
-                        group.addTask(executorPreference: LoopExecutor.of(client.eventLoop)) { await self.serve(client) }
-                    }
-                }
-            } catch {
-                self.runtime.logger.debug("listener closed: \(error)")
-            }
+        listener.box.handler.withLock { $0 = self }
+        do {
+            try await listener.channel.setOption(ChannelOptions.autoRead, value: true).get()
+            try await listener.channel.closeFuture.get()
+        } catch {
+            self.runtime.logger.debug("listener closed: \(error)")
         }
     }
 }
