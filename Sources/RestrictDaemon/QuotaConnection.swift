@@ -113,34 +113,81 @@ final class QuotaConnection: @unchecked Sendable {
         """
 
     func admit(_ request: QuotaRequest) throws -> QuotaOutcome {
-        let uid = Int64(request.uid)
         try self.execute("BEGIN IMMEDIATE", "starting a write transaction")
         do {
-            // Pruning happens here, per uid, with the window of the rule asking now: a row of
-            // this uid with last_seen < windowStart is outside this window, and since `now`
-            // only moves forward and last_seen is only ever raised, it is outside every later
-            // window of the same rule too, so deleting it changes no present or future count.
-            // Rules without a period have no window start and never prune (the learned allow
-            // list is kept for good). The live rows of a uid are therefore at most the addresses
-            // admitted within one period, so the file does not grow without bound.
-            // Limits, all on the permissive side and bounded by one period's worth: lengthening
-            // a rule's period (day -> week, or dropping the period) forgets what was pruned
-            // under the shorter one; rows of a uid that no longer has a quota stay until
-            // `reset(uid:)`.
-            if let start = request.windowStart {
-                try self.run(Self.pruneExpired, [.integer(uid), .integer(start)], "pruning")
-            }
-            let counted = try self.counted(uid: uid, since: request.windowStart)
-            let (outcome, record) = QuotaArithmetic.decide(request, counted: counted)
-            for address in record {
-                try self.run(Self.upsert, [.integer(uid), .text(address), .integer(request.now)], "recording")
-            }
+            let outcome = try self.decideAndRecord(request)
             try self.execute("COMMIT", "committing")
             return outcome
         } catch {
             self.rollback()
             throw error
         }
+    }
+
+    /// Several requests in one write transaction, in order, each in a savepoint of its own:
+    /// a request that fails leaves the others' work standing (its result is its error), later
+    /// requests see what earlier ones recorded, and nothing is reported admitted unless the
+    /// commit succeeded. One transaction costs the file locks and the WAL write once for all.
+    func admit(batch requests: [QuotaRequest]) -> [Result<QuotaOutcome, any Error>] {
+        if requests.count == 1, let only = requests.first { return [Result { try self.admit(only) }] }
+        do {
+            try self.execute("BEGIN IMMEDIATE", "starting a write transaction")
+        } catch {
+            return requests.map { _ in .failure(error) }
+        }
+        var results: [Result<QuotaOutcome, any Error>] = []
+        results.reserveCapacity(requests.count)
+        for request in requests {
+            do {
+                try self.execute("SAVEPOINT admit", "starting a savepoint")
+                let outcome = try self.decideAndRecord(request)
+                try self.execute("RELEASE admit", "releasing a savepoint")
+                results.append(.success(outcome))
+            } catch let failure {
+                do {
+                    try self.execute("ROLLBACK TO admit", "rolling back a savepoint")
+                    try self.execute("RELEASE admit", "releasing a savepoint")
+                    results.append(.failure(failure))
+                } catch {
+                    // SQLite rolled the whole transaction back (a full disk, an I/O error):
+                    // nothing of the batch is recorded, and every request gets the cause.
+                    self.rollback()
+                    return requests.map { _ in .failure(failure) }
+                }
+            }
+        }
+        do {
+            try self.execute("COMMIT", "committing")
+        } catch {
+            self.rollback()
+            return requests.map { _ in .failure(error) }
+        }
+        return results
+    }
+
+    /// The decision for one request and, when admitted, its record; inside a transaction.
+    private func decideAndRecord(_ request: QuotaRequest) throws -> QuotaOutcome {
+        let uid = Int64(request.uid)
+        // Pruning happens here, per uid, with the window of the rule asking now: a row of
+        // this uid with last_seen < windowStart is outside this window, and since `now`
+        // only moves forward and last_seen is only ever raised, it is outside every later
+        // window of the same rule too, so deleting it changes no present or future count.
+        // Rules without a period have no window start and never prune (the learned allow
+        // list is kept for good). The live rows of a uid are therefore at most the addresses
+        // admitted within one period, so the file does not grow without bound.
+        // Limits, all on the permissive side and bounded by one period's worth: lengthening
+        // a rule's period (day -> week, or dropping the period) forgets what was pruned
+        // under the shorter one; rows of a uid that no longer has a quota stay until
+        // `reset(uid:)`.
+        if let start = request.windowStart {
+            try self.run(Self.pruneExpired, [.integer(uid), .integer(start)], "pruning")
+        }
+        let counted = try self.counted(uid: uid, since: request.windowStart)
+        let (outcome, record) = QuotaArithmetic.decide(request, counted: counted)
+        for address in record {
+            try self.run(Self.upsert, [.integer(uid), .text(address), .integer(request.now)], "recording")
+        }
+        return outcome
     }
 
     func peek(_ request: QuotaRequest) throws -> QuotaOutcome {

@@ -94,8 +94,39 @@ public final class QuotaDatabase: QuotaStore, Sendable {
 
     /// Decides and, when admitted, records every requested address, in one transaction.
     /// Throws `QuotaDatabaseError` when the database cannot answer; nothing is recorded then.
+    /// Requests that arrive while the database is busy wait and are then taken together, in
+    /// order, in one transaction (a savepoint each; see `QuotaConnection.admit(batch:)`).
     public func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
-        try await self.onQueue { try $0.admit(request) }
+        try await withCheckedThrowingContinuation { continuation in
+            let start = self.pending.withLock { state -> Bool in
+                state.requests.append((request, continuation))
+                if state.draining { return false }
+                state.draining = true
+                return true
+            }
+            if start { self.queue.async { self.drain() } }
+        }
+    }
+
+    /// At most this many requests share a transaction.
+    static let batchLimit = 64
+
+    private typealias Waiting = (request: QuotaRequest, continuation: CheckedContinuation<QuotaOutcome, any Error>)
+    private let pending = Mutex<(requests: [Waiting], draining: Bool)>(([], false))
+
+    /// On `queue`: answers the waiting requests, a batch at a time, until none are left.
+    private func drain() {
+        while true {
+            let batch = self.pending.withLock { state -> [Waiting] in
+                let batch = Array(state.requests.prefix(Self.batchLimit))
+                state.requests.removeFirst(batch.count)
+                if batch.isEmpty { state.draining = false }
+                return batch
+            }
+            if batch.isEmpty { return }
+            let results = self.connection.admit(batch: batch.map(\.request))
+            for (waiting, result) in zip(batch, results) { waiting.continuation.resume(with: result) }
+        }
     }
 
     /// The decision `admit` would take now, without recording or pruning anything.
@@ -137,6 +168,11 @@ public final class QuotaDatabase: QuotaStore, Sendable {
                 continuation.resume(with: Result { try body(connection) })
             }
         }
+    }
+
+    /// For tests: one batch in one transaction, as `drain` runs it.
+    func testingAdmit(batch requests: [QuotaRequest]) -> [Result<QuotaOutcome, any Error>] {
+        self.queue.sync { self.connection.admit(batch: requests) }
     }
 
     /// For tests: runs SQL that returns no rows (e.g. a PRAGMA) on this connection.

@@ -376,6 +376,53 @@ private func openingOrUsingThrows(_ path: String) async -> Bool {
         #expect(try addresses(db, 33) == ["a@x.org", "b@x.org"])
     }
 
+    /// A batch is one transaction: later requests see what earlier ones recorded.
+    @Test func batchIsInOrder() async throws {
+        let dir = try TempDir()
+        let db = try QuotaDatabase(path: dir.file("quota.db"))
+        let one = Quota(limit: 1, period: .day)
+        let results = db.testingAdmit(batch: [
+            request(33, ["a@x.org"], one, t0), request(33, ["b@x.org"], one, t0), request(34, ["b@x.org"], one, t0),
+        ])
+        let outcomes = try results.map { try $0.get() }
+        #expect(outcomes.map(\.admitted) == [true, false, true])
+        #expect(try addresses(db, 33) == ["a@x.org"])
+        #expect(try addresses(db, 34) == ["b@x.org"])
+    }
+
+    /// A request that fails inside a batch (the file is full) is reported failed and records
+    /// nothing; every request reported admitted is in the file.
+    @Test func batchWithAFailingRequest() async throws {
+        let dir = try TempDir()
+        let db = try QuotaDatabase(path: dir.file("quota.db"))
+        _ = try await db.admit(request(1, ["seed@x.org"], day, t0))
+        let pages = try db.testingInteger("PRAGMA page_count")
+        try db.testingExecute("PRAGMA max_page_count = \(pages)")
+        let many = (0..<2000).map { "recipient-with-a-rather-long-local-part-\($0)@example.org" }
+        let big = Quota(limit: 5000, period: nil)
+        let results = db.testingAdmit(batch: [
+            request(40, ["small@x.org"], day, t0), request(41, many, big, t0), request(42, ["small@x.org"], day, t0),
+        ])
+        #expect(results.count == 3)
+        guard case .failure(let error) = results[1] else {
+            Issue.record("the request that cannot fit was admitted")
+            return
+        }
+        #expect((error as? QuotaDatabaseError)?.primaryCode == 13)  // SQLITE_FULL
+        #expect(try addresses(db, 41).isEmpty)
+        for (i, uid) in [(0, UInt32(40)), (2, UInt32(42))] {
+            switch results[i] {
+            case .success(let outcome):
+                #expect(outcome.admitted)
+                #expect(try addresses(db, uid) == ["small@x.org"])
+            case .failure:
+                #expect(try addresses(db, uid).isEmpty)
+            }
+        }
+        try db.testingExecute("PRAGMA max_page_count = 1073741823")
+        #expect(try await db.admit(request(41, ["b@x.org"], day, t0 + 2)).admitted)
+    }
+
     // MARK: admin
 
     @Test func entriesCountAndReset() async throws {
