@@ -39,15 +39,26 @@ private func loopbackPair() throws -> (Int32, Int32, SocketAddress, SocketAddres
     return (client, server, SocketAddress(clientAddr, host: "127.0.0.1"), SocketAddress(addr, host: "127.0.0.1"))
 }
 
+/// Runs `body` with the addresses of a fresh loopback pair, closed afterwards.
+private func withLoopbackPair(_ body: (SocketAddress, SocketAddress) throws -> Void) throws {
+    let (client, server, remote, local) = try loopbackPair()
+    defer {
+        close(client)
+        close(server)
+    }
+    try body(remote, local)
+}
+
 @Suite("Peer lookup (netlink sock_diag)")
 struct PeerLookupTests {
     @Test("500 lookups on one thread: always our uid, all through one cached socket")
     func repeatedLookups() throws {
-        let (client, server, remote, local) = try loopbackPair()
-        defer {
-            close(client)
-            close(server)
+        try withLoopbackPair { remote, local in
+            try repeatedLookups(remote: remote, local: local)
         }
+    }
+
+    private func repeatedLookups(remote: SocketAddress, local: SocketAddress) throws {
         // The first lookup may open this thread's cached netlink socket.
         #expect(try PeerCredentials.tcpOwner(remote: remote, local: local) == getuid())
         let cached = crs_inet_diag_cached_fd()
@@ -62,11 +73,12 @@ struct PeerLookupTests {
 
     @Test("a miss is notFound, and the next lookup on the same socket still answers right")
     func missThenHit() throws {
-        let (client, server, remote, local) = try loopbackPair()
-        defer {
-            close(client)
-            close(server)
+        try withLoopbackPair { remote, local in
+            try missThenHit(remote: remote, local: local)
         }
+    }
+
+    private func missThenHit(remote: SocketAddress, local: SocketAddress) throws {
         // A port nobody uses for this pair: the kernel finds no such established socket.
         guard case .v4(let a) = remote else { throw HarnessError("not v4") }
         var wrong = a.address
@@ -121,13 +133,19 @@ struct ClientHoldBackTests {
         }
     }
 
-    @Test("reads pass while nothing waits; one is held while a chunk waits, and released when it is taken")
-    func holdBack() throws {
+    /// An embedded channel with a read counter in front of the client handler.
+    private func pipeline() throws -> (EmbeddedChannel, ReadCounter, ClientHandler) {
         let channel = EmbeddedChannel()
         let counter = ReadCounter()
         let handler = ClientHandler()
         try channel.pipeline.syncOperations.addHandler(counter)
         try channel.pipeline.syncOperations.addHandler(handler)
+        return (channel, counter, handler)
+    }
+
+    @Test("reads pass while nothing waits; one is held while a chunk waits, and released when it is taken")
+    func holdBack() throws {
+        let (channel, counter, handler) = try pipeline()
 
         channel.read()
         #expect(counter.reads == 1)
@@ -147,11 +165,7 @@ struct ClientHoldBackTests {
 
     @Test("a reader waiting gets the chunk at once, and reading goes on")
     func waitingReader() throws {
-        let channel = EmbeddedChannel()
-        let counter = ReadCounter()
-        let handler = ClientHandler()
-        try channel.pipeline.syncOperations.addHandler(counter)
-        try channel.pipeline.syncOperations.addHandler(handler)
+        let (channel, counter, handler) = try pipeline()
         let next = handler.next(channel.eventLoop)
         try channel.writeInbound(ByteBuffer(string: "QUIT\r\n"))
         #expect(try next.wait().map { String(buffer: $0) } == "QUIT\r\n")

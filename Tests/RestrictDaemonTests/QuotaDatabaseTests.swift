@@ -38,6 +38,16 @@ private func addresses(_ db: QuotaDatabase, _ uid: UInt32) throws -> [String] {
     try db.entries(uid: uid).map(\.address).sorted()
 }
 
+/// A database with one address recorded for `uid` and no room for more pages (max_page_count
+/// stands in for a full disk, which also fails for root), and a request too big to fit.
+private func fullDatabase(_ dir: TempDir, seed uid: UInt32) async throws -> (QuotaDatabase, [String]) {
+    let db = try QuotaDatabase(path: dir.file("quota.db"))
+    _ = try await db.admit(request(uid, ["a@x.org"], day, t0))
+    let pages = try db.testingInteger("PRAGMA page_count")
+    try db.testingExecute("PRAGMA max_page_count = \(pages)")
+    return (db, (0..<2000).map { "recipient-with-a-rather-long-local-part-\($0)@example.org" })
+}
+
 /// True when opening the file, listing it or admitting into it throws (and nothing crashes).
 private func openingOrUsingThrows(_ path: String) async -> Bool {
     do {
@@ -356,16 +366,11 @@ private func openingOrUsingThrows(_ path: String) async -> Bool {
         #expect(try alone.count(uid: 33, windowStart: nil) == 1)
     }
 
-    /// SQLITE_FULL in the middle of a transaction (max_page_count stands in for a full disk,
-    /// which also fails for root): admit throws, the transaction is rolled back, and the
+    /// SQLITE_FULL in the middle of a transaction: admit throws, the transaction is rolled back, and the
     /// database works again once there is room.
     @Test func fullDatabaseRollsBack() async throws {
         let dir = try TempDir()
-        let db = try QuotaDatabase(path: dir.file("quota.db"))
-        _ = try await db.admit(request(33, ["a@x.org"], day, t0))
-        let pages = try db.testingInteger("PRAGMA page_count")
-        try db.testingExecute("PRAGMA max_page_count = \(pages)")
-        let many = (0..<2000).map { "recipient-with-a-rather-long-local-part-\($0)@example.org" }
+        let (db, many) = try await fullDatabase(dir, seed: 33)
         let error = await #expect(throws: QuotaDatabaseError.self) {
             try await db.admit(request(33, many, Quota(limit: 5000, period: nil), t0 + 1))
         }
@@ -394,11 +399,7 @@ private func openingOrUsingThrows(_ path: String) async -> Bool {
     /// nothing; every request reported admitted is in the file.
     @Test func batchWithAFailingRequest() async throws {
         let dir = try TempDir()
-        let db = try QuotaDatabase(path: dir.file("quota.db"))
-        _ = try await db.admit(request(1, ["seed@x.org"], day, t0))
-        let pages = try db.testingInteger("PRAGMA page_count")
-        try db.testingExecute("PRAGMA max_page_count = \(pages)")
-        let many = (0..<2000).map { "recipient-with-a-rather-long-local-part-\($0)@example.org" }
+        let (db, many) = try await fullDatabase(dir, seed: 1)
         let big = Quota(limit: 5000, period: nil)
         let results = db.testingAdmit(batch: [
             request(40, ["small@x.org"], day, t0), request(41, many, big, t0), request(42, ["small@x.org"], day, t0),
