@@ -43,42 +43,52 @@ final class LazyQuotaStore: QuotaStore, Sendable {
     let path: String
     let logger: Logger
     /// After a failed open, decisions fail fast for this long before the next try.
-    static let retryAfter: TimeAmount = .seconds(5)
+    let retryAfter: TimeAmount
     private let database = Mutex<(db: QuotaDatabase?, failed: (NIODeadline, String)?)>((nil, nil))
 
-    init(path: String, logger: Logger) {
+    init(path: String, logger: Logger, retryAfter: TimeAmount = .seconds(5)) {
         self.path = path
         self.logger = logger
+        self.retryAfter = retryAfter
     }
 
+    /// Opens run one at a time here; the lock above is only ever held for a moment, so an
+    /// event loop asking for the state never waits for a file to open.
+    private static let opener = DispatchQueue(label: "restrictpd.quota-open")
+
+    /// The open database, or an error at once while the last failure is recent.
+    private func ready() throws -> QuotaDatabase? {
+        let (db, failed) = self.database.withLock { ($0.db, $0.failed) }
+        if let db { return db }
+        if let (at, why) = failed, NIODeadline.now() - at < self.retryAfter {
+            throw SystemError("quota database unavailable: \(why)", errno: 0)
+        }
+        return nil
+    }
+
+    /// Opens the database unless it is open (blocking: at startup, or on `opener`).
     func open() throws -> QuotaDatabase {
-        try self.database.withLock { state in
-            if let db = state.db { return db }
-            if let (at, why) = state.failed, NIODeadline.now() - at < Self.retryAfter {
-                throw SystemError("quota database unavailable: \(why)", errno: 0)
-            }
-            do {
-                let opened = try QuotaDatabase(path: self.path)
-                state = (opened, nil)
-                return opened
-            } catch {
-                state.failed = (NIODeadline.now(), "\(error)")
-                throw error
-            }
+        if let db = try self.ready() { return db }
+        do {
+            let opened = try QuotaDatabase(path: self.path)
+            self.database.withLock { $0 = (opened, nil) }
+            return opened
+        } catch {
+            self.database.withLock { $0.failed = (NIODeadline.now(), "\(error)") }
+            throw error
         }
     }
-
-    /// The open database, if any, without blocking.
-    private var current: QuotaDatabase? { self.database.withLock { $0.db } }
 
     func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
         let db: QuotaDatabase
         do {
-            // Opening (file I/O, perhaps a recovery) happens off the event loop.
-            if let open = self.current {
+            // Opening (file I/O, perhaps a recovery) happens off the event loop, one at a time.
+            if let open = try self.ready() {
                 db = open
             } else {
-                db = try await Offload.run { try self.open() }
+                db = try await withCheckedThrowingContinuation { continuation in
+                    Self.opener.async { continuation.resume(with: Result { try self.open() }) }
+                }
             }
         } catch {
             self.logger.error("quota database unavailable: \(error)")

@@ -1,6 +1,7 @@
 // The SQLite quota store on real files in a temporary directory.
 
 import Foundation
+import Logging
 import RestrictPolicy
 import Testing
 
@@ -445,5 +446,29 @@ private func openingOrUsingThrows(_ path: String) async -> Bool {
         #expect(try db.entries(uid: nil).map(\.address) == ["z@x.org"])
         let fresh = try await db.admit(request(33, ["d@x.org"], day, t0 + 200))
         #expect(fresh == QuotaOutcome(admitted: true, used: 1, limit: 10, firstRefused: nil))
+    }
+}
+
+@Suite struct LazyQuotaStoreTests {
+    /// Missing directory: decisions fail (and fail fast until the retry time), then the store
+    /// opens once the directory exists; concurrent first decisions open one database.
+    @Test func opensLaterAndOnce() async throws {
+        let dir = try TempDir()
+        let missing = dir.file("later")
+        let store = LazyQuotaStore(path: missing + "/quota.db", logger: Logger(label: "test"), retryAfter: .milliseconds(300))
+        await #expect(throws: (any Error).self) { try await store.admit(request(33, ["a@x.org"], day, t0)) }
+        #expect(mkdir(missing, 0o700) == 0)
+        // Within the retry time: refused at once, without a second try.
+        let fast = await #expect(throws: SystemError.self) { try await store.admit(request(33, ["a@x.org"], day, t0)) }
+        #expect(fast?.description.contains("quota database unavailable") == true)
+        try await Task.sleep(nanoseconds: 400_000_000)
+        let outcomes = try await withThrowingTaskGroup(of: QuotaOutcome.self) { group in
+            for i in 0..<20 {
+                group.addTask { try await store.admit(request(33, ["r\(i)@x.org"], day, t0)) }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(outcomes.filter(\.admitted).count == 10)
+        #expect(try store.open().entries(uid: 33).count == 10)
     }
 }
