@@ -2,8 +2,8 @@
 // keeps up, and not while a chunk it has not taken is waiting, so at most one read's worth is
 // ever buffered, however fast the client writes and however slow the relay is. While the
 // session keeps up, the socket's read interest stays registered with epoll (no epoll_ctl per
-// read). Writes complete when the socket took them. Event-loop confined state behind a
-// Sendable front.
+// read). A write goes out at once and is waited for only while the socket is not taking data.
+// Event-loop confined state behind a Sendable front.
 
 import NIOCore
 

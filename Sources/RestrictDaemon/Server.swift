@@ -1,6 +1,6 @@
 // Listeners and the per-connection life: peer check, session limit, relay connection, the
-// session itself, and its deadlines. One child task per connection (the NIOTCPEchoServer
-// shape); a failing connection ends only itself.
+// session itself, and its deadlines. One task per connection, on the connection's event
+// loop; a failing connection ends only itself.
 
 import Logging
 public import NIOCore
@@ -14,7 +14,7 @@ import Glibc
 
 /// A listening socket. It accepts nothing until a `ConnectionHandler` runs it; then each
 /// accepted connection starts its session right where NIO sets the connection up, on the
-/// connection's own event loop (no hop to another thread and back per connection).
+/// connection's own event loop (no accept loop and async sequence in between).
 public final class Listener: Sendable {
     public let channel: any Channel
     fileprivate let box: AcceptorBox
@@ -282,7 +282,7 @@ public struct ConnectionHandler: Sendable {
 
 /// Runs a session's task on its connection's event loop, so that its reads, writes and
 /// continuations never cross to another thread.
-final class LoopExecutor: TaskExecutor, @unchecked Sendable {
+final class LoopExecutor: TaskExecutor {
     let loop: any EventLoop
     init(_ loop: any EventLoop) { self.loop = loop }
 
