@@ -86,9 +86,7 @@ final class LazyQuotaStore: QuotaStore, Sendable {
             if let open = try self.ready() {
                 db = open
             } else {
-                db = try await withCheckedThrowingContinuation { continuation in
-                    Self.opener.async { continuation.resume(with: Result { try self.open() }) }
-                }
+                db = try await Offload.run(on: Self.opener) { try self.open() }
             }
         } catch {
             self.logger.error("quota database unavailable: \(error)")
@@ -253,8 +251,8 @@ public enum Daemon {
                 Systemd.notify("STOPPING=1\nSTATUS=draining \(registry.count) sessions")
                 runtime.draining.withLock { $0 = true }
                 for listener in listeners {
-                    // Stop accepting first: a connection accepted while the listener closes
-                    // would be handed to an accept loop that has already ended.
+                    // Stop accepting first; a connection accepted meanwhile is answered
+                    // 421 4.3.2 by its session (the runtime is draining).
                     try? await listener.channel.setOption(ChannelOptions.autoRead, value: false).get()
                     try? await listener.channel.close()
                 }

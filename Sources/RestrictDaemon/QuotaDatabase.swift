@@ -160,16 +160,6 @@ public final class QuotaDatabase: QuotaStore, Sendable {
 
     // MARK: internal
 
-    /// Runs `body` on the database's queue and resumes the caller with its result.
-    private func onQueue<T: Sendable>(_ body: @escaping @Sendable (QuotaConnection) throws -> T) async throws -> T {
-        let connection = self.connection
-        return try await withCheckedThrowingContinuation { continuation in
-            self.queue.async {
-                continuation.resume(with: Result { try body(connection) })
-            }
-        }
-    }
-
     /// For tests: one batch in one transaction, as `drain` runs it.
     func testingAdmit(batch requests: [QuotaRequest]) -> [Result<QuotaOutcome, any Error>] {
         self.queue.sync { self.connection.admit(batch: requests) }

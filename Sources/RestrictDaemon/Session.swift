@@ -97,8 +97,7 @@ struct Session {
         if case .none = self.txn.mail, self.txn.pendingRecipients == 0 { return true }
         // The client left in the middle of an envelope: clear it before lending the connection.
         do {
-            try await relay.send("RSET")
-            return try await relay.reply().isPositive
+            return try await relay.reset().isPositive
         } catch {
             return false
         }

@@ -174,14 +174,13 @@ extension Session {
                 }
                 guard try await client.fill() else {
                     // The client left mid-message: the relay must not see an end of data.
-                    relay.abort()
+                    self.dropRelay(relay)
                     self.logger.warning("\(record.queueID ?? "NOQUEUE"): client disconnected during DATA; message discarded")
                     return false
                 }
             }
         } catch is RelayFailure {
-            relay.abort()
-            self.relayAborted = true
+            self.dropRelay(relay)
             scanner.discardRest()
             try await self.drain(&scanner, client: &client, ended: ended)
             record.verdict = "deferred"
@@ -194,8 +193,7 @@ extension Session {
         if let abort {
             // Part of the message already went to the relay: drop that connection so it
             // never sees an end of data, then answer the client.
-            relay.abort()
-            self.relayAborted = true
+            self.dropRelay(relay)
             try await self.drain(&scanner, client: &client, ended: false)
             record.verdict = "refused"
             record.reason = abort.reason
@@ -214,8 +212,7 @@ extension Session {
         } catch let failure as RelayFailure {
             // Lost with the last lines or before its reply: the relay did not take the
             // message, so it is deferred and logged like a loss earlier in DATA.
-            relay.abort()
-            self.relayAborted = true
+            self.dropRelay(relay)
             record.verdict = "deferred"
             record.reason = "relay connection lost at end of data: \(failure)"
             self.log(record, level: .warning)
@@ -230,11 +227,18 @@ extension Session {
         // Logged before the answer: if the client is gone by now, the relay still has the
         // message, and the line must say so.
         self.log(record, level: record.verdict == "relayed" ? .info : .warning)
-        if answer.code / 100 == 3 { relay.abort(); self.relayAborted = true }
+        if answer.code / 100 == 3 { self.dropRelay(relay) }
         try await client.send(answer)
         self.resetTransaction()
         client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout), fromFirstByte: true)
         return true
+    }
+
+    /// Closes the relay connection mid-transaction (the relay discards what it has); the
+    /// session can only end after this.
+    mutating func dropRelay(_ relay: RelayIO) {
+        relay.abort()
+        self.relayAborted = true
     }
 
     /// Reads and drops the rest of the message up to its end of data.
@@ -252,12 +256,10 @@ extension Session {
     /// The message is refused (or deferred): clear the relay's envelope, answer, log.
     mutating func finishRefused(reply: SMTPReply, record: DecisionRecord, client: inout ClientIO, relay: inout RelayIO) async throws {
         do {
-            try await relay.send("RSET")
-            _ = try await relay.reply()
+            _ = try await relay.reset()
         } catch is RelayFailure {
             // The decision stands and is still answered and logged; only QUIT is left after.
-            relay.abort()
-            self.relayAborted = true
+            self.dropRelay(relay)
         }
         self.resetTransaction()
         client.clock.phase("command", timeout: .seconds(self.settings.commandTimeout), fromFirstByte: true)

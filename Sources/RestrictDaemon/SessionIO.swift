@@ -182,8 +182,15 @@ struct RelayIO {
         }
     }
 
+    /// RSET, sent by restrictpd itself to clear the relay's envelope; counted towards the
+    /// connection's retirement (see RelayConnection.wear). Returns the relay's reply.
+    func reset() async throws -> SMTPReply {
+        self.connection.wear.withLock { $0.resets += 1 }
+        try await self.send("RSET")
+        return try await self.reply()
+    }
+
     func send(_ line: String) async throws {
-        if line == "RSET" { self.connection.wear.withLock { $0.resets += 1 } }
         var out = ByteBuffer()
         out.reserveCapacity(line.utf8.count + 2)
         out.writeString(line)

@@ -134,9 +134,12 @@ public enum Privileges {
 /// Runs blocking work (a file read, an NSS lookup, opening a database) on a Dispatch worker
 /// thread, never on an event loop.
 enum Offload {
-    static func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    /// `queue`: a serial queue where such work must run one at a time.
+    static func run<T: Sendable>(
+        on queue: DispatchQueue = .global(qos: .utility), _ body: @escaping @Sendable () throws -> T
+    ) async throws -> T {
         try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global(qos: .utility).async {
+            queue.async {
                 continuation.resume(with: Result { try body() })
             }
         }
