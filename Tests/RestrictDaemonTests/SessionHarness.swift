@@ -184,6 +184,14 @@ final class TestClient: Sendable {
         return self.cursor.withLock { Array(bytes[min($0, bytes.count)...]) }
     }
 
+    /// The next reply is `code` with `enhanced`, and then the daemon closes the connection.
+    func expectFinalReply(_ code: Int, _ enhanced: String, sourceLocation: SourceLocation = #_sourceLocation) async throws {
+        let reply = try await self.reply()
+        #expect(reply.code == code, sourceLocation: sourceLocation)
+        #expect(reply.enhanced == enhanced, sourceLocation: sourceLocation)
+        try await self.waitClosed()
+    }
+
     func waitClosed(within seconds: Double = 10) async throws {
         try await eventually("the daemon to close the client connection", within: seconds) { self.inbox.isClosed }
     }

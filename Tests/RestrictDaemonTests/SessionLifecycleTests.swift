@@ -56,10 +56,7 @@ struct SessionLifecycleTests {
             #expect(!h.relay.log.connection.commands.contains { $0.hasPrefix("MAIL") })
 
             let late = try await h.client()
-            let refused = try await late.reply()
-            #expect(refused.code == 421)
-            #expect(refused.enhanced == "4.3.2")
-            try await late.waitClosed()
+            try await late.expectFinalReply(421, "4.3.2")
         }
     }
 
@@ -68,10 +65,7 @@ struct SessionLifecycleTests {
         try await withDaemon("max_sessions 1\n" + rootAllowsAll) { h in
             let first = try await h.ready()
             let second = try await h.client()
-            let reply = try await second.reply()
-            #expect(reply.code == 421)
-            #expect(reply.enhanced == "4.3.2")
-            try await second.waitClosed()
+            try await second.expectFinalReply(421, "4.3.2")
             #expect(try await first.command("NOOP").code == 250)
             #expect(h.relay.log.connections.count == 1)
             // The refused connection did not keep its place: once the first leaves, a new one is served.
@@ -95,10 +89,7 @@ struct SessionLifecycleTests {
     func peerCheckRefuses() async throws {
         try await withDaemon(configure: { $0.peerCheck = true; $0.clients = [65534] }) { h in
             let client = try await h.client()
-            let reply = try await client.reply()
-            #expect(reply.code == 554)
-            #expect(reply.enhanced == "5.7.1")
-            try await client.waitClosed()
+            try await client.expectFinalReply(554, "5.7.1")
             #expect(h.relay.log.connections.isEmpty)
             let warnings = h.logs.all.filter { $0.level == .warning && $0.message.contains("refused") }
             #expect(warnings.count == 1)

@@ -156,10 +156,7 @@ struct SessionLimitsTests {
         try await withDaemon { h in
             let client = try await h.ready()
             try await client.send("NOOP\n")
-            let reply = try await client.reply()
-            #expect(reply.code == 521)
-            #expect(reply.enhanced == "5.5.2")
-            try await client.waitClosed()
+            try await client.expectFinalReply(521, "5.5.2")
         }
     }
 

@@ -154,10 +154,7 @@ struct SessionRelayTests {
         let port = try await deadPort()
         try await withDaemon(relayPort: port) { h in
             let client = try await h.client()
-            let reply = try await client.reply()
-            #expect(reply.code == 421)
-            #expect(reply.enhanced == "4.4.1")
-            try await client.waitClosed()
+            try await client.expectFinalReply(421, "4.4.1")
         }
     }
 
@@ -167,10 +164,7 @@ struct SessionRelayTests {
         script.greeting = .reply("554 5.3.2 relay.test closed")
         try await withDaemon(relay: script) { h in
             let client = try await h.client()
-            let reply = try await client.reply()
-            #expect(reply.code == 421)
-            #expect(reply.enhanced == "4.4.1")
-            try await client.waitClosed()
+            try await client.expectFinalReply(421, "4.4.1")
         }
     }
 
