@@ -404,22 +404,17 @@ def memory_big(binary, workdir, sink_port):
         c = Client(port)
         c.start_data(UID_BASE)
         sent = 0
-        peak_during = 0.0
         t0 = time.perf_counter()
         while sent < total:
             c.sock.sendall(chunk)
             sent += len(chunk)
-            if (sent // len(chunk)) % 64 == 0:
-                peak_during = max(peak_during, rpd.rss_mib())
         code, lines = c.finish()
         elapsed = time.perf_counter() - t0
         hwm = rpd.hwm_mib()
-        verdicts = rpd.verdicts()
     finally:
         maxrss = rpd.stop()
     return {"bytes": sent, "code": code, "reply": lines[-1], "seconds": elapsed, "idle_hwm": idle,
-            "hwm": hwm, "rss_sampled": peak_during, "time_maxrss": maxrss, "verdicts": verdicts,
-            "log": rpd.log_path}
+            "hwm": hwm, "time_maxrss": maxrss}
 
 
 def memory_concurrent(binary, workdir, sink_port):
@@ -446,7 +441,6 @@ def memory_concurrent(binary, workdir, sink_port):
             code, _ = c.finish()
             codes[code] = codes.get(code, 0) + 1
         hwm = rpd.hwm_mib()
-        verdicts = rpd.verdicts()
     finally:
         for c in clients:
             try:
@@ -455,8 +449,7 @@ def memory_concurrent(binary, workdir, sink_port):
                 pass
         maxrss = rpd.stop()
     return {"sessions": len(clients), "codes": codes, "idle_hwm": idle, "held_hwm": held_hwm,
-            "held_rss": held_rss, "hwm": hwm, "time_maxrss": maxrss, "fds_while_held": open_sessions,
-            "verdicts": verdicts}
+            "held_rss": held_rss, "hwm": hwm, "time_maxrss": maxrss, "fds_while_held": open_sessions}
 
 
 # ---------------------------------------------------------------- throughput
@@ -467,6 +460,31 @@ def with_cpu(sink, fn, *a):
     c0, s0 = children_cpu(), sink.cpu_seconds()
     el, fails = fn(*a)
     return el, fails, (children_cpu() - c0) + (sink.cpu_seconds() - s0)
+
+
+class ProxiedRun:
+    """What run_proxied measured: the load's own result, and restrictpd's side of it."""
+
+    def __init__(self, result, cpu, kernel, hwm, verdicts, log_path):
+        self.result, self.cpu, self.kernel, self.hwm = result, cpu, kernel, hwm
+        self.verdicts, self.log_path = verdicts, log_path
+        self.relayed = verdicts.get("relayed", 0)
+
+
+def run_proxied(binary, workdir, name, make, sink_port, load):
+    """A fresh restrictpd (configuration from `make`) in front of the sink, under `load(port)`:
+    restrictpd's CPU and kernel seconds during the load, its VmHWM, and its verdicts."""
+    port = free_port()
+    rpd = Restrictpd(binary, workdir, name, make(port, sink_port, "@STATE@"), port)
+    try:
+        cpu0, sys0 = rpd.cpu_seconds(), proc_cpu(rpd.pid, kernel_only=True)
+        result = load(port)
+        cpu = rpd.cpu_seconds() - cpu0
+        kernel = proc_cpu(rpd.pid, kernel_only=True) - sys0
+        hwm = rpd.hwm_mib()
+    finally:
+        rpd.stop()
+    return ProxiedRun(result, cpu, kernel, hwm, rpd.verdicts(), rpd.log_path)
 
 
 def measure_throughput(binary, workdir, sink, files, scenario, total, sessions):
@@ -497,27 +515,22 @@ def measure_throughput(binary, workdir, sink, files, scenario, total, sessions):
                 results[mode].append((total / el, None, None, note, lc / total * 1e6))
                 log(f"{scenario} rep {rep + 1}: direct {total / el:.0f} msg/s {note}")
                 continue
-            port = free_port()
             make = config_quota if mode == "quota" else config_allow_all
-            rpd = Restrictpd(binary, workdir, f"{mode}-{scenario}", make(port, sink_port, "@STATE@"), port)
-            try:
-                cpu0, sys0 = rpd.cpu_seconds(), proc_cpu(rpd.pid, kernel_only=True)
-                if mode == "allow-all-1proc":
-                    el, fails, lc = with_cpu(sink, run_single_process, port, files[lane_uids(1)[0]], total, sessions)
-                else:
-                    el, fails, lc = with_cpu(sink, run_lanes, port, files, total, sessions)
-                cpu = rpd.cpu_seconds() - cpu0
-                kernel_share = (proc_cpu(rpd.pid, kernel_only=True) - sys0) / cpu if cpu > 0 else 0.0
-                hwm = rpd.hwm_mib()
-            finally:
-                rpd.stop()
-            v = rpd.verdicts()
-            relayed = v.get("relayed", 0)
+            if mode == "allow-all-1proc":
+                def load(port):
+                    return with_cpu(sink, run_single_process, port, files[lane_uids(1)[0]], total, sessions)
+            else:
+                def load(port):
+                    return with_cpu(sink, run_lanes, port, files, total, sessions)
+            run = run_proxied(binary, workdir, f"{mode}-{scenario}", make, sink_port, load)
+            el, fails, lc = run.result
+            cpu, hwm = run.cpu, run.hwm
+            kernel_share = run.kernel / cpu if cpu > 0 else 0.0
             notes = []
             if fails:
                 notes.append(f"{len(fails)} smtp-source runs failed: {fails[0]}")
-            if relayed != total:
-                notes.append(f"relayed {relayed} of {total}; verdicts {v}; log {rpd.log_path}")
+            if run.relayed != total:
+                notes.append(f"relayed {run.relayed} of {total}; verdicts {run.verdicts}; log {run.log_path}")
             note = "; ".join(notes)
             results[mode].append((total / el, hwm, cpu / total * 1e6, note, lc / total * 1e6, kernel_share))
             log(f"{scenario} rep {rep + 1}: {mode} {total / el:.0f} msg/s, VmHWM {hwm:.1f} MiB, "

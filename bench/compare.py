@@ -53,19 +53,12 @@ def main():
                     el, fails = bench.run_lanes(sink.port, files, args.messages, args.sessions)
                     cpu = kernel = 0.0
                 else:
-                    port = bench.free_port()
                     make = bench.config_quota if args.quota else bench.config_allow_all
-                    rpd = bench.Restrictpd(binary, workdir, label, make(port, sink.port, "@STATE@"), port)
-                    try:
-                        c0, k0 = rpd.cpu_seconds(), bench.proc_cpu(rpd.pid, kernel_only=True)
-                        el, fails = bench.run_lanes(port, files, args.messages, args.sessions)
-                        cpu = rpd.cpu_seconds() - c0
-                        kernel = bench.proc_cpu(rpd.pid, kernel_only=True) - k0
-                    finally:
-                        rpd.stop()
-                    relayed = rpd.verdicts().get("relayed", 0)
-                    if relayed != args.messages:
-                        fails = fails + [f"relayed {relayed} of {args.messages}, log {rpd.log_path}"]
+                    run = bench.run_proxied(binary, workdir, label, make, sink.port,
+                                            lambda port: bench.run_lanes(port, files, args.messages, args.sessions))
+                    (el, fails), cpu, kernel = run.result, run.cpu, run.kernel
+                    if run.relayed != args.messages:
+                        fails = fails + [f"relayed {run.relayed} of {args.messages}, log {run.log_path}"]
                 total1, idle1 = cpu_idle()
                 idle = 100.0 * (idle1 - idle0) / max(1, total1 - total0)
                 row = (args.messages / el, cpu / args.messages * 1e6, kernel / args.messages * 1e6, idle)

@@ -545,6 +545,32 @@ class Slot:
             self._lock_file.close()
 
 
+def log_text(path: Path) -> str:
+    """A log file's whole text ("" while it does not exist)."""
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def log_mark(path: Path) -> int:
+    """Where a log file ends now, for reading only what comes after."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def log_lines(path: Path, since: int = 0) -> list[str]:
+    """The lines of a log file from byte offset `since` on."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            return f.read().decode("utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
 class PostfixInstance:
     def __init__(self, slot: Slot, sink_port: int, filter_port: int | None = None,
                  relay_port: int | None = None, relay_port_debian: int | None = None):
@@ -678,24 +704,13 @@ class PostfixInstance:
     # -- the log
 
     def log_text(self) -> str:
-        try:
-            return self.maillog.read_bytes().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return log_text(self.maillog)
 
     def log_mark(self) -> int:
-        try:
-            return self.maillog.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return log_mark(self.maillog)
 
     def log_lines(self, since: int = 0) -> list[str]:
-        try:
-            with open(self.maillog, "rb") as f:
-                f.seek(since)
-                return f.read().decode("utf-8", errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
+        return log_lines(self.maillog, since)
 
     def grep(self, pattern: str, since: int = 0) -> list[str]:
         rx = re.compile(pattern)
@@ -812,35 +827,18 @@ class Restrictpd:
         return self.proc is not None and self.proc.poll() is None
 
     def log_text(self) -> str:
-        try:
-            return self.log.read_bytes().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return log_text(self.log)
 
     def log_mark(self) -> int:
-        try:
-            return self.log.stat().st_size
-        except FileNotFoundError:
-            return 0
+        return log_mark(self.log)
 
     def grep(self, pattern: str, since: int = 0) -> list[str]:
         rx = re.compile(pattern)
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(since)
-                text = f.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return []
-        return [line for line in text.splitlines() if rx.search(line)]
+        return [line for line in log_lines(self.log, since) if rx.search(line)]
 
     def wait_log(self, pattern: str, since: int = 0, timeout: float = 15, count: int = 1) -> list[str]:
         return wait_until(lambda: (lambda m: m if len(m) >= count else None)(self.grep(pattern, since)),
                           timeout, 0.1, f"{count} restrictpd log line(s) matching {pattern!r}")
-
-    def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-        """Run a one-shot restrictpd command (--test, --quota...) against this config."""
-        return run([str(self.binary), "--config", str(self.config), *args], check=False,
-                   timeout=timeout)
 
 
 def restrictpd_config(*, port: int, relay_port: int, state: Path, rules: str,
