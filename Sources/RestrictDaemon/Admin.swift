@@ -116,7 +116,7 @@ public enum Admin {
             } else {
                 outcome = QuotaArithmetic.decide(request, counted: []).0
             }
-            let figure = "\(max(0, outcome.limit - outcome.used))/\(outcome.limit)\(quota.period.map { " per \($0.rawValue)" } ?? "")"
+            let figure = quota.remaining(after: outcome)
             out.stdout.append("outside the allow list: \(addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(quota))")
             if outcome.admitted {
                 verdict = Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "within quota", quota: figure)

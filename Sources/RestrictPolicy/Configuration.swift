@@ -16,7 +16,12 @@ public struct Setting: Sendable {
         self.unit = unit
     }
 
-    // The SMTP limits mirror SMTPCore's `SMTPLimits` (the daemon checks they agree).
+    // The SMTP limits: the daemon hands their values to SMTPCore as `SMTPLimits`.
+    // command_line_limit: RFC 5321 4.5.3.1.4 allows 512 octets, ESMTP parameters (RFC 1869)
+    // add to that; Postfix's line_length_limit is 2048. data_line_limit: RFC 5321 4.5.3.1.6
+    // says 1000 octets with CRLF, Postfix's smtp client folds at 990; the default leaves room
+    // for other submitters. header_limit: the header section is held until the sender is
+    // known (design decision 7). recipient_limit and message_size_limit: Postfix's defaults.
     public static let commandLineLimit = Setting("command_line_limit", 2048, 512...65536, .bytes)
     public static let dataLineLimit = Setting("data_line_limit", 8192, 1000...1_048_576, .bytes)
     public static let headerLimit = Setting("header_limit", 102_400, 1024...10_485_760, .bytes)
@@ -73,7 +78,10 @@ public struct Quota: Sendable, Equatable, CustomStringConvertible {
         self.period = period
     }
 
-    public var description: String { self.period.map { "\(self.limit) per \($0.rawValue)" } ?? "\(self.limit)" }
+    public var description: String { "\(self.limit)\(self.periodSuffix)" }
+
+    /// " per day", or "" without a period.
+    public var periodSuffix: String { self.period.map { " per \($0.rawValue)" } ?? "" }
 
     public static let maxLimit = 1_000_000
 }

@@ -95,6 +95,13 @@ public struct QuotaRequest: Sendable, Equatable {
     public var windowStart: Int64? { self.quota.period.map { self.now - $0.seconds } }
 }
 
+extension Quota {
+    /// What `outcome` leaves of this quota, as the decision log shows it: "49/50 per day".
+    public func remaining(after outcome: QuotaOutcome) -> String {
+        "\(max(0, outcome.limit - outcome.used))/\(outcome.limit)\(self.periodSuffix)"
+    }
+}
+
 public struct QuotaOutcome: Sendable, Equatable {
     public let admitted: Bool
     /// Distinct addresses counted in the window after this decision.
@@ -233,13 +240,13 @@ public struct Policy: Sendable {
                     kind: .defer, code: 451, enhanced: "4.3.0", text: "Temporary failure: quota database unavailable",
                     reason: "quota store error: \(error)", quota: nil)
             }
-            let figure = "\(max(0, outcome.limit - outcome.used))/\(outcome.limit)\(quota.period.map { " per \($0.rawValue)" } ?? "")"
+            let figure = quota.remaining(after: outcome)
             if outcome.admitted {
                 return Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "within quota", quota: figure)
             }
             let key = outcome.firstRefused ?? addresses[0]
             let rcpt = written[key] ?? key
-            let text = "<\(rcpt)>: quota of \(quota.limit) arbitrary recipients\(quota.period.map { " per \($0.rawValue)" } ?? "") exhausted for \(sender.phrase)"
+            let text = "<\(rcpt)>: quota of \(quota.limit) arbitrary recipients\(quota.periodSuffix) exhausted for \(sender.phrase)"
             switch overQuota {
             case .defer:
                 return Verdict(kind: .defer, code: 451, enhanced: "4.7.1", text: text, reason: "<\(rcpt)> over quota", quota: figure)

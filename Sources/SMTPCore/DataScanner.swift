@@ -122,11 +122,11 @@ public struct DataScanner: Sendable {
         return nil
     }
 
-    private mutating func violation(_ v: DataViolation, _ buffer: inout ByteBuffer, at index: Int, lineStart: Bool) -> DataEvent {
+    private mutating func violation(_ v: DataViolation, _ buffer: inout ByteBuffer, at index: Int) -> DataEvent {
         // Resume the search for the end of data just after the offending byte. A bare LF there
         // is not a line start: only the exact CRLF "." CRLF ends the data.
         buffer.moveReaderIndex(to: index)
-        self.state = .discarding(match: lineStart ? 2 : 0)
+        self.state = .discarding(match: 0)
         return .violation(v)
     }
 
@@ -196,7 +196,7 @@ public struct DataScanner: Sendable {
             buffer.moveReaderIndex(to: lf + 1)
             return .content(slice)
         case .violation(let v, let resumeAt):
-            return self.violation(v, &buffer, at: start + resumeAt, lineStart: false)
+            return self.violation(v, &buffer, at: start + resumeAt)
         }
     }
 }

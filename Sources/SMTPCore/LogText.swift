@@ -9,7 +9,9 @@ public enum LogText {
         var out = ""
         out.reserveCapacity(min(bytes.count, limit) + 8)
         var count = 0
-        var it = Array(bytes)[...]
+        // At most `limit` bytes are taken, plus the rest of a scalar and one byte to see that
+        // there is more: no need to copy a long input whole.
+        var it = Array(bytes.prefix(limit + 4))[...]
         while let c = it.first {
             if count >= limit {
                 out += "..."
@@ -22,8 +24,7 @@ public enum LogText {
                 if len > 1, it.count >= len, let s = String(validating: it.prefix(len), as: UTF8.self),
                     let scalar = s.unicodeScalars.first,
                     !(0x80...0x9F).contains(scalar.value), scalar.value != 0x2028, scalar.value != 0x2029,
-                    !(0x200E...0x200F).contains(scalar.value), !(0x202A...0x202E).contains(scalar.value),
-                    !(0x2066...0x2069).contains(scalar.value)
+                    !scalar.properties.isBidiControl
                 {
                     out += s
                     it = it.dropFirst(len)

@@ -35,6 +35,10 @@ import Testing
         // C1 controls and Unicode line separators are escaped too.
         #expect(LogText.escape("\u{85}") == "\\xc2\\x85")
         #expect(LogText.escape("\u{2028}x\u{2029}") == "\\xe2\\x80\\xa8x\\xe2\\x80\\xa9")
+        // Bidi controls, which could make a line read in another order: all of them.
+        #expect(LogText.escape("a\u{202E}b") == "a\\xe2\\x80\\xaeb")
+        #expect(LogText.escape("a\u{2067}b") == "a\\xe2\\x81\\xa7b")
+        #expect(LogText.escape("a\u{61C}b") == "a\\xd8\\x9cb")
     }
 
     @Test func truncation() {
@@ -50,5 +54,7 @@ import Testing
         // A multi-byte character is never cut in half.
         #expect(LogText.escape("aé", limit: 2) == "aé")
         #expect(LogText.escape("aéb", limit: 2) == "aé...")
+        // A long input is cut at the limit whatever its length.
+        #expect(LogText.escape(String(repeating: "€", count: 100_000), limit: 5) == "€€...")
     }
 }
