@@ -105,8 +105,8 @@ final class LazyQuotaStore: QuotaStore, Sendable {
 public struct PreparedDaemon: Sendable {
     let options: DaemonOptions
     let configuration: Configuration
-    /// Listening sockets: ours, bound from `listen` lines, or systemd's.
-    let sockets: [(fd: Int32, name: String)]
+    /// Listening sockets: ours, bound from `listen` and `policy_listen` lines, or systemd's.
+    let sockets: [(fd: Int32, name: String, policy: Bool)]
 }
 
 public enum Daemon {
@@ -133,15 +133,17 @@ public enum Daemon {
             }
         }
 
-        var sockets: [(fd: Int32, name: String)] = []
+        var sockets: [(fd: Int32, name: String, policy: Bool)] = []
         let passed = Systemd.listenSockets()
         if !passed.isEmpty {
+            // A socket named "policy" (FileDescriptorName=) serves the policy service; every
+            // other one SMTP.
             for socket in passed {
                 guard Systemd.isListeningStream(socket.fd) else {
                     logger.warning("ignoring socket \(socket.name) (fd \(socket.fd)) from systemd: not a listening stream socket")
                     continue
                 }
-                sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)"))
+                sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)", socket.name == "policy"))
             }
         } else {
             let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
@@ -149,9 +151,11 @@ public enum Daemon {
                 logger.critical("unix_socket_group: no group named \(name)")
                 return nil
             }
-            for address in configuration.listen {
+            let all = configuration.listen.map { ($0, false) } + configuration.policyListen.map { ($0, true) }
+            for (address, policy) in all {
                 do {
-                    sockets.append((try ListenSocket.open(address, mode: configuration.unixSocketMode, group: gid), "\(address)"))
+                    let fd = try ListenSocket.open(address, mode: configuration.unixSocketMode, group: gid)
+                    sockets.append((fd, policy ? "\(address) (policy service)" : "\(address)", policy))
                 } catch {
                     logger.critical("cannot listen on \(address): \(error)")
                     return nil
@@ -211,9 +215,11 @@ public enum Daemon {
 
         let group = MultiThreadedEventLoopGroup.singleton
         var listeners: [Listener] = []
+        var policyListeners: [Listener] = []
         for socket in prepared.sockets {
             do {
-                listeners.append(try await ListenerFactory.adopt(fd: socket.fd, group: group))
+                let listener = try await ListenerFactory.adopt(fd: socket.fd, group: group)
+                if socket.policy { policyListeners.append(listener) } else { listeners.append(listener) }
                 logger.info("listening on \(socket.name)")
             } catch {
                 logger.critical("cannot listen on \(socket.name): \(error)")
@@ -230,6 +236,11 @@ public enum Daemon {
         let runtime = Runtime(ruleset: Ruleset(configuration), store: store, logger: logger)
         let registry = SessionRegistry()
         let handler = ConnectionHandler(runtime: runtime, registry: registry, group: group)
+        let policyService = PolicyService(runtime: runtime)
+        // Postfix keeps policy connections open between requests: a drain closes them at once
+        // rather than waiting for them.
+        let policyRegistry = SessionRegistry()
+        let policy = PolicyConnection(service: policyService, registry: policyRegistry)
 
         logger.info("restrictpd \(Version.string) ready: \(configuration.rules.count) rules, relay \(configuration.relayHost):\(configuration.relayPort)")
         Systemd.notify("READY=1\nSTATUS=ready; \(runtime.snapshot.status)")
@@ -238,7 +249,11 @@ public enum Daemon {
             for listener in listeners {
                 tasks.addTask { await handler.run(listener) }
             }
-            tasks.addTask { await Self.housekeeping(runtime: runtime) }
+            for listener in policyListeners {
+                tasks.addTask { await listener.serve(.policy(policy), logger: logger) }
+            }
+            let sweeper: PolicyService? = policyListeners.isEmpty ? nil : policyService
+            tasks.addTask { await Self.housekeeping(runtime: runtime, policy: sweeper) }
 
             for await sig in signals {
                 if sig == SIGHUP {
@@ -250,6 +265,10 @@ public enum Daemon {
                 logger.info("signal \(sig == SIGTERM ? "TERM" : "INT"): stopping; draining \(registry.count) sessions")
                 Systemd.notify("STOPPING=1\nSTATUS=draining \(registry.count) sessions")
                 runtime.draining.withLock { $0 = true }
+                for listener in policyListeners {
+                    try? await listener.channel.close()
+                }
+                policyRegistry.closeAll()
                 for listener in listeners {
                     // Stop accepting first; a connection accepted meanwhile is answered
                     // 421 4.3.2 by its session (the runtime is draining).
@@ -279,7 +298,8 @@ public enum Daemon {
     }
 
     /// STATUS= every few seconds, and the watchdog at half of WatchdogSec.
-    static func housekeeping(runtime: Runtime) async {
+    /// With the policy service, also sweeps its reservations as often as STATUS= goes out.
+    static func housekeeping(runtime: Runtime, policy: PolicyService?) async {
         let watchdog = Systemd.watchdogInterval()
         let statusEvery: UInt64 = 5_000_000_000
         let tick: UInt64 = watchdog.map { min(statusEvery, $0 * 1000 / 2) } ?? statusEvery
@@ -287,6 +307,9 @@ public enum Daemon {
         var lastStatus = ""
         while !Task.isCancelled {
             if watchdog != nil { Systemd.notify("WATCHDOG=1") }
+            if let policy, sinceStatus >= statusEvery || lastStatus.isEmpty {
+                await policy.sweep(logger: runtime.logger)
+            }
             if sinceStatus >= statusEvery || lastStatus.isEmpty {
                 let status = runtime.snapshot.status
                 if status != lastStatus { Systemd.status(status) }
@@ -307,10 +330,10 @@ public enum Daemon {
         switch ConfigurationLoader.load(options.configPath) {
         case .success(let configuration):
             let old = runtime.ruleset.configuration
-            if configuration.listen != old.listen || configuration.statePath != old.statePath
+            if configuration.listen != old.listen || configuration.policyListen != old.policyListen || configuration.statePath != old.statePath
                 || configuration.unixSocketMode != old.unixSocketMode || configuration.unixSocketGroup != old.unixSocketGroup
             {
-                logger.notice("reload: listen, unix_socket_*, and state changes take effect only at restart")
+                logger.notice("reload: listen, policy_listen, unix_socket_*, and state changes take effect only at restart")
             }
             if !configuration.peerCheck, old.peerCheck {
                 logger.warning("reload: peer_check is now off: any local user who can connect can claim any uid")

@@ -1,5 +1,6 @@
 // Log keys and the one decision line per message, in Postfix's key=value manner:
-//   QUEUEID: uid=33 user=www-data from=<a@b> to=<c@d>,<e@f> verdict=refused reason="..." relay="..."
+//   QUEUEID: uid=33 user=www-data door=pickup from=<a@b> to=<c@d>,<e@f> verdict=refused reason="..." relay="..."
+//   NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<a@b> to=<c@d> verdict=refused reason="..."
 // Every value that came from outside is escaped and truncated by LogText first.
 
 import Logging
@@ -17,6 +18,17 @@ enum LogKey {
     static let relay = "relay"
     static let peer = "peer"
     static let peerUID = "peer_uid"
+    static let door = "door"
+    static let client = "client"
+    static let sasl = "sasl"
+}
+
+/// Which way the mail came in (design decision 11).
+enum Door: String {
+    /// sendmail(1): pickup(8) and the content filter.
+    case pickup
+    /// SMTP to Postfix's smtpd, judged through the policy service.
+    case smtp
 }
 
 struct DecisionRecord {
@@ -29,16 +41,24 @@ struct DecisionRecord {
     var reason: String
     var quota: String?
     var relayReply: String?
+    var door: Door = .pickup
+    /// The SMTP door: the client's address and port.
+    var client: String? = nil
+    /// The SMTP door: the SASL login name of an authenticated session.
+    var sasl: String? = nil
 
     var line: String {
         var s = "\(self.queueID.map { LogText.escape($0, limit: 64) } ?? "NOQUEUE"): "
         s += "uid=\(self.uid.map(String.init) ?? "unknown")"
         if let user { s += " user=\(LogText.escape(user, limit: 64))" }
+        s += " door=\(self.door.rawValue)"
+        if let client { s += " client=\(LogText.escape(client, limit: 64))" }
         s += " from=<\(LogText.escape(self.from))>"
         let shown = self.to.prefix(20).map { "<\(LogText.escape($0))>" }.joined(separator: ",")
         s += " to=\(shown)\(self.to.count > 20 ? ",...(\(self.to.count) in all)" : "")"
         s += " verdict=\(self.verdict) reason=\"\(LogText.escape(self.reason, limit: 512))\""
         if let quota { s += " quota=\"\(quota)\"" }
+        if let sasl { s += " sasl=\"\(LogText.escape(sasl, limit: 128))\"" }
         if let relayReply { s += " relay=\"\(LogText.escape(relayReply, limit: 512))\"" }
         return s
     }
@@ -49,7 +69,10 @@ struct DecisionRecord {
             LogKey.from: .string(LogText.escape(self.from)),
             LogKey.to: .string(self.to.prefix(100).map { LogText.escape($0) }.joined(separator: ",")),
             LogKey.reason: .string(LogText.escape(self.reason, limit: 512)),
+            LogKey.door: .string(self.door.rawValue),
         ]
+        if let client { m[LogKey.client] = .string(LogText.escape(client, limit: 64)) }
+        if let sasl { m[LogKey.sasl] = .string(LogText.escape(sasl, limit: 128)) }
         if let queueID { m[LogKey.queueID] = .string(LogText.escape(queueID, limit: 64)) }
         if let uid { m[LogKey.uid] = .string(String(uid)) }
         if let user { m[LogKey.user] = .string(LogText.escape(user, limit: 64)) }

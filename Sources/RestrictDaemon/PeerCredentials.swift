@@ -8,6 +8,7 @@
 
 import CRestrictSys
 public import NIOCore
+public import RestrictPolicy
 
 #if canImport(Glibc)
 import Glibc
@@ -68,6 +69,39 @@ public enum PeerCredentials {
             case .unavailable(let why, let endpoints):
                 return try await Offload.run { try procOwner(endpoints, why: why) }
             }
+        }
+    }
+
+    /// The UID that owns the client's end of a TCP connection between two addresses of this
+    /// host, as a Postfix policy request describes it (the SMTP door). A client socket of
+    /// the IPv6 family talking to an IPv4 address is found under its v4-mapped form.
+    public static func uid(client: HostAddress, clientPort: UInt16, server: HostAddress, serverPort: UInt16) async throws -> UInt32 {
+        guard client.isIPv4 == server.isIPv4 else {
+            throw PeerLookupError.notLocal("\(client) talking to \(server)")
+        }
+        var forms: [Endpoints] = [(client.isIPv4 ? AF_INET : AF_INET6, client.bytes, clientPort, server.bytes, serverPort)]
+        if client.isIPv4 {
+            let mapped: ([UInt8]) -> [UInt8] = { Array(repeating: 0, count: 10) + [0xFF, 0xFF] + $0 }
+            forms.append((AF_INET6, mapped(client.bytes), clientPort, mapped(server.bytes), serverPort))
+        }
+        var unavailable: (String, Endpoints)? = nil
+        for e in forms {
+            var uid: UInt32 = 0
+            let rc = e.src.withUnsafeBufferPointer { s in
+                e.dst.withUnsafeBufferPointer { d in crs_inet_diag_uid(e.family, s.baseAddress, e.sport, d.baseAddress, e.dport, &uid) }
+            }
+            if rc == 0 { return uid }
+            if rc != -ENOENT, unavailable == nil { unavailable = ("sock_diag: \(String(cString: strerror(-rc)))", e) }
+        }
+        guard let (why, first) = unavailable else {
+            throw PeerLookupError.notFound("\(client):\(clientPort)")
+        }
+        let all = forms
+        return try await Offload.run {
+            for e in all {
+                if let found = procNetOwner(family: e.family, src: e.src, sport: e.sport, dst: e.dst, dport: e.dport) { return found }
+            }
+            throw PeerLookupError.failed("\(why); /proc/net fallback found nothing for \(first.sport)")
         }
     }
 

@@ -179,7 +179,7 @@ final class QuotaConnection: @unchecked Sendable {
         // a rule's period (day -> week, or dropping the period) forgets what was pruned
         // under the shorter one; rows of a uid that no longer has a quota stay until
         // `reset(uid:)`.
-        if let start = request.windowStart {
+        if request.record, let start = request.windowStart {
             try self.run(Self.pruneExpired, [.integer(uid), .integer(start)], "pruning")
         }
         let counted = try self.counted(uid: uid, since: request.windowStart)

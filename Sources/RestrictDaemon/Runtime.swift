@@ -73,9 +73,12 @@ public final class Runtime: Sendable {
     let draining = Mutex(false)
     let userNames = UserNames()
     let clock: @Sendable () -> Int64
+    /// Quota reserved by open SMTP transactions (the policy service), seen by both doors.
+    let reservations: Mutex<Reservations>
 
     public init(ruleset: Ruleset, store: any QuotaStore, logger: Logger, clock: @escaping @Sendable () -> Int64 = Runtime.wallClock) {
         self.current = Mutex(ruleset)
+        self.reservations = Mutex(Reservations(timeout: Int64(ruleset.configuration.value(.policyReservationTimeout))))
         self.store = store
         self.logger = logger
         self.clock = clock
@@ -83,7 +86,10 @@ public final class Runtime: Sendable {
 
     public var ruleset: Ruleset { self.current.withLock { $0 } }
 
-    public func replace(_ ruleset: Ruleset) { self.current.withLock { $0 = ruleset } }
+    public func replace(_ ruleset: Ruleset) {
+        self.current.withLock { $0 = ruleset }
+        self.reservations.withLock { $0.timeout = Int64(ruleset.configuration.value(.policyReservationTimeout)) }
+    }
 
     public var isDraining: Bool { self.draining.withLock { $0 } }
 

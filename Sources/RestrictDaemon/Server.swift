@@ -23,11 +23,32 @@ public final class Listener: Sendable {
         self.channel = channel
         self.box = box
     }
+
+    /// Accepts connections until the listener closes. Each connection is a task of its own
+    /// on its connection's event loop; connections in progress outlive the listener (a drain
+    /// closes it first and waits for them through the registry).
+    func serve(_ acceptor: Acceptor, logger: Logger) async {
+        self.box.handler.withLock { $0 = acceptor }
+        do {
+            try await self.channel.setOption(ChannelOptions.autoRead, value: true).get()
+            try await self.channel.closeFuture.get()
+        } catch {
+            logger.debug("listener closed: \(error)")
+        }
+    }
 }
 
-/// Who serves accepted connections: set once by `ConnectionHandler.run`.
+/// What a listener's connections are served by.
+enum Acceptor: Sendable {
+    /// SMTP from Postfix's content_filter.
+    case smtp(ConnectionHandler)
+    /// Postfix's access policy client.
+    case policy(PolicyConnection)
+}
+
+/// Who serves accepted connections: set once by `ConnectionHandler.run` or `PolicyConnection.run`.
 fileprivate final class AcceptorBox: Sendable {
-    let handler = Mutex<ConnectionHandler?>(nil)
+    let handler = Mutex<Acceptor?>(nil)
 
     /// Runs on the new connection's event loop, before it is registered. A connection has no
     /// session until the session takes it over (ClientConnection), so it does not read yet;
@@ -56,7 +77,12 @@ private final class SessionStarter: ChannelInboundHandler, RemovableChannelHandl
             return
         }
         let channel = context.channel
-        Task(executorPreference: LoopExecutor.of(channel.eventLoop)) { await handler.serve(channel) }
+        switch handler {
+        case .smtp(let smtp):
+            Task(executorPreference: LoopExecutor.of(channel.eventLoop)) { await smtp.serve(channel) }
+        case .policy(let policy):
+            Task(executorPreference: LoopExecutor.of(channel.eventLoop)) { await policy.serve(channel) }
+        }
     }
 }
 
@@ -102,6 +128,11 @@ final class SessionRegistry: Sendable {
     }
 
     var count: Int { self.channels.withLock { $0.count } }
+
+    /// Closes every connection still open, saying nothing.
+    func closeAll() {
+        for channel in self.channels.withLock({ Array($0.values) }) { channel.close(promise: nil) }
+    }
 
     /// Answers every session still open with `reply` and closes it.
     func closeAll(with reply: SMTPReply) {
@@ -161,30 +192,17 @@ public struct ConnectionHandler: Sendable {
                 }
                 // The peer check comes first: nothing else is said to a stranger.
                 if ruleset.configuration.peerCheck {
-                    let uid: UInt32
-                    do {
-                        uid = try await PeerCredentials.uid(of: channel)
-                    } catch where !channel.isActive {
-                        logger.info("connect from \(peer): gone before it could be identified")
-                        return
-                    } catch PeerLookupError.failed(let why) {
-                        // A local failure (out of file descriptors, netlink unavailable): refuse,
-                        // but as a temporary condition, so Postfix retries instead of bouncing.
-                        logger.error("connect from \(peer) refused: cannot learn the peer's uid: \(why)")
+                    switch await PeerGate.check(channel, clients: ruleset.clients, runtime: self.runtime, peer: peer, label: "connect", logger: logger) {
+                    case .admitted: break
+                    case .gone: return
+                    case .failed:
+                        // A local failure: refuse as a temporary condition, so Postfix retries.
                         try await refuse(SMTPReply(421, "4.3.0", "Error: cannot verify the peer, try again later"))
                         return
-                    } catch {
-                        self.runtime.count { $0.peersRefused += 1 }
-                        logger.warning("connect from \(peer) refused: cannot learn the peer's uid: \(error)")
+                    case .unknown:
                         try await refuse(SMTPReply(554, "5.7.1", "Error: peer identity unknown"))
                         return
-                    }
-                    guard ruleset.clients.contains(uid) else {
-                        self.runtime.count { $0.peersRefused += 1 }
-                        let name = await self.runtime.userNames.name(uid) ?? "unknown"
-                        logger.warning(
-                            "connect from \(peer) uid=\(uid) user=\(name) refused: not in clients",
-                            metadata: [LogKey.peerUID: .string(String(uid))])
+                    case .notClient(let uid):
                         try await refuse(SMTPReply(554, "5.7.1", "Error: uid \(uid) is not permitted to use this service"))
                         return
                     }
@@ -270,13 +288,7 @@ public struct ConnectionHandler: Sendable {
     /// own on its connection's event loop; sessions in progress outlive the listener (a drain
     /// closes it first and waits for them through the registry).
     public func run(_ listener: Listener) async {
-        listener.box.handler.withLock { $0 = self }
-        do {
-            try await listener.channel.setOption(ChannelOptions.autoRead, value: true).get()
-            try await listener.channel.closeFuture.get()
-        } catch {
-            self.runtime.logger.debug("listener closed: \(error)")
-        }
+        await listener.serve(.smtp(self), logger: self.runtime.logger)
     }
 }
 
@@ -300,5 +312,56 @@ final class LoopExecutor: TaskExecutor {
             cache[ObjectIdentifier(loop)] = e
             return e
         }
+    }
+}
+
+/// The peer check of every listener (design decision 9): only the users in `clients` may talk
+/// to restrictpd. Logs each refusal; a stranger's is a warning (an intrusion alarm).
+enum PeerGate {
+    enum Outcome {
+        case admitted
+        /// The peer left before it could be identified.
+        case gone
+        /// A local failure (out of file descriptors, netlink unavailable).
+        case failed
+        /// The kernel knows no such socket.
+        case unknown
+        case notClient(UInt32)
+    }
+
+    static func check(
+        _ channel: any Channel, clients: Set<UInt32>, runtime: Runtime, peer: String, label: String, logger: Logger
+    ) async -> Outcome {
+        let uid: UInt32
+        do {
+            uid = try await PeerCredentials.uid(of: channel)
+        } catch where !channel.isActive {
+            logger.info("\(label) from \(peer): gone before it could be identified")
+            return .gone
+        } catch PeerLookupError.failed(let why) {
+            logger.error("\(label) from \(peer) refused: cannot learn the peer's uid: \(why)")
+            return .failed
+        } catch {
+            runtime.count { $0.peersRefused += 1 }
+            logger.warning("\(label) from \(peer) refused: cannot learn the peer's uid: \(error)")
+            return .unknown
+        }
+        guard clients.contains(uid) else {
+            runtime.count { $0.peersRefused += 1 }
+            let name = await runtime.userNames.name(uid) ?? "unknown"
+            logger.warning(
+                "\(label) from \(peer) uid=\(uid) user=\(name) refused: not in clients",
+                metadata: [LogKey.peerUID: .string(String(uid))])
+            return .notClient(uid)
+        }
+        return .admitted
+    }
+
+    /// For listeners that cannot answer a refusal in their protocol: admitted or not.
+    static func admit(_ channel: any Channel, clients: Set<UInt32>, runtime: Runtime, peer: String, service: String, logger: Logger) async -> Bool {
+        if case .admitted = await check(channel, clients: clients, runtime: runtime, peer: peer, label: "\(service) connect", logger: logger) {
+            return true
+        }
+        return false
     }
 }

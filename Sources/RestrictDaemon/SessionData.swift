@@ -113,7 +113,8 @@ extension Session {
         case .unidentified(let reason): sender = .unidentified(reason: reason)
         }
         let verdict = await self.ruleset.policy.decide(
-            sender: sender, recipients: recipients, store: self.runtime.store, now: self.runtime.clock())
+            sender: sender, recipients: recipients, store: self.runtime.store, now: self.runtime.clock(),
+            held: sender.uid.map { uid in self.runtime.reservations.withLock { $0.held(uid: uid) } } ?? [])
         record.quota = verdict.quota
         record.reason = verdict.reason
         if case .unidentified(let why) = sender { record.reason += " (unidentified: \(why))" }

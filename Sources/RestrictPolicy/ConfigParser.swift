@@ -32,8 +32,8 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
-        "listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota",
+        "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
+        "recipient_delimiter", "over_quota", "smtp_authenticated",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
     public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse"]
@@ -53,8 +53,9 @@ public enum ConfigParser {
         var listenSeen = false
         // Global settings other than `listen` take one value: a second line is a mistake.
         var globalLine: [String: Int] = [:]
+        var policyListenSeen = false
         func once(_ key: String, _ line: Int) -> Bool {
-            if key == "listen" { return true }
+            if key == "listen" || key == "policy_listen" { return true }
             if let first = globalLine[key] {
                 error(line, "\(key) given twice (first at line \(first))")
                 return false
@@ -194,6 +195,10 @@ public enum ConfigParser {
                     continue
                 }
                 guard once(key, lineNumber) else { continue }
+                if key == "policy_listen" {
+                    parseListenList(key, args, line: lineNumber, into: &config.policyListen, seen: &policyListenSeen, error: error)
+                    continue
+                }
                 parseGlobal(key, args, line: lineNumber, into: &config, users: users, error: error,
                     clientsSeen: &clientsSeen, listenSeen: &listenSeen)
             }
@@ -274,16 +279,11 @@ public enum ConfigParser {
         }
         switch key {
         case "listen":
-            guard !args.isEmpty else { return error(line, "listen needs HOST:PORT, [IPV6]:PORT or unix:/PATH") }
-            if !listenSeen { config.listen = [] }
-            listenSeen = true
-            for a in args {
-                guard let l = parseListen(a) else {
-                    error(line, "bad listen address '\(a)': use HOST:PORT, [IPV6]:PORT or unix:/PATH")
-                    continue
-                }
-                config.listen.append(l)
-            }
+            parseListenList(key, args, line: line, into: &config.listen, seen: &listenSeen, error: error)
+        case "smtp_authenticated":
+            guard let v = one() else { return }
+            guard let mode = SMTPAuthenticated(rawValue: v) else { return error(line, "smtp_authenticated takes 'trust' or 'judge'") }
+            config.smtpAuthenticated = mode
         case "relay":
             guard let v = one() else { return }
             guard case .tcp(let host, let port)? = parseListen(v) else {
@@ -339,6 +339,23 @@ public enum ConfigParser {
                 return error(line, "\(key) \(v) is out of range (\(setting.range.lowerBound)...\(setting.range.upperBound)\(setting.unit == .seconds ? " seconds" : setting.unit == .bytes ? " bytes" : ""))")
             }
             config.values[key] = n
+        }
+    }
+
+    /// `listen` and `policy_listen`: one or more addresses a line, and several lines add up
+    /// (the first line replaces the default).
+    static func parseListenList(
+        _ key: String, _ args: [String], line: Int, into list: inout [ListenAddress], seen: inout Bool, error: (Int, String) -> Void
+    ) {
+        guard !args.isEmpty else { return error(line, "\(key) needs HOST:PORT, [IPV6]:PORT or unix:/PATH") }
+        if !seen { list = [] }
+        seen = true
+        for a in args {
+            guard let l = parseListen(a) else {
+                error(line, "bad \(key) address '\(a)': use HOST:PORT, [IPV6]:PORT or unix:/PATH")
+                continue
+            }
+            list.append(l)
         }
     }
 

@@ -36,10 +36,17 @@ public struct Setting: Sendable {
     public static let drainTimeout = Setting("drain_timeout", 60, 0...3600, .seconds)
     /// Idle relay connections kept for the next session; each holds one relay smtpd process.
     public static let relayPool = Setting("relay_pool", 4, 0...1000, .count)
+    /// The SMTP door: how long quota reserved at RCPT stays held without END-OF-MESSAGE
+    /// (a client that vanished is noticed sooner, by a sweep of the kernel's socket table).
+    /// Postfix's own smtpd gives up on a silent client after 300 s per read.
+    public static let policyReservationTimeout = Setting("policy_reservation_timeout", 1200, 60...86400, .seconds)
+    /// Open connections to the policy listeners: Postfix keeps one per smtpd process.
+    public static let policyMaxConnections = Setting("policy_max_connections", 200, 1...10_000, .count)
 
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
         idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
+        policyReservationTimeout, policyMaxConnections,
     ]
 }
 
@@ -91,6 +98,14 @@ public enum OverQuota: String, Sendable, Equatable {
     case `defer`
     /// 550 5.7.1: the message bounces.
     case reject
+}
+
+/// What the SMTP door does with mail from a SASL-authenticated session.
+public enum SMTPAuthenticated: String, Sendable, Equatable {
+    /// The mailbox user's mail (webmail sends for everyone as www-data): Postfix decides.
+    case trust
+    /// Judged by the uid that owns the client's socket, like any other.
+    case judge
 }
 
 public enum AllowPattern: Sendable, Equatable, CustomStringConvertible {
@@ -149,6 +164,9 @@ public struct Rule: Sendable, Equatable {
 
 public struct Configuration: Sendable, Equatable {
     public var listen: [ListenAddress] = [.tcp(host: "127.0.0.1", port: 10027)]
+    /// The policy service's listeners (the SMTP door); none unless configured.
+    public var policyListen: [ListenAddress] = []
+    public var smtpAuthenticated: SMTPAuthenticated = .trust
     public var relayHost = "127.0.0.1"
     public var relayPort = 10026
     /// Local users allowed to connect (resolved to UIDs), and the names they were given as.

@@ -83,12 +83,19 @@ public struct QuotaRequest: Sendable, Equatable {
     public let quota: Quota
     /// Seconds since the epoch.
     public let now: Int64
+    /// Addresses that open SMTP transactions of this uid have reserved (see `Reservations`):
+    /// they count against the limit as if counted, so the two doors together never exceed it.
+    public let held: Set<String>
+    /// False: only the decision is asked for; nothing is recorded or pruned.
+    public let record: Bool
 
-    public init(uid: UInt32, addresses: [String], quota: Quota, now: Int64) {
+    public init(uid: UInt32, addresses: [String], quota: Quota, now: Int64, held: Set<String> = [], record: Bool = true) {
         self.uid = uid
         self.addresses = addresses
         self.quota = quota
         self.now = now
+        self.held = held
+        self.record = record
     }
 
     /// Rows last used before this instant no longer count; nil: they always count.
@@ -123,15 +130,17 @@ public enum QuotaArithmetic {
     /// `counted`: the addresses already counted in the window (for this uid).
     /// Returns the outcome and the addresses to record (all requested ones when admitted: a
     /// repeat refreshes its time, so "distinct addresses in any window" stays exact).
+    /// Addresses in `request.held` count as if counted; recording them is their holder's job.
     public static func decide(_ request: QuotaRequest, counted: Set<String>) -> (QuotaOutcome, record: [String]) {
-        var used = counted.count
-        for address in request.addresses where !counted.contains(address) {
+        let base = request.held.isEmpty ? counted : counted.union(request.held)
+        var used = base.count
+        for address in request.addresses where !base.contains(address) {
             if used >= request.quota.limit {
-                return (QuotaOutcome(admitted: false, used: counted.count, limit: request.quota.limit, firstRefused: address), [])
+                return (QuotaOutcome(admitted: false, used: base.count, limit: request.quota.limit, firstRefused: address), [])
             }
             used += 1
         }
-        return (QuotaOutcome(admitted: true, used: used, limit: request.quota.limit, firstRefused: nil), request.addresses)
+        return (QuotaOutcome(admitted: true, used: used, limit: request.quota.limit, firstRefused: nil), request.record ? request.addresses : [])
     }
 }
 
@@ -191,6 +200,18 @@ public struct Policy: Sendable {
         }
     }
 
+    /// "<rcpt>: not permitted for uid 33 (www-data)": the refusal's text at either door.
+    public static func refusalText(recipient: String, sender: Sender) -> String {
+        let detail: String
+        if case .unidentified(let why) = sender { detail = "unidentified sender (\(why))" } else { detail = sender.phrase }
+        return "<\(recipient)>: not permitted for \(detail)"
+    }
+
+    /// The over-quota text at either door.
+    public static func overQuotaText(recipient: String, quota: Quota, sender: Sender) -> String {
+        "<\(recipient)>: quota of \(quota.limit) arbitrary recipients\(quota.periodSuffix) exhausted for \(sender.phrase)"
+    }
+
     /// Checks every recipient against the sender's rule.
     public func evaluate(sender: Sender, recipients: [String]) -> Evaluation {
         let delimiter = self.configuration.recipientDelimiter
@@ -218,15 +239,14 @@ public struct Policy: Sendable {
     }
 
     /// The whole decision, asking `store` when a quota is involved.
-    public func decide(sender: Sender, recipients: [String], store: any QuotaStore, now: Int64) async -> Verdict {
+    /// `held`: addresses the uid's open SMTP transactions reserved (see `Reservations`).
+    public func decide(sender: Sender, recipients: [String], store: any QuotaStore, now: Int64, held: Set<String> = []) async -> Verdict {
         switch self.evaluate(sender: sender, recipients: recipients) {
         case .allowed:
             return Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "allowed", quota: nil)
         case .refused(let rcpt, let reason):
-            let detail: String
-            if case .unidentified(let why) = sender { detail = "unidentified sender (\(why))" } else { detail = sender.phrase }
             return Verdict(
-                kind: .refuse, code: 550, enhanced: "5.7.1", text: "<\(rcpt)>: not permitted for \(detail)",
+                kind: .refuse, code: 550, enhanced: "5.7.1", text: Self.refusalText(recipient: rcpt, sender: sender),
                 reason: "<\(rcpt)> \(reason)", quota: nil)
         case .needsQuota(let addresses, let quota, let overQuota, let written):
             guard let uid = sender.uid else {
@@ -234,7 +254,7 @@ public struct Policy: Sendable {
             }
             let outcome: QuotaOutcome
             do {
-                outcome = try await store.admit(QuotaRequest(uid: uid, addresses: addresses, quota: quota, now: now))
+                outcome = try await store.admit(QuotaRequest(uid: uid, addresses: addresses, quota: quota, now: now, held: held))
             } catch {
                 return Verdict(
                     kind: .defer, code: 451, enhanced: "4.3.0", text: "Temporary failure: quota database unavailable",
@@ -246,7 +266,7 @@ public struct Policy: Sendable {
             }
             let key = outcome.firstRefused ?? addresses[0]
             let rcpt = written[key] ?? key
-            let text = "<\(rcpt)>: quota of \(quota.limit) arbitrary recipients\(quota.periodSuffix) exhausted for \(sender.phrase)"
+            let text = Self.overQuotaText(recipient: rcpt, quota: quota, sender: sender)
             switch overQuota {
             case .defer:
                 return Verdict(kind: .defer, code: 451, enhanced: "4.7.1", text: text, reason: "<\(rcpt)> over quota", quota: figure)

@@ -1,0 +1,417 @@
+// The SMTP door (design decision 11): restrictpd as Postfix's access policy service. Local
+// processes that send mail over SMTP (PHPMailer, a CMS's "SMTP" setting) reach Postfix's
+// smtpd on loopback, where permit_mynetworks would relay for them unjudged. smtpd asks this
+// service at RCPT and at END-OF-MESSAGE (check_policy_service before permit_mynetworks); the
+// service learns the UID that owns the client's socket from the kernel, by the 4-tuple the
+// request carries, and judges each recipient with that UID's rule: the same rules, quota
+// store and log line as the content filter.
+//
+// Trusts: only peers in `clients` (Postfix) may connect, as on the content filter's port. The
+// request's attributes are Postfix's word about the SMTP client; the client's UID is the
+// kernel's. Never fails open: a local client whose UID cannot be learned, a malformed request,
+// or a store that cannot answer gets DEFER, never DUNNO. A client that is not on this host is
+// not ours to judge: DUNNO.
+
+import Dispatch
+import Logging
+import NIOCore
+import RestrictPolicy
+import SMTPCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The addresses of this host's interfaces, read with getifaddrs(3). Re-read when an address
+/// is asked about that is not among them, at most once a second, so a new address counts as
+/// local within a second and a flood of remote clients costs one read a second.
+final class LocalAddresses: Sendable {
+    private let state = Mutex<(addresses: Set<HostAddress>, read: NIODeadline?, failed: Bool)>(([], nil, false))
+    static let rereadAfter: TimeAmount = .seconds(1)
+
+    /// True when `address` is this host's; nil when this host's addresses cannot be read
+    /// (then nobody can tell, and the caller must not wave the client through).
+    func contains(_ address: HostAddress) -> Bool? {
+        if address.isLoopback { return true }
+        let (known, read, failed) = self.state.withLock { ($0.addresses, $0.read, $0.failed) }
+        if known.contains(address) { return true }
+        if let read, NIODeadline.now() - read < Self.rereadAfter { return failed ? nil : false }
+        let fresh = Self.read()
+        self.state.withLock { $0 = (fresh ?? [], .now(), fresh == nil) }
+        guard let fresh else { return nil }
+        return fresh.contains(address)
+    }
+
+    static func read() -> Set<HostAddress>? {
+        var list: UnsafeMutablePointer<ifaddrs>? = nil
+        guard getifaddrs(&list) == 0 else { return nil }
+        defer { freeifaddrs(list) }
+        var result = Set<HostAddress>()
+        var next = list
+        while let entry = next {
+            defer { next = entry.pointee.ifa_next }
+            guard let sa = entry.pointee.ifa_addr else { continue }
+            switch Int32(sa.pointee.sa_family) {
+            case AF_INET:
+                let bytes = sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { p in
+                    var a = p.pointee.sin_addr
+                    return withUnsafeBytes(of: &a) { Array($0) }
+                }
+                if let h = HostAddress(bytes: bytes) { result.insert(h) }
+            case AF_INET6:
+                let bytes = sa.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { p in
+                    var a = p.pointee.sin6_addr
+                    return withUnsafeBytes(of: &a) { Array($0) }
+                }
+                if let h = HostAddress(bytes: bytes) { result.insert(h) }
+            default:
+                continue
+            }
+        }
+        return result
+    }
+}
+
+/// The answers of the SMTP door, each named once.
+enum PolicyReplies {
+    static let malformed = PolicyAction.defer(enhanced: "4.3.0", text: "Error: malformed policy request")
+    static let unidentified = PolicyAction.defer(enhanced: "4.3.0", text: "Error: cannot identify the local sender, try again later")
+    static let storeUnavailable = PolicyAction.defer(enhanced: "4.3.0", text: "Temporary failure: quota database unavailable")
+    static let busy = PolicyAction.defer(enhanced: "4.3.0", text: "Temporary failure: quota busy, try again later")
+}
+
+/// Judges policy requests. One per daemon; every connection shares it.
+struct PolicyService: Sendable {
+    let runtime: Runtime
+    let local: LocalAddresses
+    /// A reservation is tried again this often when another of the same uid came in between.
+    static let reserveAttempts = 8
+
+    init(runtime: Runtime, local: LocalAddresses = LocalAddresses()) {
+        self.runtime = runtime
+        self.local = local
+    }
+
+    /// The answer to one request; logs each recipient's verdict.
+    func answer(_ request: PolicyRequest, logger: Logger) async -> PolicyAction {
+        guard request["request"] == "smtpd_access_policy" else {
+            logger.warning("policy request refused: not an smtpd_access_policy request (request=\(LogText.escape(request["request"] ?? "", limit: 64)))")
+            return PolicyReplies.malformed
+        }
+        let stage = request["protocol_state"] ?? ""
+        guard stage == "RCPT" || stage == "END-OF-MESSAGE" else { return .dunno }
+        guard let clientText = request["client_address"], let client = HostAddress(clientText) else {
+            logger.warning("policy request deferred: client_address \"\(LogText.escape(request["client_address"] ?? "", limit: 64))\" is not an IP address")
+            return PolicyReplies.unidentified
+        }
+        switch self.local.contains(client) {
+        case nil:
+            logger.error("policy request deferred: cannot read this host's addresses to tell whether \(client) is local")
+            return PolicyReplies.unidentified
+        case false?:
+            logger.debug("policy: client \(client) is not on this host: DUNNO")
+            return .dunno
+        case true?:
+            break
+        }
+        let ruleset = self.runtime.ruleset
+        let sasl = request["sasl_username"] ?? ""
+        guard let connection = Self.connection(request, client: client) else {
+            logger.warning("policy request deferred: client_port, server_address or server_port missing or malformed")
+            return PolicyReplies.unidentified
+        }
+        var record = DecisionRecord(
+            queueID: request["queue_id"].flatMap { $0.isEmpty ? nil : $0 }, uid: nil, user: nil,
+            from: request["sender"] ?? "", to: [request["recipient"] ?? ""], verdict: "relayed", reason: "",
+            quota: nil, relayReply: nil, door: .smtp, client: connection.description, sasl: sasl.isEmpty ? nil : sasl)
+
+        let uid: UInt32?
+        do {
+            uid = try await PeerCredentials.uid(
+                client: connection.clientAddress, clientPort: connection.clientPort,
+                server: connection.serverAddress, serverPort: connection.serverPort)
+        } catch {
+            uid = nil
+            if sasl.isEmpty || ruleset.configuration.smtpAuthenticated == .judge {
+                record.verdict = "deferred"
+                record.reason = "cannot learn the client's uid: \(error)"
+                self.log(record, level: .error, logger: logger)
+                return PolicyReplies.unidentified
+            }
+        }
+        if let uid { record.uid = uid; record.user = await self.runtime.userNames.name(uid) }
+        if !sasl.isEmpty, ruleset.configuration.smtpAuthenticated == .trust {
+            // A mailbox user's mail (webmail sends as www-data for everyone): Postfix decides.
+            if stage == "RCPT" {
+                record.reason = "SASL-authenticated session trusted (smtp_authenticated trust)"
+                self.log(record, level: .info, logger: logger)
+            }
+            return .dunno
+        }
+        guard let uid else { return PolicyReplies.unidentified }
+        let sender = Sender.user(uid: uid, name: record.user)
+        guard let instance = request["instance"], !instance.isEmpty else {
+            logger.warning("policy request deferred: no instance attribute")
+            return PolicyReplies.malformed
+        }
+        if stage == "RCPT" {
+            return await self.recipient(request, sender: sender, instance: instance, connection: connection, ruleset: ruleset, record: record, logger: logger)
+        }
+        return await self.endOfMessage(sender: sender, instance: instance, record: record, logger: logger)
+    }
+
+    /// RCPT: the recipient against the uid's rule; quota is reserved, not spent.
+    private func recipient(
+        _ request: PolicyRequest, sender: Sender, instance: String, connection: Reservations.Connection,
+        ruleset: Ruleset, record: DecisionRecord, logger: Logger
+    ) async -> PolicyAction {
+        var record = record
+        guard let recipient = request["recipient"], !recipient.isEmpty, let uid = sender.uid else {
+            logger.warning("policy request deferred: RCPT without a recipient")
+            return PolicyReplies.malformed
+        }
+        let policy = ruleset.policy
+        let rule = policy.rule(for: sender)
+        let overQuota = rule?.overQuota ?? ruleset.configuration.overQuota
+        let now = self.runtime.clock()
+        self.open(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now, logger: logger)
+        switch policy.evaluate(sender: sender, recipients: [recipient]) {
+        case .allowed:
+            self.runtime.reservations.withLock { $0.allow(instance: instance, recipient: recipient) }
+            record.reason = "allowed"
+            self.log(record, level: .info, logger: logger)
+            return .dunno
+        case .refused(let rcpt, let reason):
+            record.verdict = "refused"
+            record.reason = "<\(rcpt)> \(reason)"
+            self.log(record, level: .warning, logger: logger)
+            return .reply(SMTPReply(550, "5.7.1", Policy.refusalText(recipient: rcpt, sender: sender)))
+        case .needsQuota(let addresses, let quota, let overQuota, _):
+            guard let key = addresses.first else { return .dunno }
+            var sweptDead = false
+            for _ in 0..<Self.reserveAttempts {
+                self.open(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now, logger: logger)
+                let (version, held, mine) = self.runtime.reservations.withLock { r in
+                    (r.version(uid), r.held(uid: uid), r.transaction(instance)?.addresses.contains(key) ?? false)
+                }
+                if mine { return .dunno }
+                let outcome: QuotaOutcome
+                do {
+                    outcome = try await self.runtime.store.admit(
+                        QuotaRequest(uid: uid, addresses: [key], quota: quota, now: now, held: held, record: false))
+                } catch {
+                    record.verdict = "deferred"
+                    record.reason = "quota store error: \(error)"
+                    self.log(record, level: .error, logger: logger)
+                    return PolicyReplies.storeUnavailable
+                }
+                if !outcome.admitted {
+                    // Reservations of clients that are gone must not keep the quota: look once.
+                    if !held.isEmpty, !sweptDead, await self.releaseDead(uid: uid, logger: logger) > 0 {
+                        sweptDead = true
+                        continue
+                    }
+                    record.quota = quota.remaining(after: outcome)
+                    return self.overQuota(recipient: recipient, quota: quota, overQuota: overQuota, sender: sender, record: record, logger: logger)
+                }
+                let reserved = self.runtime.reservations.withLock { $0.reserve(instance: instance, address: key, written: recipient, ifVersion: version) }
+                if reserved {
+                    logger.debug("policy: \(instance): reserved <\(LogText.escape(recipient))> for uid \(uid) (\(outcome.used)/\(outcome.limit) with those held)")
+                    return .dunno
+                }
+            }
+            record.verdict = "deferred"
+            record.reason = "<\(recipient)> quota reservation contended"
+            self.log(record, level: .warning, logger: logger)
+            return PolicyReplies.busy
+        }
+    }
+
+    /// END-OF-MESSAGE: the transaction's reserved addresses are spent, in one store
+    /// transaction; the store has the last word, so the two doors together never exceed N.
+    private func endOfMessage(sender: Sender, instance: String, record: DecisionRecord, logger: Logger) async -> PolicyAction {
+        var record = record
+        guard let uid = sender.uid else { return PolicyReplies.unidentified }
+        guard let t = self.runtime.reservations.withLock({ $0.commit(instance: instance) }) else { return .dunno }
+        defer { self.runtime.reservations.withLock { _ = $0.finish(instance: instance) } }
+        guard t.uid == uid else {
+            logger.error("policy: \(instance): END-OF-MESSAGE from uid \(uid), but the transaction was opened by uid \(t.uid)")
+            return PolicyReplies.unidentified
+        }
+        guard !t.addresses.isEmpty, let quota = t.quota else { return .dunno }
+        record.to = t.addresses.map { t.written[$0] ?? $0 }
+        let held = self.runtime.reservations.withLock { $0.held(uid: uid, excluding: instance) }
+        let outcome: QuotaOutcome
+        do {
+            outcome = try await self.runtime.store.admit(
+                QuotaRequest(uid: uid, addresses: t.addresses, quota: quota, now: self.runtime.clock(), held: held))
+        } catch {
+            record.verdict = "deferred"
+            record.reason = "quota store error: \(error)"
+            self.log(record, level: .error, logger: logger)
+            return PolicyReplies.storeUnavailable
+        }
+        record.quota = quota.remaining(after: outcome)
+        guard outcome.admitted else {
+            let key = outcome.firstRefused ?? t.addresses[0]
+            let action = self.overQuota(
+                recipient: t.written[key] ?? key, quota: quota, overQuota: t.overQuota, sender: sender, record: record, logger: logger)
+            // At the end of data DEFER_IF_PERMIT has nothing after it to wait for.
+            if case .deferIfPermit(let e, let text) = action { return .defer(enhanced: e, text: text) }
+            return action
+        }
+        record.reason = "within quota"
+        self.log(record, level: .info, logger: logger)
+        return .dunno
+    }
+
+    private func overQuota(
+        recipient: String, quota: Quota, overQuota: OverQuota, sender: Sender, record: DecisionRecord, logger: Logger
+    ) -> PolicyAction {
+        var record = record
+        let text = Policy.overQuotaText(recipient: recipient, quota: quota, sender: sender)
+        record.reason = "<\(recipient)> over quota"
+        switch overQuota {
+        case .defer:
+            record.verdict = "deferred"
+            self.log(record, level: .warning, logger: logger)
+            return .deferIfPermit(enhanced: "4.7.1", text: text)
+        case .reject:
+            record.verdict = "refused"
+            self.log(record, level: .warning, logger: logger)
+            return .reply(SMTPReply(550, "5.7.1", text))
+        }
+    }
+
+    private func open(
+        instance: String, uid: UInt32, connection: Reservations.Connection, rule: Rule?, overQuota: OverQuota, now: Int64,
+        logger: Logger
+    ) {
+        let ended = self.runtime.reservations.withLock {
+            $0.open(instance: instance, uid: uid, connection: connection, quota: rule?.quota, overQuota: overQuota, now: now)
+        }
+        for t in ended where !t.addresses.isEmpty {
+            logger.debug("policy: \(t.instance): released \(t.addresses.count) reserved recipients (a new transaction on \(t.connection))")
+        }
+    }
+
+    /// Releases the open transactions (of `uid`, or all) whose client connection no longer
+    /// exists. Returns how many were released.
+    @discardableResult
+    func releaseDead(uid: UInt32? = nil, logger: Logger) async -> Int {
+        let open = self.runtime.reservations.withLock { $0.open }.filter { uid == nil || $0.uid == uid }
+        var released = 0
+        for t in open {
+            let c = t.connection
+            do {
+                _ = try await PeerCredentials.uid(client: c.clientAddress, clientPort: c.clientPort, server: c.serverAddress, serverPort: c.serverPort)
+            } catch PeerLookupError.notFound {
+                if self.runtime.reservations.withLock({ $0.finish(instance: t.instance) }) != nil {
+                    released += 1
+                    logger.debug("policy: \(t.instance): client \(c) is gone; released \(t.addresses.count) reserved recipients")
+                }
+            } catch {
+                // Cannot tell: the reservation stays until its timeout.
+            }
+        }
+        return released
+    }
+
+    /// Drops transactions past policy_reservation_timeout and those whose client is gone.
+    func sweep(logger: Logger) async {
+        let expired = self.runtime.reservations.withLock { $0.expire(now: self.runtime.clock()) }
+        for t in expired where !t.addresses.isEmpty {
+            logger.info("policy: \(t.instance): no END-OF-MESSAGE within policy_reservation_timeout; released \(t.addresses.count) reserved recipients of uid \(t.uid)")
+        }
+        await self.releaseDead(logger: logger)
+    }
+
+    static func connection(_ request: PolicyRequest, client: HostAddress) -> Reservations.Connection? {
+        guard let cp = request["client_port"].flatMap({ UInt16($0) }), cp > 0,
+            let serverText = request["server_address"], let server = HostAddress(serverText),
+            let sp = request["server_port"].flatMap({ UInt16($0) }), sp > 0
+        else { return nil }
+        return Reservations.Connection(clientAddress: client, clientPort: cp, serverAddress: server, serverPort: sp)
+    }
+
+    func log(_ record: DecisionRecord, level: Logger.Level, logger: Logger) {
+        self.runtime.count { c in
+            switch record.verdict {
+            case "relayed": c.relayed += 1
+            case "deferred": c.deferred += 1
+            default: c.refused += 1
+            }
+        }
+        logger.log(level: level, "\(record.line)", metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
+    }
+}
+
+/// One connection from Postfix's policy client: requests in, one answer each, in order.
+struct PolicyConnection: Sendable {
+    let service: PolicyService
+    let registry: SessionRegistry
+
+    /// Serves one accepted connection to its end. Never throws.
+    func serve(_ channel: any Channel) async {
+        let client: ClientConnection
+        do {
+            client = try await ClientConnection.adopt(channel)
+        } catch {
+            channel.close(promise: nil)
+            return
+        }
+        defer { client.close() }
+        let runtime = self.service.runtime
+        let open = self.registry.add(channel)
+        defer { self.registry.remove(channel) }
+        let peer = PeerCredentials.describe(channel.remoteAddress)
+        var logger = runtime.logger
+        logger[metadataKey: LogKey.peer] = .string(peer)
+        let ruleset = runtime.ruleset
+        if ruleset.configuration.peerCheck {
+            guard await PeerGate.admit(channel, clients: ruleset.clients, runtime: runtime, peer: peer, service: "policy", logger: logger) else {
+                return
+            }
+        }
+        if open > ruleset.configuration.value(.policyMaxConnections) {
+            logger.warning("policy connect from \(peer) refused: \(open - 1) connections already (policy_max_connections)")
+            return
+        }
+        let idle = TimeAmount.seconds(Int64(ruleset.configuration.value(.idleTimeout)))
+        let lastRequest = Mutex(NIODeadline.now())
+        let timerLogger = logger
+        let timer = channel.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { task in
+            if NIODeadline.now() - lastRequest.withLock({ $0 }) > idle {
+                timerLogger.debug("policy connection from \(peer) idle for idle_timeout; closing")
+                channel.close(promise: nil)
+                task.cancel()
+            }
+        }
+        defer { timer.cancel() }
+        var decoder = PolicyDecoder()
+        var buffer = ByteBuffer()
+        do {
+            while let chunk = try await client.read() {
+                var chunk = chunk
+                buffer.writeBuffer(&chunk)
+                var out = ByteBuffer()
+                while let event = decoder.next(&buffer) {
+                    lastRequest.withLock { $0 = .now() }
+                    let action: PolicyAction
+                    switch event {
+                    case .request(let request):
+                        action = await self.service.answer(request, logger: logger)
+                    case .invalid(let why):
+                        logger.warning("policy request from \(peer) refused: \(why)")
+                        action = PolicyReplies.malformed
+                    }
+                    action.write(to: &out)
+                }
+                buffer.discardReadBytes()
+                if out.readableBytes > 0 { try await client.write(out) }
+            }
+        } catch {
+            logger.debug("policy connection from \(peer) ended: \(error)")
+        }
+    }
+}
