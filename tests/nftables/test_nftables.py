@@ -80,6 +80,14 @@ def no_policy_ruleset(postfix):
     return text
 
 
+def with_root_out(text):
+    """restrictpd.nft with its commented-out choice taken: root may send SMTP out too."""
+    text, n = re.subn(r'^define smtp_out_users = .*\n((?:#.*\n)*)#(define smtp_out_users = .*"root".*)$',
+                      r"\1\2", text, flags=re.M)
+    assert n == 1, "the commented-out smtp_out_users with root is missing"
+    return text
+
+
 def run(*argv, timeout=CMD_TIMEOUT):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{argv}: {r.stdout}{r.stderr}"
@@ -252,7 +260,9 @@ def test_syntax(tmp_path):
     f.write_text(ruleset(restrict, postfix))
     g = tmp_path / "n.nft"
     g.write_text(no_policy_ruleset(postfix))
-    for path in (f, g):
+    h = tmp_path / "root.nft"
+    h.write_text(with_root_out(ruleset(restrict, postfix)))
+    for path in (f, g, h):
         r = subprocess.run(["unshare", "-n", "nft", "-c", "-f", str(path)],
                            capture_output=True, text=True, timeout=CMD_TIMEOUT)
         assert r.returncode == 0, r.stderr
@@ -337,6 +347,25 @@ def test_smtp_out_only_for_postfix(tmp_path, netns, servers):
     own = {(other, LOCAL4, 25): "ok", (other, LOCAL6, 25): "ok"}
     assert outcomes(here, own) == own
     assert sorted(near.stop()) == [f"{LOCAL4} 25", f"{LOCAL6} 25"]
+
+
+@needs
+def test_smtp_out_root_choice(tmp_path, netns, servers):
+    """With the commented-out smtp_out_users line taken instead, root reaches
+    the remote server's 25 too; www-data still does not."""
+    restrict, postfix, other = users()
+    f = tmp_path / "r.nft"
+    f.write_text(with_root_out(ruleset(restrict, postfix)))
+    here, remote = netns(), netns()
+    link(here, remote)
+    load(here, f)
+    far = servers(remote, [(a, 25) for a in (REMOTE4, REMOTE6)])
+    want = {}
+    for a in (REMOTE4, REMOTE6):
+        want.update({("root", a, 25): "ok", (postfix, a, 25): "ok", (other, a, 25): "refused"})
+    got = outcomes(here, want)
+    assert got == want
+    assert sorted(far.stop()) == accepted(want, got)
 
 
 @needs
