@@ -1,7 +1,8 @@
 """The logcheck rules in etc/logcheck/ignore.d.server/restrictpd, applied the way
 logcheck(8) applies them: blank and comment lines dropped, then
 `grep -E --text -v -f RULES` over the log. Routine lines must vanish; every
-refusal, deferral, peer refusal, warning and error must stay.
+refusal, deferral, peer refusal, warning and error must stay, and so must
+the kernel's lines for the refusals of the shipped nftables rules.
 
 The lines follow restrictpd's decision line (Sources/RestrictDaemon/DecisionLog.swift)
 as rsyslog writes it, in both timestamp formats Debian's logcheck-database
@@ -92,6 +93,47 @@ VISIBLE = [
     "Nov 27 09:13:34 lab fakepd[1]: listening on 127.0.0.1:10027",
 ]
 
+# The firewall's refusals (etc/nftables/*.nft): kernel lines, one prefix per
+# rule, with the UID that tried ("log ... flags skuid"). They must reach the
+# admin. The packet part is the kernel's format (nf_log_syslog) for an
+# outgoing SYN; kernel lines come with the printk time (imklog) or without
+# it (through journald).
+NFT_DIR = ROOT / "etc" / "nftables"
+FIREWALL_PREFIXES = [
+    "restrictpd 10026 blocked: ",
+    "restrictpd 10027 blocked: ",
+    "restrictpd smtp-local blocked: ",
+    "restrictpd smtp-out blocked: ",
+]
+
+
+def _v4(out, src, dst, dport):
+    return (f"IN= OUT={out} SRC={src} DST={dst} LEN=60 TOS=0x00 PREC=0x00 TTL=64 ID=48103 DF "
+            f"PROTO=TCP SPT=52314 DPT={dport} WINDOW=64240 RES=0x00 SYN URGP=0 UID=33 GID=33 ")
+
+
+def _v6(out, src, dst, dport):
+    return (f"IN= OUT={out} SRC={src} DST={dst} LEN=80 TC=0 HOPLIMIT=64 FLOWLBL=731249 "
+            f"PROTO=TCP SPT=52314 DPT={dport} WINDOW=65476 RES=0x00 SYN URGP=0 UID=33 GID=33 ")
+
+
+LO6 = "0000:0000:0000:0000:0000:0000:0000:0001"
+REMOTE6 = "2001:0db8:0000:0000:0000:0000:0000:0019"
+FIREWALL = [
+    "Nov 27 09:13:34 lab kernel: [ 8312.402117] restrictpd 10026 blocked: "
+    + _v4("lo", "127.0.0.1", "127.0.0.1", 10026),
+    RFC.replace("restrictpd[1234]", "kernel") + "restrictpd 10026 blocked: " + _v6("lo", LO6, LO6, 10026),
+    "Nov 27 09:13:34 lab kernel: restrictpd 10027 blocked: " + _v4("lo", "127.0.0.1", "127.0.0.1", 10027),
+    "Nov  7 19:03:04 mail-1.example.org kernel: [12.000001] restrictpd 10027 blocked: "
+    + _v6("lo", LO6, LO6, 10027),
+    "Nov 27 09:13:34 lab kernel: [ 8312.402117] restrictpd smtp-out blocked: "
+    + _v4("eth0", "203.0.113.5", "198.51.100.25", 25),
+    RFC.replace("restrictpd[1234]", "kernel") + "restrictpd smtp-out blocked: "
+    + _v6("eth0", "2001:0db8:0000:0000:0000:0000:0000:0005", REMOTE6, 587),
+    "Nov 27 09:13:34 lab kernel: restrictpd smtp-local blocked: " + _v4("lo", "127.0.0.1", "127.0.0.1", 25),
+    RFC.replace("restrictpd[1234]", "kernel") + "restrictpd smtp-local blocked: " + _v6("lo", LO6, LO6, 587),
+]
+
 
 def logcheck_filter(lines, tmp_path):
     """What logcheck does: clean the rule file, then grep -E --text -v -f."""
@@ -179,3 +221,26 @@ def test_real_startup_and_stop_lines_are_hidden(tmp_path, user):
     logged = ["Nov 27 09:13:34 lab " + l for l in lines if l.startswith("restrictpd[")]
     assert logged, lines
     assert logcheck_filter(logged, tmp_path) == []
+
+
+def test_firewall_prefixes_are_the_tested_ones():
+    """Every log prefix in the shipped nftables files has sample lines here
+    (a new or renamed prefix must be added to FIREWALL)."""
+    found = set()
+    for f in NFT_DIR.glob("*.nft"):
+        for line in f.read_text().splitlines():
+            if not line.lstrip().startswith("#"):
+                found.update(re.findall(r'\blog prefix "([^"]*)"', line))
+    assert sorted(found) == FIREWALL_PREFIXES
+    for prefix in FIREWALL_PREFIXES:
+        assert sum(prefix in l for l in FIREWALL) == 2, prefix
+
+
+@pytest.mark.parametrize("line", FIREWALL)
+def test_firewall_lines_stay(tmp_path, line):
+    assert logcheck_filter([line], tmp_path) == [line]
+
+
+def test_firewall_lines_stay_among_routine_ones(tmp_path):
+    mixed = [l for pair in zip(ROUTINE, FIREWALL) for l in pair] + ROUTINE[len(FIREWALL):]
+    assert logcheck_filter(mixed, tmp_path) == FIREWALL
