@@ -465,10 +465,15 @@ def _debian_master_cf() -> str:
     raise HarnessError("no Debian master.cf found (/usr/share/postfix/master.cf.dist)")
 
 
-def build_master_cf(filter_port: int | None, relay_port: int, relay_port_debian: int) -> str:
+def build_master_cf(filter_port: int | None, relay_port: int, relay_port_debian: int,
+                    reinject_options: str = "", extra: str = "") -> str:
     """Debian's master.cf with: no port 25 listener, chroot off everywhere (no resolver
     files needed in a chroot), pickup through the content filter, and two reinjection
-    listeners (hardened and Debian-default)."""
+    listeners (hardened and Debian-default).
+
+    `reinject_options` ("-o name=value ...") is added to both reinjection listeners (e.g. the
+    SMTP door's overrides from etc/postfix/master.cf.restrictpd); `extra` is appended as is
+    (more services)."""
     out = []
     for line in _debian_master_cf().splitlines():
         if line.startswith("#") or not line.strip() or line[0].isspace():
@@ -495,6 +500,17 @@ def build_master_cf(filter_port: int | None, relay_port: int, relay_port_debian:
     out.append("  -o syslog_name=postfix/reinject-debian")
     out.append("  -o content_filter= -o local_recipient_maps= -o myhostname=localhost.example")
     out.append("  -o smtpd_recipient_restrictions=permit_mynetworks,reject -o mynetworks=127.0.0.0/8")
+    if reinject_options:
+        # both reinjection listeners are the two lines that start with "127.0.0.1:{port} inet"
+        done = []
+        for line in out:
+            done.append(line)
+            if line.startswith(f"127.0.0.1:{relay_port} inet ") or \
+                    line.startswith(f"127.0.0.1:{relay_port_debian} inet "):
+                done.append("  " + reinject_options.strip())
+        out = done
+    if extra:
+        out.append(extra.rstrip("\n"))
     return "\n".join(out) + "\n"
 
 
@@ -573,7 +589,8 @@ def log_lines(path: Path, since: int = 0) -> list[str]:
 
 class PostfixInstance:
     def __init__(self, slot: Slot, sink_port: int, filter_port: int | None = None,
-                 relay_port: int | None = None, relay_port_debian: int | None = None):
+                 relay_port: int | None = None, relay_port_debian: int | None = None,
+                 extra_main_cf: str = "", extra_master_cf: str = "", reinject_options: str = ""):
         self.slot = slot
         self.dir = slot.path
         self.etc = self.dir / "etc"
@@ -585,6 +602,12 @@ class PostfixInstance:
         self.filter_port = filter_port if filter_port is not None else ports[0]
         self.relay_port = relay_port or ports[1]
         self.relay_port_debian = relay_port_debian or ports[2]
+        # Added after the generated main.cf (later settings win) and master.cf; options for
+        # both reinjection listeners. Empty by default: the instance every other test uses.
+        self.extra_main_cf = extra_main_cf
+        self.extra_master_cf = extra_master_cf
+        self.reinject_options = reinject_options
+        self._content_filter = True
         self.running = False
 
     # -- setup and life cycle
@@ -594,16 +617,40 @@ class PostfixInstance:
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
         shutil.chown(self.data, "postfix", "postfix")
-        (self.etc / "main.cf").write_text(MAIN_CF.format(
+        main_cf = MAIN_CF.format(
             etc=self.etc, spool=self.spool, data=self.data, myhostname=MYHOSTNAME,
-            sink_port=self.sink_port, maillog=self.maillog))
-        (self.etc / "master.cf").write_text(build_master_cf(
-            self.filter_port if content_filter else None, self.relay_port, self.relay_port_debian))
+            sink_port=self.sink_port, maillog=self.maillog)
+        if self.extra_main_cf:
+            # a parameter set again in extra_main_cf replaces the generated line (no warnings
+            # about "overriding earlier entry")
+            names = set(re.findall(r"^([a-z0-9_]+)\s*=", self.extra_main_cf, re.M))
+            main_cf = "\n".join(l for l in main_cf.splitlines()
+                                if not (m := re.match(r"^([a-z0-9_]+)\s*=", l)) or m.group(1) not in names)
+            main_cf += f"\n# added by the test\n{self.extra_main_cf.rstrip()}\n"
+        (self.etc / "main.cf").write_text(main_cf)
+        self._content_filter = content_filter
+        self.write_master_cf()
         (self.etc / "login_senders").write_text(f"/(.+)/ $1 $1@{MYHOSTNAME}\n")
         for f in ("main.cf", "master.cf", "login_senders"):
             os.chmod(self.etc / f, 0o644)
         self.maillog.touch()
         ensure_alternate_config_directories(all_slot_config_dirs())
+
+    def write_master_cf(self, extra_master_cf: str | None = None):
+        """(Re)write master.cf; `extra_master_cf` replaces the extra services if given.
+        A running instance needs reload() to see it."""
+        if extra_master_cf is not None:
+            self.extra_master_cf = extra_master_cf
+        (self.etc / "master.cf").write_text(build_master_cf(
+            self.filter_port if self._content_filter else None, self.relay_port,
+            self.relay_port_debian, self.reinject_options, self.extra_master_cf))
+        os.chmod(self.etc / "master.cf", 0o644)
+
+    def reload(self, timeout: float = 30):
+        """`postfix reload`: master re-reads master.cf (new listeners), daemons restart."""
+        proc = run([POSTFIX, "-c", str(self.etc), "reload"], check=False, timeout=timeout)
+        if proc.returncode != 0:
+            raise HarnessError("postfix reload failed:\n" + proc.stderr.decode(errors="replace"))
 
     def start(self, timeout: float = 30):
         proc = run([POSTFIX, "-c", str(self.etc), "start"], check=False, timeout=timeout)
@@ -840,6 +887,23 @@ class Restrictpd:
         return wait_until(lambda: (lambda m: m if len(m) >= count else None)(self.grep(pattern, since)),
                           timeout, 0.1, f"{count} restrictpd log line(s) matching {pattern!r}")
 
+    def reload(self, config_text: str | None = None, timeout: float = 15):
+        """Write a new configuration (if given), send SIGHUP, wait for the "reloaded" line."""
+        if config_text is not None:
+            self.config.write_text(config_text)
+        mark = self.log_mark()
+        if self.proc is None or self.proc.poll() is not None:
+            raise HarnessError("restrictpd is not running")
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait_log(r"reloaded |reload failed", mark, timeout)
+        if self.grep(r"reload failed", mark):
+            raise HarnessError("restrictpd reload failed:\n" + "\n".join(self.grep("", mark)))
+
+    def quota(self, user: str | None = None, timeout: float = 30) -> str:
+        """`restrictpd --quota [USER] -c CONFIG` (what is counted and left)."""
+        argv = [str(self.binary), "--quota", "-c", str(self.config)] + ([user] if user else [])
+        return run(argv, timeout=timeout).stdout.decode(errors="replace")
+
 
 def restrictpd_config(*, port: int, relay_port: int, state: Path, rules: str,
                       extra_globals: str = "") -> str:
@@ -952,6 +1016,166 @@ class SMTPClient:
             line = line.encode()
         self.send(line + b"\r\n")
         return self.reply(timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# SMTP sessions run as another user (the SMTP door: the kernel tells who owns the socket)
+
+
+SWAKS = "/usr/bin/swaks"
+
+# Runs as the user under test (e.g. www-data): reads {"host","port","timeout","sessions"} as
+# JSON on stdin, runs every session in a thread of its own (all connected at once), prints
+# one JSON list per session: [step, code, reply text] (code 0: no reply / connection closed).
+# Steps: an SMTP command line; "<DATA>text" (DATA, then text, then "."); "<BARRIER>" (wait
+# until every session got here); "<DROP>" (close the socket without QUIT).
+_SESSION_SCRIPT = r"""
+import json, socket, sys, threading, time
+job = json.load(sys.stdin)
+sessions, timeout = job["sessions"], job["timeout"]
+barrier = threading.Barrier(len(sessions), timeout=timeout)
+results = [None] * len(sessions)
+
+def reply(f):
+    lines = []
+    while True:
+        line = f.readline(65536)
+        if not line:
+            return 0, " | ".join(lines)
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        lines.append(text)
+        if len(text) < 4 or text[3] != "-":
+            try:
+                return int(text[:3]), " | ".join(lines)
+            except ValueError:
+                return 0, " | ".join(lines)
+
+def session(i, steps):
+    out = []
+    results[i] = out
+    try:
+        s = socket.create_connection((job["host"], job["port"]), timeout=timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        f = s.makefile("rb")
+        out.append(["<GREETING>", *reply(f)])
+        for step in steps:
+            if step == "<BARRIER>":
+                barrier.wait()
+                continue
+            if step == "<DROP>":
+                s.close()
+                out.append([step, 0, ""])
+                return
+            if step.startswith("<DATA>"):
+                s.sendall(b"DATA\r\n")
+                code, text = reply(f)
+                out.append(["DATA", code, text])
+                if code != 354:
+                    continue
+                body = step[len("<DATA>"):].replace("\r\n", "\n").replace("\n", "\r\n")
+                lines = [("." + l if l.startswith(".") else l) for l in body.split("\r\n")]
+                s.sendall("\r\n".join(lines).encode() + b"\r\n.\r\n")
+                out.append(["<END-OF-DATA>", *reply(f)])
+                continue
+            s.sendall(step.encode() + b"\r\n")
+            code, text = reply(f)
+            out.append([step, code, text])
+            if code == 0:
+                return
+        s.close()
+    except Exception as e:  # noqa: BLE001 - reported to the caller
+        out.append(["<ERROR>", 0, repr(e)])
+        try:
+            barrier.abort()
+        except Exception:
+            pass
+
+threads = [threading.Thread(target=session, args=(i, st)) for i, st in enumerate(sessions)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(timeout + 5)
+json.dump(results, sys.stdout)
+"""
+
+_python_for: dict[str, str] = {}
+
+
+def python_for(user: str) -> str:
+    """A python3 that `user` may execute (pytest's own may live under /root)."""
+    if user not in _python_for:
+        for candidate in ("/usr/bin/python3", shutil.which("python3") or ""):
+            if candidate and subprocess.run(
+                    ["runuser", "-u", user, "--", candidate, "-c", "0"], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, timeout=20).returncode == 0:
+                _python_for[user] = candidate
+                break
+        else:
+            raise HarnessError(f"no python3 that user {user} can execute")
+    return _python_for[user]
+
+
+def _as_user(argv: list[str], user: str, netns: str | None) -> list[str]:
+    if user != "root":
+        argv = ["runuser", "-u", user, "--"] + argv
+    if netns:
+        argv = ["ip", "netns", "exec", netns] + argv
+    return argv
+
+
+def smtp_sessions(port: int, sessions: Sequence[Sequence[str]], *, user: str = "root",
+                  host: str = "127.0.0.1", timeout: float = 60,
+                  netns: str | None = None) -> list[list[tuple[str, int, str]]]:
+    """Run SMTP sessions as `user` (its own process, so the kernel sees that uid as the owner of
+    each client socket), all connected at once, one thread each; optionally inside network
+    namespace `netns`. Returns, per session, (step, reply code, reply text) tuples; the first
+    is ("<GREETING>", 220, ...). See _SESSION_SCRIPT for the steps."""
+    job = json.dumps({"host": host, "port": port, "timeout": timeout,
+                      "sessions": [list(s) for s in sessions]}).encode()
+    argv = _as_user([python_for(user), "-c", _SESSION_SCRIPT], user, netns)
+    proc = subprocess.run(argv, input=job, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout + 30)
+    if proc.returncode != 0:
+        raise HarnessError(f"SMTP session script failed ({proc.returncode}): "
+                           f"{proc.stderr.decode(errors='replace')[-2000:]}")
+    return [[tuple(step) for step in s] for s in json.loads(proc.stdout)]
+
+
+def transaction(sender: str, recipients: Sequence[str], body: str = "", *,
+                helo: str = "client.example", data: bool = True, quit: bool = True) -> list[str]:
+    """The steps of one ordinary transaction for smtp_sessions()."""
+    steps = [f"EHLO {helo}", f"MAIL FROM:<{sender}>", *[f"RCPT TO:<{r}>" for r in recipients]]
+    if data:
+        steps.append("<DATA>" + (body or f"Subject: test\n\nto {', '.join(recipients)}\n"))
+    if quit:
+        steps.append("QUIT")
+    return steps
+
+
+def reply_to(session: Sequence[tuple[str, int, str]], step_prefix: str) -> tuple[int, str] | None:
+    """The (code, text) answering the first step that starts with `step_prefix`."""
+    for step, code, text in session:
+        if step.startswith(step_prefix):
+            return code, text
+    return None
+
+
+def swaks(*, port: int, to: str | Sequence[str], sender: str, server: str = "127.0.0.1",
+          user: str = "root", auth: tuple[str, str] | None = None, netns: str | None = None,
+          body: str | None = None, timeout: float = 60,
+          extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """swaks as `user` (and inside `netns`), transcript in stdout; never raises on SMTP errors.
+    `auth` = (username, password) for AUTH PLAIN."""
+    rcpts = ",".join([to] if isinstance(to, str) else to)
+    argv = [SWAKS, "--server", server, "--port", str(port), "--from", sender, "--to", rcpts,
+            "--helo", "client.example", "--timeout", str(int(timeout)), "--hide-informational"]
+    if auth:
+        argv += ["--auth", "PLAIN", "--auth-user", auth[0], "--auth-password", auth[1]]
+    if body is not None:
+        argv += ["--body", body]
+    argv += list(extra)
+    return subprocess.run(_as_user(argv, user, netns), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=timeout + 30)
 
 
 # ----------------------------------------------------------------------------------------------
