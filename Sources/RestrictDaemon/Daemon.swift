@@ -136,14 +136,15 @@ public enum Daemon {
         var sockets: [(fd: Int32, name: String, policy: Bool)] = []
         let passed = Systemd.listenSockets()
         if !passed.isEmpty {
-            // A socket named "policy" (FileDescriptorName=) serves the policy service; every
-            // other one SMTP.
+            // A socket named "policy" (FileDescriptorName=), or one bound to a policy_listen
+            // address, serves the policy service; every other one SMTP.
             for socket in passed {
                 guard Systemd.isListeningStream(socket.fd) else {
                     logger.warning("ignoring socket \(socket.name) (fd \(socket.fd)) from systemd: not a listening stream socket")
                     continue
                 }
-                sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)", socket.name == "policy"))
+                let policy = socket.name == "policy" || ListenSocket.isBound(socket.fd, toOneOf: configuration.policyListen)
+                sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)\(policy ? " (policy service)" : "")", policy))
             }
         } else {
             let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }

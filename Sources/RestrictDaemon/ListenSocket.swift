@@ -13,6 +13,51 @@ import Glibc
 #endif
 
 public enum ListenSocket {
+    /// True when `fd` is bound to one of `addresses` (TCP by address and port, with names
+    /// resolved; UNIX by path).
+    public static func isBound(_ fd: Int32, toOneOf addresses: [ListenAddress]) -> Bool {
+        var storage = sockaddr_storage()
+        var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+        }
+        guard rc == 0 else { return false }
+        let bound: (HostAddress, Int)?
+        var path: String? = nil
+        switch Int32(storage.ss_family) {
+        case AF_INET:
+            bound = withUnsafeBytes(of: &storage) { raw in
+                let sin = raw.load(as: sockaddr_in.self)
+                var a = sin.sin_addr
+                return HostAddress(bytes: withUnsafeBytes(of: &a) { Array($0) }).map { ($0, Int(UInt16(bigEndian: sin.sin_port))) }
+            }
+        case AF_INET6:
+            bound = withUnsafeBytes(of: &storage) { raw in
+                let sin6 = raw.load(as: sockaddr_in6.self)
+                var a = sin6.sin6_addr
+                return HostAddress(bytes: withUnsafeBytes(of: &a) { Array($0) }).map { ($0, Int(UInt16(bigEndian: sin6.sin6_port))) }
+            }
+        case AF_UNIX:
+            bound = nil
+            path = withUnsafeBytes(of: &storage) { raw in
+                let sun = raw.load(as: sockaddr_un.self)
+                return withUnsafeBytes(of: sun.sun_path) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            }
+        default:
+            return false
+        }
+        return addresses.contains { address in
+            switch address {
+            case .unix(let p):
+                return p == path
+            case .tcp(let host, let port):
+                guard let (a, p) = bound, p == port else { return false }
+                guard let resolved = try? SocketAddress.makeAddressResolvingHost(host, port: port), let ip = resolved.ipAddress else { return false }
+                return HostAddress(ip) == a
+            }
+        }
+    }
+
     /// socket, bind, listen; for `unix:` also the mode and group of the socket file.
     public static func open(_ address: ListenAddress, mode: UInt32, group gid: UInt32?, backlog: Int32 = 256) throws -> Int32 {
         switch address {

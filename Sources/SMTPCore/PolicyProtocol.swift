@@ -86,7 +86,8 @@ public struct PolicyDecoder: Sendable {
             let window = view.prefix(PolicyLimits.line)
             guard let lf = window.firstIndex(of: UInt8(ascii: "\n")) else {
                 guard view.count >= PolicyLimits.line else { return nil }
-                buffer.moveReaderIndex(forwardBy: view.count)
+                // Drop the window only: the line's LF, and whatever follows, may be after it.
+                buffer.moveReaderIndex(forwardBy: PolicyLimits.line)
                 self.skippingLine = true
                 return self.fail(.lineTooLong)
             }

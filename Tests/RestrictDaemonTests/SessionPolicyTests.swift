@@ -41,7 +41,7 @@ struct SessionPolicyTests {
             #expect(reply.lines == ["550 5.7.1 <evil@spam.test>: not permitted for uid 0 (root)"])
             Self.expectRelayReset(h)
             let line = h.logs.decisions.first?.message ?? ""
-            #expect(line.hasPrefix("62F36F78196: uid=0 user=root from=<root@lab.localdomain> "), "\(line)")
+            #expect(line.hasPrefix("62F36F78196: uid=0 user=root door=pickup from=<root@lab.localdomain> "), "\(line)")
             #expect(line.contains(" verdict=refused reason=\"<evil@spam.test> not on the allow list\""), "\(line)")
             #expect(h.logs.decisions.first?.level == .warning)
             // The session continues.
@@ -59,7 +59,7 @@ struct SessionPolicyTests {
             #expect(reply.text.hasPrefix("5.7.1 <alice@example.com>: not permitted for unidentified sender"), "\(reply)")
             Self.expectRelayReset(h)
             let line = h.logs.decisions.first?.message ?? ""
-            #expect(line.hasPrefix("NOQUEUE: uid=unknown from=<root@lab.localdomain> "), "\(line)")
+            #expect(line.hasPrefix("NOQUEUE: uid=unknown door=pickup from=<root@lab.localdomain> "), "\(line)")
         }
     }
 

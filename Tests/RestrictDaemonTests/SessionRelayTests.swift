@@ -142,7 +142,7 @@ struct SessionRelayTests {
 
             let decisions = h.logs.decisions
             #expect(decisions.map(\.message) == [
-                "62F36F78196: uid=0 user=root from=<root@lab.localdomain> to=<alice@example.com>,<bob@example.org> "
+                "62F36F78196: uid=0 user=root door=pickup from=<root@lab.localdomain> to=<alice@example.com>,<bob@example.org> "
                     + "verdict=relayed reason=\"allowed\" relay=\"250 2.0.0 Ok: queued as 4RELAY0\""
             ])
             #expect(decisions.first?.level == .info)
@@ -296,8 +296,8 @@ struct SessionRelayTests {
             #expect(relay.commands.filter { $0 == "RSET" }.count == 2)
             let lines = h.logs.decisions.map(\.message)
             #expect(lines.count == 2)
-            #expect(lines.first?.hasPrefix("AAA111: uid=0 user=root from=<root@lab.localdomain> to=<alice@example.com> ") == true)
-            #expect(lines.last?.hasPrefix("BBB222: uid=0 user=root from=<root@lab.localdomain> to=<bob@example.org> ") == true)
+            #expect(lines.first?.hasPrefix("AAA111: uid=0 user=root door=pickup from=<root@lab.localdomain> to=<alice@example.com> ") == true)
+            #expect(lines.last?.hasPrefix("BBB222: uid=0 user=root door=pickup from=<root@lab.localdomain> to=<bob@example.org> ") == true)
         }
     }
 }

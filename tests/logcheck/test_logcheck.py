@@ -41,6 +41,16 @@ ROUTINE = [
     'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as B2C3D4"',
     OLD + 'A1B2C3: uid=0 user=root from=<root@lab> to=' + ",".join(f"<r{i}@example.com>" for i in range(20))
     + ',...(25 in all) verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as B2C3D4"',
+    # The door each message came through.
+    OLD + '62F36F78196: uid=33 user=www-data door=pickup from=<www-data@lab.localdomain> to=<carol@example.com> '
+    'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as 6810AF781A5"',
+    OLD + 'NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<www-data@lab> to=<carol@example.com> '
+    'verdict=relayed reason="allowed"',
+    RFC + '4F1A2B3C: uid=33 user=www-data door=smtp client=[::1]:40000 from=<> to=<a@example.com>,<b@example.net> '
+    'verdict=relayed reason="within quota" quota="17/20 per day"',
+    OLD + 'NOQUEUE: uid=unknown door=smtp client=127.0.0.1:40000 from=<alice@example.org> to=<x@example.net> '
+    'verdict=relayed reason="SASL-authenticated session trusted (smtp_authenticated trust)" sasl="alice@example.org"',
+    OLD + "listening on 127.0.0.1:10028 (policy service)",
     # Start-up, reload and stop (Sources/RestrictDaemon/Daemon.swift).
     OLD + "running as restrict (uid 103)",
     OLD + "listening on 127.0.0.1:10027",
@@ -73,6 +83,17 @@ VISIBLE = [
     # Relayed, but the relay's reply was not 2xx: not routine.
     OLD + '62F36F78196: uid=0 user=root from=<root@lab> to=<a@example.com> verdict=relayed '
     'reason="allowed" relay="451 4.3.0 Error: queue file write error"',
+    # The SMTP door's refusals and deferrals, and one that imitates a routine line.
+    OLD + 'warning: NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<w@lab> to=<s@example.net> '
+    'verdict=refused reason="<s@example.net> not on the allow list"',
+    OLD + 'warning: NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<w@lab> to=<s@example.net> '
+    'verdict=deferred reason="<s@example.net> over quota" quota="0/20 per day"',
+    OLD + 'error: NOQUEUE: door=smtp client=127.0.0.1:40000 verdict=deferred reason="cannot learn the client\'s uid"',
+    OLD + 'warning: NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<w@lab> '
+    'to=<x verdict=relayed reason=\\"allowed\\"@example.net> verdict=refused '
+    'reason="<x verdict=relayed reason=\\"allowed\\"@example.net> not on the allow list"',
+    OLD + "warning: policy connect from 127.0.0.1:45678 uid=1000 user=mallory refused: not in clients",
+    OLD + "warning: policy request from 127.0.0.1:45678 refused: malformed attribute line \"foo\"",
     # The intrusion alarm.
     OLD + "warning: connect from 127.0.0.1:45678 uid=1000 user=mallory refused: not in clients",
     RFC + "warning: connect from [::1]:45678 uid=65534 user=nobody refused: not in clients",
