@@ -48,7 +48,10 @@ SASL_LOGIN = f"{SASL_USER}@{SASL_DOMAIN}"
 RELAYED_DOMAIN = "relayed.example"      # relay_domains: Postfix relays it for anyone
 NETNS = "rpd-e2e-door"
 VETH_HOST, VETH_NS = "rpde2e0", "rpde2e1"
-HOST_ADDR, NS_ADDR = "192.0.2.1", "192.0.2.2"   # TEST-NET-1, only on the test's veth pair
+# TEST-NET-2, only on the test's veth pair (TEST-NET-1 may be this machine's real network:
+# here eth0 is 192.0.2.2/24 with 192.0.2.1 as its gateway)
+NET_PREFIX = "198.51.100."
+HOST_ADDR, NS_ADDR = NET_PREFIX + "1", NET_PREFIX + "2"
 DOOR_MAXPROC = 60                       # 50 parallel sessions must all get an smtpd
 
 ETC_POSTFIX = harness.repo_root() / "etc" / "postfix"
@@ -239,8 +242,9 @@ def door_restrictpd(door, restrictpd_binary, tmp_path, request):
         made.append(r)
         if start:
             r.start()
-            harness.wait_until(lambda: harness.port_accepts(door.policy_port), 10, 0.1,
-                               "restrictpd's policy listener")
+            # its log, not a probe connection (a probe that closes at once would only earn a
+            # "cannot learn the peer's uid" warning)
+            r.wait_log(rf"listening on 127\.0\.0\.1:{door.policy_port} \(policy service\)", 0, 10)
         return r
 
     try:
@@ -317,3 +321,299 @@ def test_www_data_allowed_arrives_stranger_refused_root_arrives(door, door_restr
     # the reinjection smtpd never asked: restrictpd's decisions are the door's 2 + 1 (RCPT) lines
     # and no pickup lines (this mail never went through pickup)
     assert not rpd.grep(r"door=pickup", mark)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. SASL-authenticated sessions: trust, then judge (SIGHUP)
+
+
+def test_sasl_authenticated_www_data_trusted_then_judged(door, door_restrictpd):
+    if door.sasl_problem:
+        pytest.skip(door.sasl_problem)
+    rpd = door_restrictpd()
+    mark = rpd.log_mark()
+    auth = (SASL_LOGIN, SASL_PASSWORD)
+
+    # smtp_authenticated trust (the default): the mailbox user's mail, Postfix decides
+    trusted = harness.swaks(port=door.port, to="friend@example.com", sender=f"{SASL_USER}@{SASL_DOMAIN}",
+                            user=WWW, auth=auth)
+    out = trusted.stdout.decode(errors="replace")
+    assert re.search(r"<-\s+235 2\.7\.0", out), f"AUTH PLAIN against the sasldb failed:\n{out}"
+    assert smtp_code(out, "RCPT TO").startswith("250"), out
+    assert trusted.returncode == 0, out
+    door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "friend@example.com" in m.rcpts)
+    line = rpd.wait_log(r"door=smtp .*to=<friend@example\.com> verdict=relayed", mark)[0]
+    assert "uid=33 user=www-data" in line, line
+    assert f'sasl="{SASL_LOGIN}"' in line or f"sasl={SASL_LOGIN}" in line, line
+    assert "smtp_authenticated trust" in line, line
+
+    # smtp_authenticated judge: www-data's rule applies although the session is authenticated
+    rpd.reload(rpd.make_config(rules(), "smtp_authenticated judge\n"))
+    mark = rpd.log_mark()
+    judged = harness.swaks(port=door.port, to="friend2@example.com", sender=f"{SASL_USER}@{SASL_DOMAIN}",
+                           user=WWW, auth=auth)
+    out = judged.stdout.decode(errors="replace")
+    assert re.search(r"<-\s+235 2\.7\.0", out), out
+    reply = smtp_code(out, "RCPT TO")
+    assert reply and reply.startswith("550 5.7.1 "), out
+    assert "not permitted for uid 33 (www-data)" in reply, reply
+    line = rpd.wait_log(r"door=smtp .*to=<friend2@example\.com> verdict=refused", mark)[0]
+    assert "uid=33 user=www-data" in line and SASL_LOGIN in line, line
+    # an allowed address is still allowed under judge
+    ok = harness.swaks(port=door.port, to=ALLOWED, sender=f"{SASL_USER}@{SASL_DOMAIN}", user=WWW, auth=auth)
+    assert ok.returncode == 0, ok.stdout.decode(errors="replace")
+    door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: ALLOWED in m.rcpts)
+    assert settle_count(door.sink) == 2
+    assert delivered_to(door.sink, "friend2@example.com") == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. one quota for both doors
+
+
+def quota_left(rpd: harness.Restrictpd) -> str:
+    return rpd.quota(WWW)
+
+
+def test_quota_three_per_day_over_smtp_and_sendmail_together(door, door_restrictpd):
+    rpd = door_restrictpd(rules(www_extra="    arbitrary 3 per day\n"))
+    mark = rpd.log_mark()
+    pf, sink = door.pf, door.sink
+
+    def smtp(rcpt: str) -> str:
+        [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, [rcpt])], user=WWW)
+        code, text = harness.reply_to(s, "RCPT")
+        return text
+
+    def sendmail(rcpt: str) -> str:
+        msg, mid = harness.make_message(sender=WWW_FROM, to=[rcpt], subject=f"quota {rcpt}",
+                                        body="counted\n")
+        pf.sendmail([rcpt], msg, user=WWW)
+        return mid
+
+    # 1 over SMTP, 2 with sendmail, 3 over SMTP: each waits for its delivery
+    assert smtp("s1@example.com").startswith("250"), "first stranger over SMTP"
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "s1@example.com" in m.rcpts)
+    sendmail("s2@example.com")
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "s2@example.com" in m.rcpts)
+    assert smtp("s3@example.com").startswith("250")
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "s3@example.com" in m.rcpts)
+
+    # the fourth: over SMTP, 450 4.7.1 at RCPT (DEFER_IF_PERMIT, then permit_mynetworks)
+    fourth = smtp("s4@example.com")
+    assert fourth.startswith("450 4.7.1 "), fourth
+    rpd.wait_log(r"NOQUEUE: uid=33 user=www-data door=smtp .*to=<s4@example\.com> verdict=deferred "
+                 r'reason="<s4@example\.com> over quota" quota="0/3 per day"', mark)
+    # ... and with sendmail: kept in the queue, deferred with 4.7.1
+    sendmail("s5@example.com")
+    pf.wait_log(r"to=<s5@example\.com>.*dsn=4\.7\.1, status=deferred", door.mark, DELIVERY_TIMEOUT)
+    rpd.wait_log(r"door=pickup .*to=<s5@example\.com> verdict=deferred", mark)
+
+    # an allowed address is not counted and still goes
+    assert smtp(ALLOWED).startswith("250")
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: ALLOWED in m.rcpts)
+
+    time.sleep(SETTLE)
+    strangers = sorted({r for m in sink.messages() for r in m.rcpts if r != ALLOWED})
+    assert strangers == ["s1@example.com", "s2@example.com", "s3@example.com"]
+    [queued] = pf.queue()
+    [rc] = queued["recipients"]
+    assert rc["address"] == "s5@example.com" and "4.7.1" in rc.get("delay_reason", ""), rc
+    # both doors' lines: door=smtp for s1, s3 (RCPT and END-OF-MESSAGE), door=pickup for s2
+    assert rpd.grep(r"door=smtp .*to=<s1@example\.com> verdict=relayed", mark)
+    assert rpd.grep(r"door=pickup .*to=<s2@example\.com> verdict=relayed", mark)
+    report = quota_left(rpd)
+    for r in ("s1@example.com", "s2@example.com", "s3@example.com"):
+        assert r in report, report
+    assert "s4@example.com" not in report and "s5@example.com" not in report, report
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. RSET or a dropped connection after RCPT spends nothing
+
+
+def test_rset_or_dropped_transaction_spends_nothing(door, door_restrictpd):
+    rpd = door_restrictpd(rules(www_extra="    arbitrary 3 per day\n"))
+    mark = rpd.log_mark()
+    sink = door.sink
+    r = [f"r{i}@example.com" for i in range(1, 10)]
+
+    # A: three strangers reserved (the whole quota), RSET, then a new transaction on the same
+    # connection to three others: they must get the quota the first three had reserved
+    [a] = harness.smtp_sessions(door.port, [[
+        "EHLO a.example", f"MAIL FROM:<{WWW_FROM}>", *[f"RCPT TO:<{x}>" for x in r[0:3]], "RSET",
+        f"MAIL FROM:<{WWW_FROM}>", f"RCPT TO:<{ALLOWED}>", "<DATA>Subject: after RSET\n\nhi\n",
+        "RSET", f"MAIL FROM:<{WWW_FROM}>", *[f"RCPT TO:<{x}>" for x in r[3:6]], "RSET", "QUIT"]],
+        user=WWW)
+    codes = [code for step, code, _ in a if step.startswith("RCPT")]
+    assert codes == [250] * 7, a
+    assert harness.reply_to(a, "<END-OF-DATA>")[0] == 250, a
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: ALLOWED in m.rcpts)
+
+    # B: three strangers reserved, then the connection is dropped (no RSET, no QUIT)
+    [b] = harness.smtp_sessions(door.port, [[
+        "EHLO b.example", f"MAIL FROM:<{WWW_FROM}>", *[f"RCPT TO:<{x}>" for x in r[3:6]], "<DROP>"]],
+        user=WWW)
+    assert [code for step, code, _ in b if step.startswith("RCPT")] == [250] * 3, b
+
+    report = quota_left(rpd)
+    assert not any(x in report for x in r), f"nothing may be counted yet:\n{report}"
+
+    # C: all three strangers of the quota are still there
+    [c] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, r[6:9])], user=WWW)
+    assert [code for step, code, _ in c if step.startswith("RCPT")] == [250] * 3, c
+    assert harness.reply_to(c, "<END-OF-DATA>")[0] == 250, c
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: r[6] in m.rcpts)
+    time.sleep(SETTLE)
+    delivered = sorted(x for m in sink.messages() for x in m.rcpts)
+    assert delivered == sorted([ALLOWED, *r[6:9]]), delivered
+    report = quota_left(rpd)
+    assert all(x in report for x in r[6:9]) and not any(x in report for x in r[0:6]), report
+    # and now the quota is spent: a fourth stranger waits
+    [d] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, [r[0]])], user=WWW)
+    assert harness.reply_to(d, "RCPT")[0] == 450, d
+    assert not rpd.grep(r"verdict=refused", mark)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. 50 parallel sessions against arbitrary 10
+
+
+def test_fifty_parallel_sessions_reach_exactly_ten_strangers(door, door_restrictpd):
+    rpd = door_restrictpd(rules(www_extra="    arbitrary 10 per day\n"))
+    rcpts = [f"p{i:02d}@example.com" for i in range(50)]
+    sessions = [["EHLO par.example", f"MAIL FROM:<{WWW_FROM}>", "<BARRIER>", f"RCPT TO:<{x}>",
+                 f"<DATA>Subject: parallel {x}\n\nrace\n", "QUIT"] for x in rcpts]
+    started = time.monotonic()
+    results = harness.smtp_sessions(door.port, sessions, user=WWW, timeout=90)
+    elapsed = time.monotonic() - started
+    rcpt_codes = [harness.reply_to(s, "RCPT") for s in results]
+    assert all(c is not None for c in rcpt_codes), [s for s in results if harness.reply_to(s, "RCPT") is None][:3]
+    accepted = [x for x, (code, _) in zip(rcpts, rcpt_codes) if code == 250]
+    others = [(code, text) for code, text in rcpt_codes if code != 250]
+    assert len(accepted) == 10, f"{len(accepted)} RCPTs accepted; others: {others[:5]}"
+    assert all(400 <= code < 500 for code, _ in others), others
+    ends = [harness.reply_to(s, "<END-OF-DATA>") for s, (code, _) in zip(results, rcpt_codes) if code == 250]
+    assert all(e and e[0] == 250 for e in ends), ends
+
+    door.sink.wait_for(10, DELIVERY_TIMEOUT)
+    door.pf.wait_queue_empty(DELIVERY_TIMEOUT)
+    time.sleep(SETTLE)
+    delivered = [x for m in door.sink.messages() for x in m.rcpts]
+    assert len(delivered) == len(set(delivered)) == 10, delivered
+    assert sorted(delivered) == sorted(accepted)
+    assert elapsed < 60, f"50 sessions took {elapsed:.1f}s"
+    assert len(rpd.grep(r"door=smtp .*verdict=deferred")) == 40
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. restrictpd down: Postfix's default action, nothing delivered
+
+
+def test_restrictpd_stopped_gives_4xx_and_nothing_is_delivered(door, door_restrictpd):
+    rpd = door_restrictpd()
+    # first a session while it runs, so that smtpd processes hold a policy connection
+    ok = harness.swaks(port=door.port, to=ALLOWED, sender=WWW_FROM, user=WWW)
+    assert ok.returncode == 0, ok.stdout.decode(errors="replace")
+    door.sink.wait_for(1, DELIVERY_TIMEOUT)
+    door.sink.clear()
+    assert rpd.stop() == 0
+    assert not harness.port_accepts(door.policy_port)
+
+    down = harness.swaks(port=door.port, to=ALLOWED, sender=WWW_FROM, user=WWW)
+    out = down.stdout.decode(errors="replace")
+    reply = smtp_code(out, "RCPT TO")
+    assert reply and reply.startswith("451 4.3.5"), out
+    assert down.returncode != 0
+    assert settle_count(door.sink) == 0
+    assert door.pf.queue() == []
+    door.pf.wait_log(r"door/smtpd\[\d+\]: NOQUEUE: reject: RCPT .*451 4\.3\.5", door.mark)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. a client in a network namespace of its own is not restrictpd's to judge
+
+
+def _quiet(*argv: str):
+    subprocess.run(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+
+
+def _remove_netns():
+    _quiet("ip", "link", "del", VETH_HOST)
+    _quiet("ip", "netns", "del", NETNS)
+
+
+@pytest.fixture
+def netns_client(door):
+    """Network namespace NETNS with NS_ADDR/24 on a veth pair whose host side has HOST_ADDR/24,
+    and an smtpd of the door's kind bound to HOST_ADDR. Always removed."""
+    if not shutil.which("ip"):
+        pytest.skip("ip(8) not installed (iproute2)")
+    _remove_netns()                      # leftovers of a run that was killed
+    in_use = subprocess.run(["sh", "-c", "ip -o addr; ip route; ip neigh"], stdout=subprocess.PIPE,
+                            timeout=30).stdout.decode()
+    if NET_PREFIX in in_use:
+        pytest.skip(f"{NET_PREFIX}0/24 is in use on this machine; the test would disturb it")
+    port = door.port
+    try:
+        for argv in (["ip", "netns", "add", NETNS],
+                     ["ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS],
+                     ["ip", "link", "set", VETH_NS, "netns", NETNS],
+                     ["ip", "addr", "add", f"{HOST_ADDR}/24", "dev", VETH_HOST],
+                     ["ip", "link", "set", VETH_HOST, "up"],
+                     ["ip", "netns", "exec", NETNS, "ip", "addr", "add", f"{NS_ADDR}/24", "dev", VETH_NS],
+                     ["ip", "netns", "exec", NETNS, "ip", "link", "set", VETH_NS, "up"],
+                     ["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"]):
+            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot set up the network namespace: {' '.join(argv)}: "
+                            f"{proc.stderr.decode(errors='replace').strip()}")
+        extra = (f"# the door as a client in another network namespace sees it\n"
+                 f"{HOST_ADDR}:{port} inet n - n - 10 smtpd\n"
+                 f"  -o syslog_name=postfix/door-veth\n")
+        door.pf.write_master_cf(door_master_cf(door.port, extra))
+        door.pf.reload()
+        harness.wait_until(lambda: harness.port_accepts(port, HOST_ADDR), 30, 0.2,
+                           f"an smtpd on {HOST_ADDR}:{port}")
+        yield port
+    finally:
+        with contextlib.suppress(Exception):
+            door.pf.write_master_cf(door_master_cf(door.port))
+            door.pf.reload()
+            harness.wait_until(lambda: not harness.port_accepts(port, HOST_ADDR), 30, 0.2,
+                               f"the smtpd on {HOST_ADDR}:{port} to close")
+        _remove_netns()
+        assert subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE,
+                              timeout=30).stdout.decode().find(NETNS) < 0
+
+
+def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, netns_client):
+    rpd = door_restrictpd()
+    mark = rpd.log_mark()
+    rcpt = f"someone@{RELAYED_DOMAIN}"
+
+    # control: the same recipient from www-data on this host is refused by www-data's rule
+    local = harness.swaks(port=door.port, to=rcpt, sender=WWW_FROM, user=WWW)
+    assert smtp_code(local.stdout.decode(errors="replace"), "RCPT TO").startswith("550 5.7.1")
+    rpd.wait_log(rf"door=smtp .*to=<{re.escape(rcpt)}> verdict=refused", mark)
+    mark = rpd.log_mark()
+
+    # from the namespace (NS_ADDR, not an address of this host): DUNNO, Postfix decides,
+    # and relay_domains lets it relay there
+    remote = harness.swaks(server=HOST_ADDR, port=netns_client, to=rcpt, sender=WWW_FROM, user=WWW,
+                           netns=NETNS)
+    out = remote.stdout.decode(errors="replace")
+    assert smtp_code(out, "RCPT TO").startswith("250"), out
+    assert remote.returncode == 0, out
+    [m] = door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: rcpt in m.rcpts)
+    assert any(NS_ADDR in v for v in m.header("Received")), m.header("Received")
+    # ... and to a domain Postfix does not relay for: Postfix's own 4xx, not restrictpd's
+    other = harness.swaks(server=HOST_ADDR, port=netns_client, to="x@example.com", sender=WWW_FROM,
+                          user=WWW, netns=NETNS)
+    reply = smtp_code(other.stdout.decode(errors="replace"), "RCPT TO")
+    assert reply and reply.startswith("454 4.7.1") and "Relay access denied" in reply, reply
+    time.sleep(1)
+    assert not rpd.grep(r"verdict=", mark), "restrictpd logs no decision for a remote client"
+    door.pf.wait_log(rf"door-veth/smtpd\[\d+\]: .*client=unknown\[{re.escape(NS_ADDR)}\]|"
+                     rf"door-veth/smtpd\[\d+\]: connect from .*\[{re.escape(NS_ADDR)}\]", door.mark)
+    assert settle_count(door.sink) == 1
