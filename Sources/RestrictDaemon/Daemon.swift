@@ -146,6 +146,9 @@ public enum Daemon {
                 let policy = socket.name == "policy" || ListenSocket.isBound(socket.fd, toOneOf: configuration.policyListen)
                 sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)\(policy ? " (policy service)" : "")", policy))
             }
+            if !configuration.policyListen.isEmpty, !sockets.contains(where: \.policy) {
+                logger.warning("policy_listen is set, but systemd passed no socket for it (name it \"policy\" or bind it to a policy_listen address): the SMTP door is closed, and Postfix answers its default action")
+            }
         } else {
             let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
             if let name = configuration.unixSocketGroup, gid == nil {
