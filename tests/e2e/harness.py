@@ -788,6 +788,84 @@ class PostfixInstance:
 
 
 # ----------------------------------------------------------------------------------------------
+# the SMTP door: an smtpd standing in for port 25, wired as etc/postfix/*.restrictpd say
+
+
+DEBIAN_MYNETWORKS = "127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128"   # Debian 12's default
+SHIPPED_POLICY_PORT = 10028                                          # in etc/postfix/main.cf.restrictpd
+
+
+def postfix_parameters(text: str) -> dict[str, str]:
+    """name = value pairs of a main.cf text (continuation lines joined, comments dropped)."""
+    params: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0].isspace() and name:
+            params[name] = (params[name] + " " + line.strip()).strip()
+            continue
+        key, _, value = line.partition("=")
+        name = key.strip()
+        params[name] = value.strip()
+    return params
+
+
+def shipped_door_main_cf(policy_port: int) -> dict[str, str]:
+    """The smtpd_* settings of etc/postfix/main.cf.restrictpd (the SMTP door's wiring and the
+    policy client's settings), the policy service moved to 127.0.0.1:`policy_port`."""
+    params = postfix_parameters((repo_root() / "etc" / "postfix" / "main.cf.restrictpd").read_text())
+    return {k: v.replace(f"inet:127.0.0.1:{SHIPPED_POLICY_PORT}", f"inet:127.0.0.1:{policy_port}")
+            for k, v in params.items() if k.startswith("smtpd_")}
+
+
+def shipped_reinjection_overrides() -> list[str]:
+    """The `-o` options of the 10026 reinjection smtpd in etc/postfix/master.cf.restrictpd that
+    keep it from asking the policy service (smtpd_relay_restrictions and
+    smtpd_end_of_data_restrictions)."""
+    text = (repo_root() / "etc" / "postfix" / "master.cf.restrictpd").read_text()
+    options, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        if not line[0].isspace():
+            inside = line.startswith("127.0.0.1:10026")
+            continue
+        if inside:
+            options += re.findall(r"-o\s+(\S+)", line)
+    return [o for o in options
+            if o.split("=", 1)[0] in ("smtpd_relay_restrictions", "smtpd_end_of_data_restrictions")]
+
+
+def door_master_cf(door_port: int, maxproc: int = 60, options: Sequence[str] = (),
+                   extra: str = "") -> str:
+    """master.cf lines of the door smtpd on 127.0.0.1:`door_port` (Debian's port 25 line,
+    not chrooted), then `extra`."""
+    lines = [f"# the SMTP door: stand-in for port 25 (Debian: smtp inet n - y - - smtpd)",
+             f"127.0.0.1:{door_port} inet n - n - {maxproc} smtpd",
+             "  -o syslog_name=postfix/door"]
+    lines += [f"  -o {o}" for o in options]
+    return "\n".join(lines) + "\n" + extra
+
+
+def door_postfix(slot: Slot, sink_port: int, *, door_options: Sequence[str] = (),
+                 extra_main_cf: str = "", maxproc: int = 60) -> "PostfixInstance":
+    """A PostfixInstance with the SMTP door: main.cf gets the shipped smtpd_* settings (policy
+    service before permit_mynetworks, END-OF-MESSAGE too) and Debian's default mynetworks; the
+    reinjection listeners get the shipped overrides; master.cf gets the door smtpd. Ports in
+    `pf.door_port` and `pf.policy_port` (restrictpd's policy_listen). Not configured yet."""
+    door_port, policy_port, filter_port, relay_port, relay_port_debian = free_ports(5)
+    main = "\n".join(f"{k} = {v}" for k, v in shipped_door_main_cf(policy_port).items())
+    main += f"\nmynetworks = {DEBIAN_MYNETWORKS}\n{extra_main_cf}"
+    pf = PostfixInstance(slot, sink_port, filter_port, relay_port, relay_port_debian,
+                         extra_main_cf=main,
+                         extra_master_cf=door_master_cf(door_port, maxproc, door_options),
+                         reinject_options=" ".join(f"-o {o}" for o in shipped_reinjection_overrides()))
+    pf.door_port, pf.policy_port = door_port, policy_port
+    return pf
+
+
+# ----------------------------------------------------------------------------------------------
 # restrictpd as a subprocess
 
 

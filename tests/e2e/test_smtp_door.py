@@ -23,6 +23,7 @@ Rules (unless a test says otherwise):
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -41,7 +42,6 @@ SETTLE = 3                       # after the expected mail arrived: time for any
 WWW = "www-data"
 WWW_FROM = "www-data@lab.localdomain"
 ALLOWED = "webmaster@example.org"
-DEBIAN_MYNETWORKS = "127.0.0.0/8 [::ffff:127.0.0.0]/104 [::1]/128"
 SASL_DOMAIN = "mail.example"
 SASL_USER, SASL_PASSWORD = "alice", "door-test-secret"
 SASL_LOGIN = f"{SASL_USER}@{SASL_DOMAIN}"
@@ -54,8 +54,6 @@ NET_PREFIX = "198.51.100."
 HOST_ADDR, NS_ADDR = NET_PREFIX + "1", NET_PREFIX + "2"
 DOOR_MAXPROC = 60                       # 50 parallel sessions must all get an smtpd
 
-ETC_POSTFIX = harness.repo_root() / "etc" / "postfix"
-SHIPPED_POLICY_PORT = "10028"
 
 
 def rules(www_extra: str = "") -> str:
@@ -68,59 +66,18 @@ def rules(www_extra: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the wiring, taken from the files restrictpd ships
-
-
-def postfix_parameters(text: str) -> dict[str, str]:
-    """name = value pairs of a main.cf text (continuation lines joined, comments dropped)."""
-    params: dict[str, str] = {}
-    name = None
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line[0].isspace() and name:
-            params[name] = (params[name] + " " + line.strip()).strip()
-            continue
-        key, _, value = line.partition("=")
-        name = key.strip()
-        params[name] = value.strip()
-    return params
-
-
-def shipped_main_cf(policy_port: int) -> dict[str, str]:
-    """The SMTP door's settings from etc/postfix/main.cf.restrictpd, pointed at `policy_port`."""
-    params = postfix_parameters((ETC_POSTFIX / "main.cf.restrictpd").read_text())
-    door = {k: v.replace(f"inet:127.0.0.1:{SHIPPED_POLICY_PORT}", f"inet:127.0.0.1:{policy_port}")
-            for k, v in params.items() if k.startswith("smtpd_")}
-    return door
-
-
-def shipped_reinjection_overrides() -> list[str]:
-    """The -o options of the 10026 reinjection smtpd in etc/postfix/master.cf.restrictpd that
-    keep it from asking the policy service."""
-    text = (ETC_POSTFIX / "master.cf.restrictpd").read_text()
-    options, inside = [], False
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        if not line[0].isspace():
-            inside = line.startswith("127.0.0.1:10026")
-            continue
-        if inside:
-            options += re.findall(r"-o\s+(\S+)", line)
-    return [o for o in options
-            if o.split("=", 1)[0] in ("smtpd_relay_restrictions", "smtpd_end_of_data_restrictions")]
+# the wiring, taken from the files restrictpd ships (harness.door_postfix uses the same)
 
 
 def test_shipped_wiring_asks_restrictpd_before_permit_mynetworks():
     """What the door instance below copies: policy service first, END-OF-MESSAGE too, never on
     the reinjection smtpd."""
-    door = shipped_main_cf(12345)
+    door = harness.shipped_door_main_cf(12345)
     relay = [r.strip() for r in door["smtpd_relay_restrictions"].split(",")]
     assert relay[0] == "check_policy_service inet:127.0.0.1:12345", relay
     assert "permit_mynetworks" in relay[1:]
     assert door["smtpd_end_of_data_restrictions"] == "check_policy_service inet:127.0.0.1:12345"
-    overrides = dict(o.split("=", 1) for o in shipped_reinjection_overrides())
+    overrides = dict(o.split("=", 1) for o in harness.shipped_reinjection_overrides())
     assert "check_policy_service" not in overrides.get("smtpd_relay_restrictions", "x check_policy_service")
     assert overrides.get("smtpd_end_of_data_restrictions", None) == ""
 
@@ -132,18 +89,18 @@ def test_shipped_wiring_asks_restrictpd_before_permit_mynetworks():
 class Door:
     """The module's Postfix instance, its sink and its ports."""
 
-    def __init__(self, pf: harness.PostfixInstance, sink: harness.Sink, door_port: int,
-                 policy_port: int):
-        self.pf, self.sink, self.port, self.policy_port = pf, sink, door_port, policy_port
+    def __init__(self, pf: harness.PostfixInstance, sink: harness.Sink):
+        self.pf, self.sink = pf, sink
+        self.port, self.policy_port = pf.door_port, pf.policy_port
         self.mark = 0
+        self.sasl_problem: str | None = None
+
+
+DOOR_OPTIONS = ["smtpd_sasl_auth_enable=yes"]
 
 
 def door_master_cf(door_port: int, extra: str = "") -> str:
-    return (f"# the SMTP door: stand-in for port 25 (Debian: smtp inet n - y - - smtpd)\n"
-            f"127.0.0.1:{door_port} inet n - n - {DOOR_MAXPROC} smtpd\n"
-            f"  -o syslog_name=postfix/door\n"
-            f"  -o smtpd_sasl_auth_enable=yes\n"
-            f"{extra}")
+    return harness.door_master_cf(door_port, DOOR_MAXPROC, DOOR_OPTIONS, extra)
 
 
 def setup_sasl(pf: harness.PostfixInstance):
@@ -155,17 +112,12 @@ def setup_sasl(pf: harness.PostfixInstance):
     harness.run([saslpasswd2, "-f", str(db), "-c", "-p", "-u", SASL_DOMAIN, SASL_USER],
                 input=SASL_PASSWORD.encode())
     shutil.chown(db, "postfix", "postfix")
-    os_chmod(db, 0o600)
+    os.chmod(db, 0o600)
     (pf.etc / "sasl").mkdir(exist_ok=True)
     (pf.etc / "sasl" / "smtpd.conf").write_text(
         "pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\n"
         f"sasldb_path: {db}\n")
     return None
-
-
-def os_chmod(path: Path, mode: int):
-    import os
-    os.chmod(path, mode)
 
 
 @pytest.fixture(scope="module")
@@ -174,24 +126,14 @@ def door_instance(e2e_environment):
     sink = pf = None
     try:
         sink = harness.Sink(slot.path / "sink").start()
-        # every port of the instance in one go, so that none is handed out twice
-        door_port, policy_port, filter_port, relay_port, relay_port_debian = harness.free_ports(5)
-        settings = shipped_main_cf(policy_port)
-        main = "\n".join(f"{k} = {v}" for k, v in settings.items())
-        main += (f"\nmynetworks = {DEBIAN_MYNETWORKS}\n"
-                 f"relay_domains = {RELAYED_DOMAIN}\n"
-                 f"smtpd_sasl_local_domain =\nsmtpd_sasl_authenticated_header = yes\n"
-                 f"broken_sasl_auth_clients = no\n")
-        pf = harness.PostfixInstance(slot, sink.port, filter_port, relay_port, relay_port_debian,
-                                     extra_main_cf=main,
-                                     extra_master_cf=door_master_cf(door_port),
-                                     reinject_options=" ".join(
-                                         f"-o {o}" for o in shipped_reinjection_overrides()))
+        pf = harness.door_postfix(slot, sink.port, door_options=DOOR_OPTIONS, maxproc=DOOR_MAXPROC,
+                                  extra_main_cf=(f"relay_domains = {RELAYED_DOMAIN}\n"
+                                                 "smtpd_sasl_local_domain =\n"))
         pf.configure()
         sasl_problem = setup_sasl(pf)
         pf.start()
-        harness.wait_until(lambda: harness.port_accepts(door_port), 30, 0.1, "the door smtpd")
-        door = Door(pf, sink, door_port, policy_port)
+        harness.wait_until(lambda: harness.port_accepts(pf.door_port), 30, 0.1, "the door smtpd")
+        door = Door(pf, sink)
         door.sasl_problem = sasl_problem
         yield door
     finally:
@@ -292,6 +234,10 @@ def settle_count(sink: harness.Sink, seconds: float = SETTLE) -> int:
 def test_www_data_allowed_arrives_stranger_refused_root_arrives(door, door_restrictpd):
     rpd = door_restrictpd()
     mark = rpd.log_mark()
+    postconf = lambda name: harness.run([harness.POSTCONF, "-c", str(door.pf.etc), "-h", name]).stdout.decode().strip()
+    assert postconf("mynetworks") == harness.DEBIAN_MYNETWORKS
+    assert postconf("smtpd_relay_restrictions").startswith(
+        f"check_policy_service inet:127.0.0.1:{door.policy_port}, permit_mynetworks")
 
     ok = harness.swaks(port=door.port, to=ALLOWED, sender=WWW_FROM, user=WWW)
     out = ok.stdout.decode(errors="replace")
