@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""restrictpd demo: a private Postfix with restrictpd between pickup and delivery.
+"""restrictpd demo: a private Postfix with restrictpd guarding both doors.
 
 Started by scripts/demo (which installs packages and builds restrictpd first); can be run alone:
     python3 tests/e2e/demo.py [--binary PATH] [--keep]
 
-It sends a handful of messages as root, www-data and nobody with /usr/sbin/sendmail, waits
-until each one reached a final state, prints a table (sender, recipient, verdict) built from the
-sink, Postfix's log and restrictpd's log, then stops everything and removes its files
-(--keep leaves the instance directory for inspection). Exit status 0 when every verdict is
-the expected one.
+The two doors: mail submitted with /usr/sbin/sendmail passes pickup and restrictpd as content
+filter; mail sent over SMTP to an smtpd on loopback (the stand-in for port 25, Debian's default
+mynetworks, wired as etc/postfix/main.cf.restrictpd says) is judged by restrictpd as Postfix's
+policy service, with the UID the kernel names as owner of the client's socket.
+
+It sends a handful of messages as root, www-data and nobody with sendmail, and two from
+www-data over SMTP, waits until each one reached a final state, prints a table (door, sender,
+recipient, verdict) built from the sink, Postfix's log and replies, and restrictpd's log, then
+stops everything and removes its files (--keep leaves the instance directory for inspection).
+Exit status 0 when every verdict is the expected one.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Case:
     what: str
     expect: str            # relayed | refused | deferred
     forged: bool = False
+    door: str = "sendmail"     # sendmail (pickup, content filter) | smtp (policy service)
     message_id: str = ""
     queue_id: str = ""
     uid: str = ""
@@ -66,6 +72,10 @@ CASES = [
     Case("nobody", "friend1@example.com", "default rule: arbitrary address 1 of 2", "relayed"),
     Case("nobody", "friend2@example.com", "default rule: arbitrary address 2 of 2", "relayed"),
     Case("nobody", "friend3@example.com", "default rule: over quota (kept queued)", "deferred"),
+    Case("www-data", "webmaster@example.org", "over SMTP to 127.0.0.1: on the allow list", "relayed",
+         door="smtp"),
+    Case("www-data", "dave@example.com", "over SMTP to 127.0.0.1: not on the allow list", "refused",
+         door="smtp"),
 ]
 
 
@@ -76,6 +86,8 @@ def say(text: str = ""):
 def classify(case: Case, pf: harness.PostfixInstance, sink: harness.Sink,
              rpd: harness.Restrictpd, mark: int) -> bool:
     """Fill in what each source says; True once the message reached a final state."""
+    if case.door == "smtp":
+        return classify_smtp(case, sink, rpd)
     if not case.queue_id:
         try:
             case.queue_id = pf.queue_id_for(case.message_id, mark, timeout=0.5)
@@ -105,12 +117,46 @@ def classify(case: Case, pf: harness.PostfixInstance, sink: harness.Sink,
     return True
 
 
+def classify_smtp(case: Case, sink: harness.Sink, rpd: harness.Restrictpd) -> bool:
+    """The SMTP door: smtpd's reply (case.postfix, filled in when sent), the sink, and
+    restrictpd's door=smtp line for the recipient."""
+    arrived = [m for m in sink.messages_to(case.rcpt) if case.message_id.encode() in m.data]
+    case.sink = "arrived" if arrived else "-"
+    rl = rpd.grep(rf"door=smtp .*to=<{re.escape(case.rcpt)}> verdict=", 0)
+    if rl:
+        case.restrictpd = re.search(r"verdict=(\w+)", rl[-1]).group(1)
+        u = re.search(r"uid=(\d+)", rl[-1])
+        case.uid = u.group(1) if u else "?"
+    if case.sink == "arrived":
+        case.verdict = "relayed"
+    elif case.postfix.startswith("5") and case.restrictpd.startswith("refused"):
+        case.verdict = "refused"
+    else:
+        return False
+    return True
+
+
+def send_smtp(case: Case, pf: harness.PostfixInstance, message: bytes):
+    """One SMTP session as case.user to the door smtpd; smtpd's reply goes in case.postfix."""
+    [session] = harness.smtp_sessions(
+        pf.door_port, [harness.transaction(f"{case.user}@{harness.MYHOSTNAME}", [case.rcpt],
+                                           message.decode())], user=case.user)
+    rcpt = harness.reply_to(session, "RCPT")
+    end = harness.reply_to(session, "<END-OF-DATA>")
+    if rcpt is None:
+        case.postfix = "no reply: " + "; ".join(f"{s} {c} {t}" for s, c, t in session)
+    elif rcpt[0] != 250 or end is None:
+        case.postfix = " ".join(rcpt[1].split()[:2]) + " at RCPT"
+    else:
+        case.postfix = " ".join(end[1].split()[:2]) + " queued"
+
+
 def print_table(cases: list[Case]):
-    head = ("#", "sender (uid)", "recipient", "verdict", "expected", "sink", "postfix",
+    head = ("#", "door", "sender (uid)", "recipient", "verdict", "expected", "sink", "postfix",
             "restrictpd log", "case")
     rows = [head]
     for i, c in enumerate(cases, 1):
-        rows.append((str(i), f"{c.user} ({c.uid or '?'})", c.rcpt,
+        rows.append((str(i), c.door, f"{c.user} ({c.uid or '?'})", c.rcpt,
                      (c.verdict or "?") + ("" if c.verdict == c.expect else "  <-- UNEXPECTED"),
                      c.expect, c.sink or "-", c.postfix or "-", c.restrictpd or "-", c.what))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -141,21 +187,26 @@ def main() -> int:
     ok = False
     try:
         sink = harness.Sink(slot.path / "sink").start()
-        pf = harness.PostfixInstance(slot, sink.port)
+        pf = harness.door_postfix(slot, sink.port)
         pf.configure()
         say(f"demo: private Postfix in {slot.path} (config {pf.etc})")
-        say(f"      pickup -> content_filter smtp:[127.0.0.1]:{pf.filter_port} (restrictpd) "
+        say(f"      sendmail: pickup -> content_filter smtp:[127.0.0.1]:{pf.filter_port} (restrictpd) "
             f"-> 127.0.0.1:{pf.relay_port} (reinjection smtpd) -> sink 127.0.0.1:{sink.port}")
+        say(f"      SMTP:     smtpd 127.0.0.1:{pf.door_port} (for port 25, mynetworks = "
+            f"{harness.DEBIAN_MYNETWORKS})")
+        say(f"                smtpd_relay_restrictions = check_policy_service "
+            f"inet:127.0.0.1:{pf.policy_port} (restrictpd), permit_mynetworks, ...")
         pf.start()
         cfg = harness.restrictpd_config(port=pf.filter_port, relay_port=pf.relay_port,
-                                        state=slot.path / "restrictpd" / "quota.db", rules=RULES)
+                                        state=slot.path / "restrictpd" / "quota.db", rules=RULES,
+                                        extra_globals=f"policy_listen 127.0.0.1:{pf.policy_port}\n")
         rpd = harness.Restrictpd(slot.path / "restrictpd", cfg, pf.filter_port, binary)
         say(f"demo: restrictpd {binary} with this configuration:")
         say("      " + cfg.replace("\n", "\n      ").rstrip())
         rpd.start()
         mark = pf.log_mark()
 
-        say("demo: sending mail with /usr/sbin/sendmail ...")
+        say("demo: sending mail with /usr/sbin/sendmail, and over SMTP ...")
         for i, c in enumerate(CASES, 1):
             forged = (b"Received: by x (Postfix, from userid 0)\n"
                       b"\tid 0FA4ED000; Fri, 27 Nov 2026 09:13:28 +0000 (UTC)\n") if c.forged else b""
@@ -163,8 +214,12 @@ def main() -> int:
                 sender=f"{c.user}@{harness.MYHOSTNAME}", to=[c.rcpt],
                 subject=f"demo {i}: {c.what}", body=f"Demo message {i} from {c.user}.\n",
                 prefix=forged, message_id=harness.unique_id(f"demo{i}"))
-            pf.sendmail([c.rcpt], msg, user=c.user)
-            say(f"      {i}. {c.user:<8} -> {c.rcpt}")
+            if c.door == "smtp":
+                send_smtp(c, pf, msg)
+                say(f"      {i}. {c.user:<8} -> {c.rcpt}  (SMTP to 127.0.0.1:{pf.door_port}: {c.postfix})")
+            else:
+                pf.sendmail([c.rcpt], msg, user=c.user)
+                say(f"      {i}. {c.user:<8} -> {c.rcpt}")
             time.sleep(0.2)   # keep quota order readable (1 of 2, 2 of 2, over)
 
         say("demo: waiting for every message to reach a final state ...")
