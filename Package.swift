@@ -40,10 +40,21 @@ let package = Package(
         ),
         // Kernel interfaces Swift cannot import directly: netlink sock_diag, syslog, ucred.
         .target(name: "CRestrictSys"),
+        // The quota store behind RestrictPolicy's protocol: SQLite, embedded.
+        .target(
+            name: "QuotaStore",
+            dependencies: [
+                "RestrictPolicy", "CSQLite",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
         .target(
             name: "RestrictDaemon",
             dependencies: [
-                "SMTPCore", "RestrictPolicy", "CSystemd", "CSQLite", "CRestrictSys",
+                "SMTPCore", "RestrictPolicy", "QuotaStore", "CSystemd", "CRestrictSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -63,7 +74,7 @@ let package = Package(
             swiftSettings: strict
         ),
         // bench/quota-bench: throughput of the SQLite quota store.
-        .executableTarget(name: "restrictpd-quota-bench", dependencies: ["RestrictDaemon", "RestrictPolicy"], swiftSettings: strict),
+        .executableTarget(name: "restrictpd-quota-bench", dependencies: ["QuotaStore", "RestrictPolicy"], swiftSettings: strict),
         .testTarget(
             name: "SMTPCoreTests",
             dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],
@@ -71,6 +82,11 @@ let package = Package(
             swiftSettings: strict
         ),
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
+        .testTarget(
+            name: "QuotaStoreTests",
+            dependencies: ["QuotaStore", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
         .testTarget(
             name: "RestrictDaemonTests",
             dependencies: [

@@ -9,7 +9,7 @@
 //       many were admitted.
 
 import Glibc
-import RestrictDaemon
+import QuotaStore
 import RestrictPolicy
 
 /// xorshift64*: reproducible, good enough to pick users and addresses.

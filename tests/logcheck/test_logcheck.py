@@ -4,7 +4,7 @@ logcheck(8) applies them: blank and comment lines dropped, then
 refusal, deferral, peer refusal, warning and error must stay, and so must
 the kernel's lines for the refusals of the shipped nftables rules.
 
-The lines follow restrictpd's decision line (Sources/RestrictDaemon/DecisionLog.swift)
+The lines follow restrictpd's decision line (Sources/RestrictDaemon/System/DecisionLog.swift)
 as rsyslog writes it, in both timestamp formats Debian's logcheck-database
 rules accept (traditional and RFC 3339)."""
 

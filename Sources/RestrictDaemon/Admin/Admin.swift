@@ -3,6 +3,7 @@
 // (SQLite's busy timeout lets them run beside it). --test and --quota never write.
 
 import RestrictPolicy
+import QuotaStore
 import SMTPCore
 
 #if canImport(Glibc)

@@ -14,6 +14,7 @@
 public import RestrictPolicy
 import CSQLite
 import Dispatch
+import NIOConcurrencyHelpers
 
 /// One counted destination of a uid, as `restrictpd --quota` shows it.
 public struct QuotaEntry: Sendable, Equatable {
@@ -98,7 +99,7 @@ public final class QuotaDatabase: QuotaStore, Sendable {
     /// order, in one transaction (a savepoint each; see `QuotaConnection.admit(batch:)`).
     public func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
         try await withCheckedThrowingContinuation { continuation in
-            let start = self.pending.withLock { state -> Bool in
+            let start = self.pending.withLockedValue { state -> Bool in
                 state.requests.append((request, continuation))
                 if state.draining { return false }
                 state.draining = true
@@ -112,12 +113,12 @@ public final class QuotaDatabase: QuotaStore, Sendable {
     static let batchLimit = 64
 
     private typealias Waiting = (request: QuotaRequest, continuation: CheckedContinuation<QuotaOutcome, any Error>)
-    private let pending = Mutex<(requests: [Waiting], draining: Bool)>(([], false))
+    private let pending = NIOLockedValueBox<(requests: [Waiting], draining: Bool)>(([], false))
 
     /// On `queue`: answers the waiting requests, a batch at a time, until none are left.
     private func drain() {
         while true {
-            let batch = self.pending.withLock { state -> [Waiting] in
+            let batch = self.pending.withLockedValue { state -> [Waiting] in
                 let batch = Array(state.requests.prefix(Self.batchLimit))
                 state.requests.removeFirst(batch.count)
                 if batch.isEmpty { state.draining = false }
