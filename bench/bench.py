@@ -40,6 +40,9 @@ Environment overrides:
   BENCH_SKIP_THROUGHPUT=1, BENCH_SKIP_MEMORY=1
   BENCH_MODES            comma list of modes to run (direct,allow-all,quota)
   BENCH_OUT              where to write the table (bench/results/latest.md; a dated copy too)
+  BENCH_SKIP_POLICY=1, BENCH_SKIP_SMTPD=1, BENCH_POLICY_SECONDS, BENCH_POLICY_RATE,
+  BENCH_SMTPD_MSGS       the SMTP door's rows (policy service, smtpd with and without it): see
+                         bench/policy_bench.py
 """
 
 import argparse
@@ -571,7 +574,7 @@ def fmt(x, spec="{:.0f}"):
     return "-" if x is None else spec.format(x)
 
 
-def report(args, m, load_before, load_after, thr, mem):
+def report(args, m, load_before, load_after, thr, mem, door=None):
     out = []
     out.append("# restrictpd benchmark")
     out.append("")
@@ -646,6 +649,8 @@ def report(args, m, load_before, load_after, thr, mem):
             if k in mem:
                 out.append(f"\nmemory test failed ({k[6:]}): {mem[k]}")
         out.append("")
+    for text in (door or []):
+        out.append(text)
     return "\n".join(out) + "\n"
 
 
@@ -662,6 +667,7 @@ def main():
     sink = Sink(sink_port)
     thr = None
     mem = {}
+    door = []
     try:
         if os.environ.get("BENCH_SKIP_THROUGHPUT") != "1":
             scenarios = {
@@ -688,10 +694,26 @@ def main():
             except Exception as e:
                 mem["error_concurrent"] = repr(e)
                 log(f"memory: concurrent test failed: {e!r}")
+        # The SMTP door: the policy service alone, then Postfix's smtpd with and without it.
+        import policy_bench
+        if os.environ.get("BENCH_SKIP_POLICY") != "1":
+            try:
+                log("policy service: closed-loop C client")
+                door.append(policy_bench.report_policy(policy_bench.run_policy(args.restrictpd, workdir)))
+            except Exception as e:
+                door.append(f"policy test failed: {e!r}\n")
+                log(f"policy: failed: {e!r}")
+        if os.environ.get("BENCH_SKIP_SMTPD") != "1":
+            try:
+                log("smtpd: smtp-source into a private Postfix, with and without the policy service")
+                door.append(policy_bench.report_smtpd(policy_bench.run_smtpd(args.restrictpd, workdir, sink)))
+            except Exception as e:
+                door.append(f"smtpd test failed: {e!r}\n")
+                log(f"smtpd: failed: {e!r}")
     finally:
         sink.stop()
     load_after = " ".join(open("/proc/loadavg").read().split()[:3])
-    text = report(args, machine(), load_before, load_after, thr, mem)
+    text = report(args, machine(), load_before, load_after, thr, mem, door)
     print(text)
     out = os.environ.get("BENCH_OUT") or os.path.join(args.repo, "bench", "results", "latest.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
