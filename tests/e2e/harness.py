@@ -1132,7 +1132,8 @@ def session(i, steps):
     out = []
     results[i] = out
     try:
-        s = socket.create_connection((job["host"], job["port"]), timeout=timeout)
+        src = (job["source"], 0) if job.get("source") else None
+        s = socket.create_connection((job["host"], job["port"]), timeout=timeout, source_address=src)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         f = s.makefile("rb")
         out.append(["<GREETING>", *reply(f)])
@@ -1202,13 +1203,13 @@ def _as_user(argv: list[str], user: str, netns: str | None) -> list[str]:
 
 
 def smtp_sessions(port: int, sessions: Sequence[Sequence[str]], *, user: str = "root",
-                  host: str = "127.0.0.1", timeout: float = 60,
-                  netns: str | None = None) -> list[list[tuple[str, int, str]]]:
+                  host: str = "127.0.0.1", timeout: float = 60, netns: str | None = None,
+                  source: str | None = None) -> list[list[tuple[str, int, str]]]:
     """Run SMTP sessions as `user` (its own process, so the kernel sees that uid as the owner of
     each client socket), all connected at once, one thread each; optionally inside network
-    namespace `netns`. Returns, per session, (step, reply code, reply text) tuples; the first
+    namespace `netns`, from local address `source`. Returns, per session, (step, reply code, reply text) tuples; the first
     is ("<GREETING>", 220, ...). See _SESSION_SCRIPT for the steps."""
-    job = json.dumps({"host": host, "port": port, "timeout": timeout,
+    job = json.dumps({"host": host, "port": port, "timeout": timeout, "source": source,
                       "sessions": [list(s) for s in sessions]}).encode()
     argv = _as_user([python_for(user), "-c", _SESSION_SCRIPT], user, netns)
     proc = subprocess.run(argv, input=job, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -262,10 +262,22 @@ def test_www_data_allowed_arrives_stranger_refused_root_arrives(door, door_restr
     door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "anyone@example.net" in m.rcpts)
     rpd.wait_log(r"uid=0 user=root door=smtp .*to=<anyone@example\.net> verdict=relayed", mark)
 
-    assert settle_count(door.sink) == 2
+    # recipient by recipient: in one transaction the allowed one goes, the stranger does not;
+    # from another loopback address (127.0.0.2) the kernel still names www-data
+    [mixed] = harness.smtp_sessions(door.port, [harness.transaction(
+        WWW_FROM, ["news@lists.example.org", "other@example.com"])], user=WWW, source="127.0.0.2")
+    assert [c for s, c, _ in mixed if s.startswith("RCPT")] == [250, 550], mixed
+    assert harness.reply_to(mixed, "<END-OF-DATA>")[0] == 250, mixed
+    door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "news@lists.example.org" in m.rcpts)
+    rpd.wait_log(r"uid=33 user=www-data door=smtp client=127\.0\.0\.2:\d+ .*to=<other@example\.com> "
+                 r"verdict=refused", mark)
+
+    assert settle_count(door.sink) == 3
     assert delivered_to(door.sink, "stranger@example.com") == 0
-    # the reinjection smtpd never asked: restrictpd's decisions are the door's 2 + 1 (RCPT) lines
-    # and no pickup lines (this mail never went through pickup)
+    assert delivered_to(door.sink, "other@example.com") == 0
+    [m] = door.sink.messages_to("news@lists.example.org")
+    assert m.rcpts == ["news@lists.example.org"]
+    # no pickup lines: this mail never went through pickup
     assert not rpd.grep(r"door=pickup", mark)
 
 
@@ -355,23 +367,43 @@ def test_quota_three_per_day_over_smtp_and_sendmail_together(door, door_restrict
     pf.wait_log(r"to=<s5@example\.com>.*dsn=4\.7\.1, status=deferred", door.mark, DELIVERY_TIMEOUT)
     rpd.wait_log(r"door=pickup .*to=<s5@example\.com> verdict=deferred", mark)
 
-    # an allowed address is not counted and still goes
+    # an allowed address is not counted and still goes; a counted one costs nothing more
     assert smtp(ALLOWED).startswith("250")
     sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: ALLOWED in m.rcpts)
+    assert smtp("s2@example.com").startswith("250"), "s2 was counted by the sendmail door"
+    sink.wait_for(2, DELIVERY_TIMEOUT, match=lambda m: "s2@example.com" in m.rcpts)
 
     time.sleep(SETTLE)
     strangers = sorted({r for m in sink.messages() for r in m.rcpts if r != ALLOWED})
     assert strangers == ["s1@example.com", "s2@example.com", "s3@example.com"]
+    assert len(sink.messages()) == 5
     [queued] = pf.queue()
     [rc] = queued["recipients"]
     assert rc["address"] == "s5@example.com" and "4.7.1" in rc.get("delay_reason", ""), rc
     # both doors' lines: door=smtp for s1, s3 (RCPT and END-OF-MESSAGE), door=pickup for s2
     assert rpd.grep(r"door=smtp .*to=<s1@example\.com> verdict=relayed", mark)
     assert rpd.grep(r"door=pickup .*to=<s2@example\.com> verdict=relayed", mark)
+    # the reinjection smtpd never asks the policy service: restrictpd (root here) relaying s2
+    # would otherwise show up as a door=smtp client of uid 0
+    assert not rpd.grep(r"uid=0 user=root door=smtp", mark)
+    assert len(rpd.grep(r"door=smtp .*to=<s2@example\.com>", mark)) == 1   # www-data's own, over SMTP
     report = quota_left(rpd)
     for r in ("s1@example.com", "s2@example.com", "s3@example.com"):
         assert r in report, report
     assert "s4@example.com" not in report and "s5@example.com" not in report, report
+
+
+def test_over_quota_reject_is_550_at_rcpt(door, door_restrictpd):
+    rpd = door_restrictpd(rules(www_extra="    arbitrary 1 per day\n    over_quota reject\n"))
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, ["t1@example.com"]),
+                                            ], user=WWW)
+    assert harness.reply_to(s, "RCPT")[0] == 250, s
+    door.sink.wait_for(1, DELIVERY_TIMEOUT)
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, ["t2@example.com"])], user=WWW)
+    code, text = harness.reply_to(s, "RCPT")
+    assert code == 550 and text.startswith("550 5.7.1 <t2@example.com>:") and "quota" in text, text
+    rpd.wait_log(r"door=smtp .*to=<t2@example\.com> verdict=refused reason=\"<t2@example\.com> over quota\"")
+    assert settle_count(door.sink) == 1
 
 
 # ----------------------------------------------------------------------------------------------
