@@ -522,18 +522,22 @@ def _remove_netns():
 
 
 @pytest.fixture
-def netns_client(door):
-    """Network namespace NETNS with NS_ADDR/24 on a veth pair whose host side has HOST_ADDR/24,
-    and an smtpd of the door's kind bound to HOST_ADDR. Always removed."""
+def netns_door(door):
+    """start() -> port: network namespace NETNS with NS_ADDR/24 on a veth pair whose host side
+    has HOST_ADDR/24, and an smtpd of the door's kind bound to HOST_ADDR:port. Called by the
+    test (so that restrictpd can be started before the address exists); always removed."""
     if not shutil.which("ip"):
         pytest.skip("ip(8) not installed (iproute2)")
-    _remove_netns()                      # leftovers of a run that was killed
-    in_use = subprocess.run(["sh", "-c", "ip -o addr; ip route; ip neigh"], stdout=subprocess.PIPE,
-                            timeout=30).stdout.decode()
-    if NET_PREFIX in in_use:
-        pytest.skip(f"{NET_PREFIX}0/24 is in use on this machine; the test would disturb it")
     port = door.port
-    try:
+    started = []
+
+    def start() -> int:
+        _remove_netns()                      # leftovers of a run that was killed
+        in_use = subprocess.run(["sh", "-c", "ip -o addr; ip route; ip neigh"],
+                                stdout=subprocess.PIPE, timeout=30).stdout.decode()
+        if NET_PREFIX in in_use:
+            pytest.skip(f"{NET_PREFIX}0/24 is in use on this machine; the test would disturb it")
+        started.append(True)
         for argv in (["ip", "netns", "add", NETNS],
                      ["ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS],
                      ["ip", "link", "set", VETH_NS, "netns", NETNS],
@@ -553,27 +557,41 @@ def netns_client(door):
         door.pf.reload()
         harness.wait_until(lambda: harness.port_accepts(port, HOST_ADDR), 30, 0.2,
                            f"an smtpd on {HOST_ADDR}:{port}")
-        yield port
+        return port
+
+    try:
+        yield start
     finally:
-        with contextlib.suppress(Exception):
-            door.pf.write_master_cf(door_master_cf(door.port))
-            door.pf.reload()
-            harness.wait_until(lambda: not harness.port_accepts(port, HOST_ADDR), 30, 0.2,
-                               f"the smtpd on {HOST_ADDR}:{port} to close")
-        _remove_netns()
-        assert subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE,
-                              timeout=30).stdout.decode().find(NETNS) < 0
+        if started:
+            with contextlib.suppress(Exception):
+                door.pf.write_master_cf(door_master_cf(door.port))
+                door.pf.reload()
+            _remove_netns()
+            listed = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, timeout=30)
+            assert NETNS not in listed.stdout.decode(), "the test's network namespace is still there"
 
 
-def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, netns_client):
+def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, netns_door):
     rpd = door_restrictpd()
     mark = rpd.log_mark()
     rcpt = f"someone@{RELAYED_DOMAIN}"
+    # restrictpd runs before HOST_ADDR exists: it must learn that a new address is this host's
+    netns_client = netns_door()
 
     # control: the same recipient from www-data on this host is refused by www-data's rule
     local = harness.swaks(port=door.port, to=rcpt, sender=WWW_FROM, user=WWW)
     assert smtp_code(local.stdout.decode(errors="replace"), "RCPT TO").startswith("550 5.7.1")
     rpd.wait_log(rf"door=smtp .*to=<{re.escape(rcpt)}> verdict=refused", mark)
+    mark = rpd.log_mark()
+
+    # a local client of the smtpd on HOST_ADDR (an address of this host, added after restrictpd
+    # started): client_address is HOST_ADDR, still judged by uid
+    host_side = harness.swaks(server=HOST_ADDR, port=netns_client, to=rcpt, sender=WWW_FROM, user=WWW)
+    reply = smtp_code(host_side.stdout.decode(errors="replace"), "RCPT TO")
+    assert reply and reply.startswith("550 5.7.1") and "uid 33 (www-data)" in reply, \
+        host_side.stdout.decode(errors="replace")
+    rpd.wait_log(rf"uid=33 user=www-data door=smtp client={re.escape(HOST_ADDR)}:\d+ .*"
+                 rf"to=<{re.escape(rcpt)}> verdict=refused", mark)
     mark = rpd.log_mark()
 
     # from the namespace (NS_ADDR, not an address of this host): DUNNO, Postfix decides,
