@@ -27,7 +27,7 @@ let package = Package(
             swiftSettings: strict
         ),
         // Configuration, rules, quota arithmetic; no I/O.
-        .target(name: "RestrictPolicy", swiftSettings: strict),
+        .target(name: "RestrictPolicy", dependencies: ["SMTPCore"], swiftSettings: strict),
         .systemLibrary(
             name: "CSystemd",
             pkgConfig: "libsystemd",
@@ -81,7 +81,7 @@ let package = Package(
             resources: [.copy("Fixtures")],
             swiftSettings: strict
         ),
-        .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
+        .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy", "SMTPCore"], swiftSettings: strict),
         .testTarget(
             name: "QuotaStoreTests",
             dependencies: ["QuotaStore", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],

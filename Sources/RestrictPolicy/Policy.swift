@@ -2,6 +2,8 @@
 // allowed or fits the quota (design decisions 1 to 4). Pure: the quota store is reached through
 // the `QuotaStore` protocol and the clock is an argument.
 
+public import SMTPCore
+
 /// The sender, as the daemon read it from the first header.
 public enum Sender: Sendable, Equatable {
     case user(uid: UInt32, name: String?)
@@ -163,22 +165,31 @@ public enum Evaluation: Sendable, Equatable {
 public struct Verdict: Sendable, Equatable {
     public enum Kind: String, Sendable { case relay = "relayed", refuse = "refused", `defer` = "deferred" }
     public let kind: Kind
-    /// The reply for the end of DATA when not relayed.
-    public let code: Int
-    public let enhanced: String
-    public let text: String
+    /// What the client is told when the message is not relayed (from `Replies`); when it is,
+    /// the relay's own reply is passed on instead.
+    public let reply: SMTPReply
     /// For the log: why.
     public let reason: String
     /// For the log: "17/20 per day" when a quota was involved.
     public let quota: String?
 
-    public init(kind: Kind, code: Int, enhanced: String, text: String, reason: String, quota: String?) {
+    public init(kind: Kind, reply: SMTPReply, reason: String, quota: String?) {
         self.kind = kind
-        self.code = code
-        self.enhanced = enhanced
-        self.text = text
+        self.reply = reply
         self.reason = reason
         self.quota = quota
+    }
+
+    public static func relay(reason: String, quota: String?) -> Verdict {
+        Verdict(kind: .relay, reply: Replies.ok, reason: reason, quota: quota)
+    }
+
+    public var code: Int { self.reply.code }
+    public var enhanced: String { self.reply.enhancedCode ?? "" }
+    /// The reply's text after its enhanced code.
+    public var text: String {
+        let line = self.reply.lines[0]
+        return self.reply.enhancedCode.map { String(line.dropFirst($0.count + 1)) } ?? line
     }
 }
 
@@ -198,18 +209,6 @@ public struct Policy: Sendable {
         case .unidentified:
             return self.rules[.unknown]
         }
-    }
-
-    /// "<rcpt>: not permitted for uid 33 (www-data)": the refusal's text at either door.
-    public static func refusalText(recipient: String, sender: Sender) -> String {
-        let detail: String
-        if case .unidentified(let why) = sender { detail = "unidentified sender (\(why))" } else { detail = sender.phrase }
-        return "<\(recipient)>: not permitted for \(detail)"
-    }
-
-    /// The over-quota text at either door.
-    public static func overQuotaText(recipient: String, quota: Quota, sender: Sender) -> String {
-        "<\(recipient)>: quota of \(quota.limit) arbitrary recipients\(quota.periodSuffix) exhausted for \(sender.phrase)"
     }
 
     /// Checks every recipient against the sender's rule.
@@ -239,40 +238,56 @@ public struct Policy: Sendable {
     }
 
     /// The whole decision, asking `store` when a quota is involved.
-    /// `held`: addresses the uid's open SMTP transactions reserved (see `Reservations`).
+    /// The whole decision: what the rules say, the store asked once when a quota is
+    /// involved (`held`: addresses the uid's open SMTP transactions reserved), and the
+    /// verdict of the two. The daemon's one place that awaits the store.
     public func decide(sender: Sender, recipients: [String], store: any QuotaStore, now: Int64, held: Set<String> = []) async -> Verdict {
-        switch self.evaluate(sender: sender, recipients: recipients) {
+        let evaluation = self.evaluate(sender: sender, recipients: recipients)
+        guard let request = Self.quotaRequest(evaluation, sender: sender, now: now, held: held) else {
+            return Self.verdict(evaluation, sender: sender, outcome: nil)
+        }
+        do {
+            return Self.verdict(evaluation, sender: sender, outcome: .success(try await store.admit(request)))
+        } catch {
+            return Self.verdict(evaluation, sender: sender, outcome: .failure(error))
+        }
+    }
+
+    /// The question for the quota store, when the evaluation needs one.
+    public static func quotaRequest(_ evaluation: Evaluation, sender: Sender, now: Int64, held: Set<String> = [], record: Bool = true) -> QuotaRequest? {
+        guard case .needsQuota(let addresses, let quota, _, _) = evaluation, let uid = sender.uid else { return nil }
+        return QuotaRequest(uid: uid, addresses: addresses, quota: quota, now: now, held: held, record: record)
+    }
+
+    /// The verdict of an evaluation and, where a quota was involved, the store's answer (nil:
+    /// not asked). Pure: the daemon, the policy service and `--test` all end here.
+    public static func verdict(_ evaluation: Evaluation, sender: Sender, outcome: Result<QuotaOutcome, any Error>?) -> Verdict {
+        switch evaluation {
         case .allowed:
-            return Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "allowed", quota: nil)
+            return .relay(reason: "allowed", quota: nil)
         case .refused(let rcpt, let reason):
-            return Verdict(
-                kind: .refuse, code: 550, enhanced: "5.7.1", text: Self.refusalText(recipient: rcpt, sender: sender),
-                reason: "<\(rcpt)> \(reason)", quota: nil)
+            return Verdict(kind: .refuse, reply: Replies.notPermitted(rcpt, who: Self.who(sender)), reason: "<\(rcpt)> \(reason)", quota: nil)
         case .needsQuota(let addresses, let quota, let overQuota, let written):
-            guard let uid = sender.uid else {
-                return Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "not permitted", reason: "no uid", quota: nil)
+            guard sender.uid != nil, let outcome else {
+                return Verdict(kind: .refuse, reply: Replies.notPermitted(addresses.first ?? "", who: Self.who(sender)), reason: "no uid", quota: nil)
             }
-            let outcome: QuotaOutcome
-            do {
-                outcome = try await store.admit(QuotaRequest(uid: uid, addresses: addresses, quota: quota, now: now, held: held))
-            } catch {
-                return Verdict(
-                    kind: .defer, code: 451, enhanced: "4.3.0", text: "Temporary failure: quota database unavailable",
-                    reason: "quota store error: \(error)", quota: nil)
-            }
-            let figure = quota.remaining(after: outcome)
-            if outcome.admitted {
-                return Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "within quota", quota: figure)
-            }
-            let key = outcome.firstRefused ?? addresses[0]
-            let rcpt = written[key] ?? key
-            let text = Self.overQuotaText(recipient: rcpt, quota: quota, sender: sender)
-            switch overQuota {
-            case .defer:
-                return Verdict(kind: .defer, code: 451, enhanced: "4.7.1", text: text, reason: "<\(rcpt)> over quota", quota: figure)
-            case .reject:
-                return Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: text, reason: "<\(rcpt)> over quota", quota: figure)
+            switch outcome {
+            case .failure(let error):
+                return Verdict(kind: .defer, reply: Replies.storeUnavailable, reason: "quota store error: \(error)", quota: nil)
+            case .success(let outcome):
+                let figure = quota.remaining(after: outcome)
+                if outcome.admitted { return .relay(reason: "within quota", quota: figure) }
+                let key = outcome.firstRefused ?? addresses.first ?? ""
+                let rcpt = written[key] ?? key
+                let reply = Replies.overQuota(rcpt, limit: quota.limit, period: quota.periodSuffix, who: sender.phrase, permanent: overQuota == .reject)
+                return Verdict(kind: overQuota == .reject ? .refuse : .defer, reply: reply, reason: "<\(rcpt)> over quota", quota: figure)
             }
         }
+    }
+
+    /// "uid 33 (www-data)", or "unidentified sender (why)" for replies.
+    static func who(_ sender: Sender) -> String {
+        if case .unidentified(let why) = sender { return "unidentified sender (\(why))" }
+        return sender.phrase
     }
 }

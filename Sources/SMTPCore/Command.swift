@@ -60,11 +60,10 @@ public enum CommandError: Error, Sendable, Equatable {
 
     public var reply: SMTPReply {
         switch self {
-        case .syntax(let why): return SMTPReply(501, "5.5.2", "Syntax error: \(why)")
-        case .badAddress(let why, let isSender):
-            return SMTPReply(501, isSender ? "5.1.7" : "5.1.3", "Bad \(isSender ? "sender" : "recipient") address syntax: \(why)")
-        case .unsupportedParameter(let p): return SMTPReply(555, "5.5.4", "Unsupported option: \(p)")
-        case .tooBig(_, let limit): return SMTPReply(552, "5.3.4", "Message size exceeds fixed limit of \(limit) bytes")
+        case .syntax(let why): return Replies.syntax(why)
+        case .badAddress(let why, let isSender): return Replies.badAddress(why, sender: isSender)
+        case .unsupportedParameter(let p): return Replies.unsupportedParameter(p)
+        case .tooBig(_, let limit): return Replies.messageTooBig(limit)
         }
     }
 }

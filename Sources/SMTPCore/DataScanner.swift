@@ -22,10 +22,10 @@ public enum DataViolation: Error, Sendable, Equatable {
     /// 550 5.6.0 for every violation (design's reply table).
     public var reply: SMTPReply {
         switch self {
-        case .bareLF: return SMTPReply(550, "5.6.0", "Message refused: bare <LF> in message data")
-        case .bareCR: return SMTPReply(550, "5.6.0", "Message refused: bare <CR> in message data")
-        case .nul: return SMTPReply(550, "5.6.0", "Message refused: NUL in message data")
-        case .lineTooLong(let limit): return SMTPReply(550, "5.6.0", "Message refused: line longer than \(limit) octets")
+        case .bareLF: return Replies.bareLFInData
+        case .bareCR: return Replies.bareCRInData
+        case .nul: return Replies.nulInData
+        case .lineTooLong(let limit): return Replies.longLineInData(limit)
         }
     }
 

@@ -4,6 +4,7 @@
 
 import Foundation
 import RestrictPolicy
+import SMTPCore
 import Testing
 
 private let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -45,6 +46,43 @@ private func mentions(_ text: String, _ word: String) -> Bool {
             #expect(!c.rules.isEmpty)
         case .failure(let errors):
             Issue.record("etc/restrictpd.conf does not parse:\n\(errors)")
+        }
+    }
+
+    /// restrictpd(8) DIAGNOSTICS, as the text between its heading and the next section.
+    private func diagnostics() throws -> String {
+        let manual = try read("man/restrictpd.8")
+        guard let start = manual.range(of: "\n.Sh DIAGNOSTICS\n"),
+            let end = manual.range(of: "\n.Sh ", range: start.upperBound..<manual.endIndex)
+        else { return "" }
+        return String(manual[start.upperBound..<end.lowerBound])
+    }
+
+    @Test func everyReplyIsInDiagnostics() throws {
+        let text = try diagnostics()
+        for (name, reply) in Replies.catalogue {
+            let code = "\(reply.code) \(reply.enhancedCode ?? "")"
+            #expect(text.contains(code), "restrictpd(8) DIAGNOSTICS does not list \(code) (Replies.\(name))")
+        }
+        for (name, action) in Replies.policyCatalogue {
+            let words = action.description.split(separator: " ").prefix(2).joined(separator: " ")
+            #expect(text.contains(words), "restrictpd(8) DIAGNOSTICS does not list \(words) (Replies.\(name))")
+        }
+    }
+
+    @Test func diagnosticsListOnlyRepliesThatExist() throws {
+        let text = try diagnostics()
+        let known = Set(Replies.catalogue.map { "\($0.reply.code) \($0.reply.enhancedCode ?? "")" })
+            .union(Replies.policyCatalogue.map { $0.action.description.split(separator: " ").prefix(2).joined(separator: " ") })
+        // Postfix's own answer when the policy service cannot be reached, and a relay's reply
+        // in a log example: named for the admin, not given by restrictpd.
+        let postfix: Set<String> = ["451 4.3.5", "250 2.0.0"]
+        let regex = try NSRegularExpression(pattern: "(DEFER(_IF_PERMIT)?|[245][0-9][0-9]) [245]\\.[0-9]{1,3}\\.[0-9]{1,3}")
+        let range = NSRange(text.startIndex..., in: text)
+        for match in regex.matches(in: text, range: range) {
+            guard let r = Range(match.range, in: text) else { continue }
+            let code = String(text[r])
+            #expect(known.contains(code) || postfix.contains(code), "restrictpd(8) DIAGNOSTICS lists \(code), which no reply in Replies gives")
         }
     }
 }

@@ -1,4 +1,5 @@
 import RestrictPolicy
+import SMTPCore
 import Testing
 
 /// An in-memory QuotaStore: the window filter the SQLite store applies, then QuotaArithmetic.
@@ -130,7 +131,7 @@ private let t0: Int64 = 1_800_000_000
         #expect(root.kind == .relay)
         // The reply names the first refused recipient.
         let no = await p.decide(sender: www, recipients: ["a@example.org", "evil@spam.example", "worse@spam.example"], store: store, now: t0)
-        #expect(no == Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "<evil@spam.example>: not permitted for uid 33 (www-data)",
+        #expect(no == Verdict(kind: .refuse, reply: SMTPReply(550, "5.7.1", "<evil@spam.example>: not permitted for uid 33 (www-data)"),
             reason: "<evil@spam.example> not on the allow list", quota: nil))
         #expect(await store.requests.isEmpty)
     }
@@ -174,8 +175,8 @@ private let t0: Int64 = 1_800_000_000
         #expect(await store.counted(33) == ["a@x.example", "b@x.example", "c@x.example"])
         // The fourth distinct address is over quota: deferred by default, naming it.
         let v2 = await p.decide(sender: www, recipients: ["a@x.example", "d@x.example"], store: store, now: t0 + 10)
-        #expect(v2 == Verdict(kind: .defer, code: 451, enhanced: "4.7.1",
-            text: "<d@x.example>: quota of 3 arbitrary recipients per day exhausted for uid 33 (www-data)",
+        #expect(v2 == Verdict(kind: .defer, reply: SMTPReply(451, "4.7.1",
+            "<d@x.example>: quota of 3 arbitrary recipients per day exhausted for uid 33 (www-data)"),
             reason: "<d@x.example> over quota", quota: "0/3 per day"))
         #expect(await store.counted(33).count == 3)
     }

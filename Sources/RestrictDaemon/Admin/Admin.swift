@@ -83,7 +83,8 @@ public enum Admin {
         let policy = Policy(configuration)
         guard let rule = policy.rule(for: sender) else {
             out.stdout.append("\(sender.phrase): no rule applies (no \(sender.uid == nil ? "unknown" : "default") rule): refused")
-            out.stdout.append("verdict=refused reply=\"550 5.7.1\"")
+            let verdict = Policy.verdict(policy.evaluate(sender: sender, recipients: recipients), sender: sender, outcome: nil)
+            out.stdout.append("verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\" reply=\"\(verdict.reply.code) \(verdict.reply.lines[0])\"")
             out.status = 2
             return out
         }
@@ -94,43 +95,30 @@ public enum Admin {
         case .unknown: ruleName = "unknown"
         }
         out.stdout.append("\(sender.phrase): rule '\(ruleName)' at \(configPath):\(rule.line)")
-        let verdict: Verdict
-        switch policy.evaluate(sender: sender, recipients: recipients) {
-        case .allowed:
-            verdict = Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "all recipients on the allow list", quota: nil)
-        case .refused(let rcpt, let reason):
-            verdict = Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "<\(rcpt)>: not permitted for \(sender.phrase)", reason: "<\(rcpt)> \(reason)", quota: nil)
-        case .needsQuota(let addresses, let quota, let overQuota, _):
-            let request = QuotaRequest(uid: sender.uid ?? 0, addresses: addresses, quota: quota, now: now)
-            let outcome: QuotaOutcome
+        // The daemon's own functions: evaluate, the store's answer (a read-only peek), verdict.
+        let evaluation = policy.evaluate(sender: sender, recipients: recipients)
+        var outcome: Result<QuotaOutcome, any Error>? = nil
+        if let request = Policy.quotaRequest(evaluation, sender: sender, now: now, record: false) {
+            out.stdout.append("outside the allow list: \(request.addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(request.quota))")
             if SystemFiles.exists(configuration.statePath) {
                 guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
                 do {
                     let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
                     defer { db.close() }
-                    outcome = try db.peek(request)
+                    outcome = .success(try db.peek(request))
                 } catch {
                     out.stderr.append("restrictpd: \(error)")
                     out.status = 1
                     return out
                 }
             } else {
-                outcome = QuotaArithmetic.decide(request, counted: []).0
-            }
-            let figure = quota.remaining(after: outcome)
-            out.stdout.append("outside the allow list: \(addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(quota))")
-            if outcome.admitted {
-                verdict = Verdict(kind: .relay, code: 250, enhanced: "2.0.0", text: "", reason: "within quota", quota: figure)
-            } else {
-                let kind: Verdict.Kind = overQuota == .defer ? .defer : .refuse
-                verdict = Verdict(
-                    kind: kind, code: kind == .defer ? 451 : 550, enhanced: kind == .defer ? "4.7.1" : "5.7.1",
-                    text: "<\(outcome.firstRefused ?? "")>: quota exhausted", reason: "<\(outcome.firstRefused ?? "")> over quota", quota: figure)
+                outcome = .success(QuotaArithmetic.decide(request, counted: []).0)
             }
         }
+        let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
         var line = "verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\""
         if let q = verdict.quota { line += " quota=\"\(q)\"" }
-        if verdict.kind != .relay { line += " reply=\"\(verdict.code) \(verdict.enhanced) \(verdict.text)\"" }
+        if verdict.kind != .relay { line += " reply=\"\(verdict.reply.code) \(verdict.reply.lines[0])\"" }
         out.stdout.append(line)
         out.status = verdict.kind == .relay ? 0 : 2
         return out

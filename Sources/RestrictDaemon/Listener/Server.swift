@@ -197,19 +197,19 @@ public struct ConnectionHandler: Sendable {
                     case .gone: return
                     case .failed:
                         // A local failure: refuse as a temporary condition, so Postfix retries.
-                        try await refuse(SMTPReply(421, "4.3.0", "Error: cannot verify the peer, try again later"))
+                        try await refuse(Replies.peerUnverified)
                         return
                     case .unknown:
-                        try await refuse(SMTPReply(554, "5.7.1", "Error: peer identity unknown"))
+                        try await refuse(Replies.peerUnknown)
                         return
                     case .notClient(let uid):
-                        try await refuse(SMTPReply(554, "5.7.1", "Error: uid \(uid) is not permitted to use this service"))
+                        try await refuse(Replies.notClient(uid: uid))
                         return
                     }
                 }
                 if active > ruleset.configuration.value(.maxSessions) {
                     logger.warning("connect from \(peer) refused: \(active - 1) sessions already (max_sessions)")
-                    try await refuse(SMTPReply(421, "4.3.2", "Error: too many sessions, try again later"))
+                    try await refuse(Replies.tooManySessions)
                     return
                 }
                 if self.runtime.isDraining {

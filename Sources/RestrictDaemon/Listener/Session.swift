@@ -13,30 +13,6 @@ import NIOPosix
 import RestrictPolicy
 import SMTPCore
 
-enum Replies {
-    static let notImplemented = SMTPReply(502, "5.5.1", "Error: command not implemented")
-    static let notRecognized = SMTPReply(502, "5.5.1", "Error: command not recognized")
-    static let lineTooLong = SMTPReply(500, "5.5.2", "Error: line too long")
-    static let bareNewline = SMTPReply(521, "5.5.2", "Error: bare <CR> or <LF> received")
-    static let nestedMail = SMTPReply(503, "5.5.1", "Error: nested MAIL command")
-    static let needMail = SMTPReply(503, "5.5.1", "Error: need MAIL command")
-    static let needRecipient = SMTPReply(554, "5.5.1", "Error: no valid recipients")
-    static let tooManyRecipients = SMTPReply(452, "4.5.3", "Error: too many recipients")
-    static let pipelining = SMTPReply(554, "5.5.0", "Error: SMTP protocol synchronization")
-    static let startData = SMTPReply(code: 354, lines: ["End data with <CR><LF>.<CR><LF>"])
-    static let ok = SMTPReply(250, "2.0.0", "Ok")
-    static let bye = SMTPReply(221, "2.0.0", "Bye")
-    static let shuttingDown = SMTPReply(421, "4.3.2", "Service shutting down, closing connection")
-    static let relayUnavailable = SMTPReply(421, "4.4.1", "Relay unavailable, try again later")
-    static let relayLost = SMTPReply(421, "4.4.2", "Relay connection lost, closing connection")
-    static let relayLostInData = SMTPReply(451, "4.4.2", "Relay connection lost during DATA, try again later")
-    static let afterAbort = SMTPReply(421, "4.3.0", "Closing connection after an aborted transfer")
-    static let relayConfused = SMTPReply(451, "4.4.2", "Relay protocol error, try again later")
-    static func headerTooBig(_ limit: Int) -> SMTPReply { SMTPReply(552, "5.3.4", "Message header section exceeds \(limit) bytes") }
-    static func messageTooBig(_ limit: Int) -> SMTPReply { SMTPReply(552, "5.3.4", "Message size exceeds fixed limit of \(limit) bytes") }
-    static let timeout = SMTPReply(421, "4.4.2", "Error: timeout exceeded, closing connection")
-}
-
 struct Session {
     let runtime: Runtime
     let ruleset: Ruleset

@@ -96,7 +96,7 @@ extension Session {
         if let uid = identity.uid { user = await self.runtime.userNames.name(uid) }
         var record = DecisionRecord(
             queueID: identity.queueID, uid: identity.uid, user: user,
-            from: from, to: recipients, verdict: "refused", reason: "", quota: nil, relayReply: nil)
+            from: from, to: recipients, verdict: .refuse, reason: "", quota: nil, relayReply: nil)
 
         if let failure {
             try await self.drain(&scanner, client: &client, ended: ended)
@@ -121,8 +121,8 @@ extension Session {
         guard verdict.kind == Verdict.Kind.relay else {
             scanner.discardRest()
             try await self.drain(&scanner, client: &client, ended: ended)
-            record.verdict = verdict.kind.rawValue
-            let reply = SMTPReply(verdict.code, verdict.enhanced, verdict.text)
+            record.verdict = verdict.kind
+            let reply = verdict.reply
             try await self.finishRefused(reply: reply, record: record, client: &client, relay: &relay)
             return true
         }
@@ -136,12 +136,12 @@ extension Session {
             record.relayReply = go.description
             if go.isPositive {
                 // A 2xx to DATA would read to the client as if the message had been taken.
-                record.verdict = "deferred"
+                record.verdict = .defer
                 record.reason = "relay answered DATA without 354"
                 try await self.finishRefused(reply: Replies.relayConfused, record: record, client: &client, relay: &relay)
                 return true
             }
-            record.verdict = go.isTransient ? "deferred" : "refused"
+            record.verdict = go.isTransient ? .defer : .refuse
             record.reason = "relay refused DATA"
             try await self.finishRefused(reply: go, record: record, client: &client, relay: &relay)
             return true
@@ -184,7 +184,7 @@ extension Session {
             self.dropRelay(relay)
             scanner.discardRest()
             try await self.drain(&scanner, client: &client, ended: ended)
-            record.verdict = "deferred"
+            record.verdict = .defer
             record.reason = "relay connection lost during DATA"
             self.log(record, level: .warning)
             try await client.send(Replies.relayLostInData)
@@ -196,7 +196,7 @@ extension Session {
             // never sees an end of data, then answer the client.
             self.dropRelay(relay)
             try await self.drain(&scanner, client: &client, ended: false)
-            record.verdict = "refused"
+            record.verdict = .refuse
             record.reason = abort.reason
             self.log(record, level: .warning)
             try await client.send(abort.reply(limits))
@@ -214,7 +214,7 @@ extension Session {
             // Lost with the last lines or before its reply: the relay did not take the
             // message, so it is deferred and logged like a loss earlier in DATA.
             self.dropRelay(relay)
-            record.verdict = "deferred"
+            record.verdict = .defer
             record.reason = "relay connection lost at end of data: \(failure)"
             self.log(record, level: .warning)
             try await client.send(Replies.relayLostInData)
@@ -223,11 +223,11 @@ extension Session {
         record.relayReply = final.description
         // Only a 2xx means the relay took the message; a 3xx here is a protocol error.
         let answer = final.code / 100 == 3 ? Replies.relayConfused : final
-        record.verdict = answer.code / 100 == 2 ? "relayed" : answer.isTransient ? "deferred" : "refused"
+        record.verdict = answer.code / 100 == 2 ? .relay : answer.isTransient ? .defer : .refuse
         if answer.code / 100 != 2 { record.reason = final.code / 100 == 3 ? "relay answered the end of data with 3xx" : "relay refused the message" }
         // Logged before the answer: if the client is gone by now, the relay still has the
         // message, and the line must say so.
-        self.log(record, level: record.verdict == "relayed" ? .info : .warning)
+        self.log(record, level: record.verdict == .relay ? .info : .warning)
         if answer.code / 100 == 3 { self.dropRelay(relay) }
         try await client.send(answer)
         self.resetTransaction()
@@ -271,9 +271,9 @@ extension Session {
     func log(_ record: DecisionRecord, level: Logger.Level) {
         self.runtime.count { c in
             switch record.verdict {
-            case "relayed": c.relayed += 1
-            case "deferred": c.deferred += 1
-            default: c.refused += 1
+            case .relay: c.relayed += 1
+            case .defer: c.deferred += 1
+            case .refuse: c.refused += 1
             }
         }
         // The fields are built only for a sink that keeps them (the journal).

@@ -72,14 +72,6 @@ final class LocalAddresses: Sendable {
     }
 }
 
-/// The answers of the SMTP door, each named once.
-enum PolicyReplies {
-    static let malformed = PolicyAction.defer(enhanced: "4.3.0", text: "Error: malformed policy request")
-    static let unidentified = PolicyAction.defer(enhanced: "4.3.0", text: "Error: cannot identify the local sender, try again later")
-    static let storeUnavailable = PolicyAction.defer(enhanced: "4.3.0", text: "Temporary failure: quota database unavailable")
-    static let busy = PolicyAction.defer(enhanced: "4.3.0", text: "Temporary failure: quota busy, try again later")
-}
-
 /// Judges policy requests. One per daemon; every connection shares it.
 struct PolicyService: Sendable {
     let runtime: Runtime
@@ -96,18 +88,18 @@ struct PolicyService: Sendable {
     func answer(_ request: PolicyRequest, logger: Logger) async -> PolicyAction {
         guard request["request"] == "smtpd_access_policy" else {
             logger.warning("policy request refused: not an smtpd_access_policy request (request=\(LogText.escape(request["request"] ?? "", limit: 64)))")
-            return PolicyReplies.malformed
+            return Replies.policyMalformed
         }
         let stage = request["protocol_state"] ?? ""
         guard stage == "RCPT" || stage == "END-OF-MESSAGE" else { return .dunno }
         guard let clientText = request["client_address"], let client = HostAddress(clientText) else {
             logger.warning("policy request deferred: client_address \"\(LogText.escape(request["client_address"] ?? "", limit: 64))\" is not an IP address")
-            return PolicyReplies.unidentified
+            return Replies.policyUnidentified
         }
         switch self.local.contains(client) {
         case nil:
             logger.error("policy request deferred: cannot read this host's addresses to tell whether \(client) is local")
-            return PolicyReplies.unidentified
+            return Replies.policyUnidentified
         case false?:
             logger.debug("policy: client \(client) is not on this host: DUNNO")
             return .dunno
@@ -118,11 +110,11 @@ struct PolicyService: Sendable {
         let sasl = request["sasl_username"] ?? ""
         guard let connection = Self.connection(request, client: client) else {
             logger.warning("policy request deferred: client_port, server_address or server_port missing or malformed")
-            return PolicyReplies.unidentified
+            return Replies.policyUnidentified
         }
         var record = DecisionRecord(
             queueID: request["queue_id"].flatMap { $0.isEmpty ? nil : $0 }, uid: nil, user: nil,
-            from: request["sender"] ?? "", to: [request["recipient"] ?? ""], verdict: "relayed", reason: "",
+            from: request["sender"] ?? "", to: [request["recipient"] ?? ""], verdict: .relay, reason: "",
             quota: nil, relayReply: nil, door: .smtp, client: connection.description, sasl: sasl.isEmpty ? nil : sasl)
 
         let uid: UInt32?
@@ -133,10 +125,10 @@ struct PolicyService: Sendable {
         } catch {
             uid = nil
             if sasl.isEmpty || ruleset.configuration.smtpAuthenticated == .judge {
-                record.verdict = "deferred"
+                record.verdict = .defer
                 record.reason = "cannot learn the client's uid: \(error)"
                 self.log(record, level: .error, logger: logger)
-                return PolicyReplies.unidentified
+                return Replies.policyUnidentified
             }
         }
         if let uid { record.uid = uid; record.user = await self.runtime.userNames.name(uid) }
@@ -148,11 +140,11 @@ struct PolicyService: Sendable {
             }
             return .dunno
         }
-        guard let uid else { return PolicyReplies.unidentified }
+        guard let uid else { return Replies.policyUnidentified }
         let sender = Sender.user(uid: uid, name: record.user)
         guard let instance = request["instance"], !instance.isEmpty else {
             logger.warning("policy request deferred: no instance attribute")
-            return PolicyReplies.malformed
+            return Replies.policyMalformed
         }
         if stage == "RCPT" {
             return await self.recipient(request, sender: sender, instance: instance, connection: connection, ruleset: ruleset, record: record, logger: logger)
@@ -168,24 +160,22 @@ struct PolicyService: Sendable {
         var record = record
         guard let recipient = request["recipient"], !recipient.isEmpty, let uid = sender.uid else {
             logger.warning("policy request deferred: RCPT without a recipient")
-            return PolicyReplies.malformed
+            return Replies.policyMalformed
         }
         let policy = ruleset.policy
         let rule = policy.rule(for: sender)
         let overQuota = rule?.overQuota ?? ruleset.configuration.overQuota
         let now = self.runtime.clock()
         self.open(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now, logger: logger)
-        switch policy.evaluate(sender: sender, recipients: [recipient]) {
+        let evaluation = policy.evaluate(sender: sender, recipients: [recipient])
+        switch evaluation {
         case .allowed:
             self.runtime.reservations.withLock { $0.allow(instance: instance, recipient: recipient) }
             record.reason = "allowed"
             self.log(record, level: .info, logger: logger)
             return .dunno
-        case .refused(let rcpt, let reason):
-            record.verdict = "refused"
-            record.reason = "<\(rcpt)> \(reason)"
-            self.log(record, level: .warning, logger: logger)
-            return .reply(SMTPReply(550, "5.7.1", Policy.refusalText(recipient: rcpt, sender: sender)))
+        case .refused:
+            return self.refuse(Policy.verdict(evaluation, sender: sender, outcome: nil), record: record, atEnd: false, logger: logger)
         case .needsQuota(let addresses, let quota, let overQuota, _):
             guard let key = addresses.first else { return .dunno }
             var sweptDead = false
@@ -200,10 +190,7 @@ struct PolicyService: Sendable {
                     outcome = try await self.runtime.store.admit(
                         QuotaRequest(uid: uid, addresses: [key], quota: quota, now: now, held: held, record: false))
                 } catch {
-                    record.verdict = "deferred"
-                    record.reason = "quota store error: \(error)"
-                    self.log(record, level: .error, logger: logger)
-                    return PolicyReplies.storeUnavailable
+                    return self.refuse(Policy.verdict(evaluation, sender: sender, outcome: .failure(error)), record: record, atEnd: false, logger: logger)
                 }
                 if !outcome.admitted {
                     // Reservations of clients that are gone must not keep the quota: look once.
@@ -211,8 +198,7 @@ struct PolicyService: Sendable {
                         sweptDead = true
                         continue
                     }
-                    record.quota = quota.remaining(after: outcome)
-                    return self.overQuota(recipient: recipient, quota: quota, overQuota: overQuota, sender: sender, record: record, logger: logger)
+                    return self.refuse(Policy.verdict(evaluation, sender: sender, outcome: .success(outcome)), record: record, atEnd: false, logger: logger)
                 }
                 let reserved = self.runtime.reservations.withLock { $0.reserve(instance: instance, address: key, written: recipient, ifVersion: version) }
                 if reserved {
@@ -220,10 +206,10 @@ struct PolicyService: Sendable {
                     return .dunno
                 }
             }
-            record.verdict = "deferred"
+            record.verdict = .defer
             record.reason = "<\(recipient)> quota reservation contended"
             self.log(record, level: .warning, logger: logger)
-            return PolicyReplies.busy
+            return Replies.policyBusy
         }
     }
 
@@ -231,56 +217,43 @@ struct PolicyService: Sendable {
     /// transaction; the store has the last word, so the two doors together never exceed N.
     private func endOfMessage(sender: Sender, instance: String, record: DecisionRecord, logger: Logger) async -> PolicyAction {
         var record = record
-        guard let uid = sender.uid else { return PolicyReplies.unidentified }
+        guard let uid = sender.uid else { return Replies.policyUnidentified }
         guard let t = self.runtime.reservations.withLock({ $0.commit(instance: instance) }) else { return .dunno }
         defer { self.runtime.reservations.withLock { _ = $0.finish(instance: instance) } }
         guard t.uid == uid else {
             logger.error("policy: \(instance): END-OF-MESSAGE from uid \(uid), but the transaction was opened by uid \(t.uid)")
-            return PolicyReplies.unidentified
+            return Replies.policyUnidentified
         }
         guard !t.addresses.isEmpty, let quota = t.quota else { return .dunno }
         record.to = t.addresses.map { t.written[$0] ?? $0 }
         let held = self.runtime.reservations.withLock { $0.held(uid: uid, excluding: instance) }
-        let outcome: QuotaOutcome
+        let evaluation = Evaluation.needsQuota(addresses: t.addresses, quota: quota, overQuota: t.overQuota, written: t.written)
+        let outcome: Result<QuotaOutcome, any Error>
         do {
-            outcome = try await self.runtime.store.admit(
-                QuotaRequest(uid: uid, addresses: t.addresses, quota: quota, now: self.runtime.clock(), held: held))
+            outcome = .success(try await self.runtime.store.admit(
+                QuotaRequest(uid: uid, addresses: t.addresses, quota: quota, now: self.runtime.clock(), held: held)))
         } catch {
-            record.verdict = "deferred"
-            record.reason = "quota store error: \(error)"
-            self.log(record, level: .error, logger: logger)
-            return PolicyReplies.storeUnavailable
+            outcome = .failure(error)
         }
-        record.quota = quota.remaining(after: outcome)
-        guard outcome.admitted else {
-            let key = outcome.firstRefused ?? t.addresses[0]
-            let action = self.overQuota(
-                recipient: t.written[key] ?? key, quota: quota, overQuota: t.overQuota, sender: sender, record: record, logger: logger)
-            // At the end of data DEFER_IF_PERMIT has nothing after it to wait for.
-            if case .deferIfPermit(let e, let text) = action { return .defer(enhanced: e, text: text) }
-            return action
-        }
-        record.reason = "within quota"
+        let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
+        guard verdict.kind == .relay else { return self.refuse(verdict, record: record, atEnd: true, logger: logger) }
+        record.reason = verdict.reason
+        record.quota = verdict.quota
         self.log(record, level: .info, logger: logger)
         return .dunno
     }
 
-    private func overQuota(
-        recipient: String, quota: Quota, overQuota: OverQuota, sender: Sender, record: DecisionRecord, logger: Logger
-    ) -> PolicyAction {
+    /// A verdict other than relay, logged and answered. At RCPT a temporary refusal is
+    /// DEFER_IF_PERMIT (a later restriction may still reject outright); at the end of the
+    /// message there is nothing after it to wait for.
+    private func refuse(_ verdict: Verdict, record: DecisionRecord, atEnd: Bool, logger: Logger) -> PolicyAction {
         var record = record
-        let text = Policy.overQuotaText(recipient: recipient, quota: quota, sender: sender)
-        record.reason = "<\(recipient)> over quota"
-        switch overQuota {
-        case .defer:
-            record.verdict = "deferred"
-            self.log(record, level: .warning, logger: logger)
-            return .deferIfPermit(enhanced: "4.7.1", text: text)
-        case .reject:
-            record.verdict = "refused"
-            self.log(record, level: .warning, logger: logger)
-            return .reply(SMTPReply(550, "5.7.1", text))
-        }
+        record.verdict = verdict.kind
+        record.reason = verdict.reason
+        record.quota = verdict.quota
+        self.log(record, level: verdict.reply == Replies.storeUnavailable ? .error : .warning, logger: logger)
+        if verdict.reply == Replies.storeUnavailable { return Replies.policyStoreUnavailable }
+        return atEnd ? Replies.policyActionAtEnd(verdict.reply) : Replies.policyAction(verdict.reply)
     }
 
     private func open(
@@ -337,9 +310,9 @@ struct PolicyService: Sendable {
     func log(_ record: DecisionRecord, level: Logger.Level, logger: Logger) {
         self.runtime.count { c in
             switch record.verdict {
-            case "relayed": c.relayed += 1
-            case "deferred": c.deferred += 1
-            default: c.refused += 1
+            case .relay: c.relayed += 1
+            case .defer: c.deferred += 1
+            case .refuse: c.refused += 1
             }
         }
         logger.log(level: level, "\(record.line)", metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
@@ -403,7 +376,7 @@ struct PolicyConnection: Sendable {
                         action = await self.service.answer(request, logger: logger)
                     case .invalid(let why):
                         logger.warning("policy request from \(peer) refused: \(why)")
-                        action = PolicyReplies.malformed
+                        action = Replies.policyMalformed
                     }
                     action.write(to: &out)
                 }

@@ -4,6 +4,7 @@
 // Every value that came from outside is escaped and truncated by LogText first.
 
 import Logging
+import RestrictPolicy
 import SMTPCore
 
 enum LogKey {
@@ -37,7 +38,7 @@ struct DecisionRecord {
     var user: String?
     var from: String
     var to: [String]
-    var verdict: String
+    var verdict: Verdict.Kind
     var reason: String
     var quota: String?
     var relayReply: String?
@@ -56,7 +57,7 @@ struct DecisionRecord {
         s += " from=<\(LogText.escape(self.from))>"
         let shown = self.to.prefix(20).map { "<\(LogText.escape($0))>" }.joined(separator: ",")
         s += " to=\(shown)\(self.to.count > 20 ? ",...(\(self.to.count) in all)" : "")"
-        s += " verdict=\(self.verdict) reason=\"\(LogText.escape(self.reason, limit: 512))\""
+        s += " verdict=\(self.verdict.rawValue) reason=\"\(LogText.escape(self.reason, limit: 512))\""
         if let quota { s += " quota=\"\(quota)\"" }
         if let sasl { s += " sasl=\"\(LogText.escape(sasl, limit: 128))\"" }
         if let relayReply { s += " relay=\"\(LogText.escape(relayReply, limit: 512))\"" }
@@ -65,7 +66,7 @@ struct DecisionRecord {
 
     var metadata: Logger.Metadata {
         var m: Logger.Metadata = [
-            LogKey.verdict: .string(self.verdict),
+            LogKey.verdict: .string(self.verdict.rawValue),
             LogKey.from: .string(LogText.escape(self.from)),
             LogKey.to: .string(self.to.prefix(100).map { LogText.escape($0) }.joined(separator: ",")),
             LogKey.reason: .string(LogText.escape(self.reason, limit: 512)),
