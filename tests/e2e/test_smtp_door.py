@@ -94,13 +94,16 @@ class Door:
         self.port, self.policy_port = pf.door_port, pf.policy_port
         self.mark = 0
         self.sasl_problem: str | None = None
+        self.port6: int | None = None
 
 
 DOOR_OPTIONS = ["smtpd_sasl_auth_enable=yes"]
 
 
-def door_master_cf(door_port: int, extra: str = "") -> str:
-    return harness.door_master_cf(door_port, DOOR_MAXPROC, DOOR_OPTIONS, extra)
+def door_master_cf(door: "Door", extra: str = "") -> str:
+    six = (f"[::1]:{door.port6} inet n - n - 10 smtpd\n  -o syslog_name=postfix/door6\n"
+           if door.port6 else "")
+    return harness.door_master_cf(door.port, DOOR_MAXPROC, DOOR_OPTIONS, six + extra)
 
 
 def setup_sasl(pf: harness.PostfixInstance):
@@ -120,21 +123,40 @@ def setup_sasl(pf: harness.PostfixInstance):
     return None
 
 
+def ipv6_loopback_port() -> int | None:
+    """A free TCP port on [::1], or None when this host has no IPv6 loopback."""
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
+            s6.bind(("::1", 0))
+            return s6.getsockname()[1]
+    except OSError:
+        return None
+
+
 @pytest.fixture(scope="module")
 def door_instance(e2e_environment):
     slot = harness.Slot.acquire()
     sink = pf = None
     try:
         sink = harness.Sink(slot.path / "sink").start()
+        port6 = ipv6_loopback_port()
         pf = harness.door_postfix(slot, sink.port, door_options=DOOR_OPTIONS, maxproc=DOOR_MAXPROC,
                                   extra_main_cf=(f"relay_domains = {RELAYED_DOMAIN}\n"
-                                                 "smtpd_sasl_local_domain =\n"))
+                                                 "smtpd_sasl_local_domain =\n"
+                                                 # Debian's default, where there is IPv6
+                                                 + ("inet_protocols = all\n" if port6 else "")))
+        if port6:
+            # the door on [::1] too (as Debian's smtpd listens on both loopbacks)
+            pf.extra_master_cf += (f"[::1]:{port6} inet n - n - 10 smtpd\n"
+                                   "  -o syslog_name=postfix/door6\n")
         pf.configure()
         sasl_problem = setup_sasl(pf)
         pf.start()
         harness.wait_until(lambda: harness.port_accepts(pf.door_port), 30, 0.1, "the door smtpd")
         door = Door(pf, sink)
         door.sasl_problem = sasl_problem
+        door.port6 = port6
         yield door
     finally:
         if pf is not None:
@@ -279,6 +301,22 @@ def test_www_data_allowed_arrives_stranger_refused_root_arrives(door, door_restr
     assert m.rcpts == ["news@lists.example.org"]
     # no pickup lines: this mail never went through pickup
     assert not rpd.grep(r"door=pickup", mark)
+
+
+def test_ipv6_loopback_client_is_judged_by_uid(door, door_restrictpd):
+    if not door.port6:
+        pytest.skip("no IPv6 loopback on this host")
+    rpd = door_restrictpd(rules(www_extra="    arbitrary 1 per day\n"))
+    sessions = [harness.transaction(WWW_FROM, [r]) for r in
+                (ALLOWED, "v6@example.com", "v6b@example.com", "V6@Example.COM")]
+    codes = []
+    for steps in sessions:        # one after the other: the order decides who gets the quota
+        [s] = harness.smtp_sessions(door.port6, [steps], user=WWW, host="::1")
+        codes.append(harness.reply_to(s, "RCPT")[0])
+    assert codes == [250, 250, 450, 250], codes      # the same address in other case is free
+    rpd.wait_log(r"uid=33 user=www-data door=smtp client=\[::1\]:\d+ .*to=<v6b@example\.com> verdict=deferred")
+    door.sink.wait_for(3, DELIVERY_TIMEOUT)
+    assert settle_count(door.sink) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,7 +591,7 @@ def netns_door(door):
         extra = (f"# the door as a client in another network namespace sees it\n"
                  f"{HOST_ADDR}:{port} inet n - n - 10 smtpd\n"
                  f"  -o syslog_name=postfix/door-veth\n")
-        door.pf.write_master_cf(door_master_cf(door.port, extra))
+        door.pf.write_master_cf(door_master_cf(door, extra))
         door.pf.reload()
         harness.wait_until(lambda: harness.port_accepts(port, HOST_ADDR), 30, 0.2,
                            f"an smtpd on {HOST_ADDR}:{port}")
@@ -564,7 +602,7 @@ def netns_door(door):
     finally:
         if started:
             with contextlib.suppress(Exception):
-                door.pf.write_master_cf(door_master_cf(door.port))
+                door.pf.write_master_cf(door_master_cf(door))
                 door.pf.reload()
             _remove_netns()
             listed = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, timeout=30)
