@@ -1106,9 +1106,10 @@ SWAKS = "/usr/bin/swaks"
 # JSON on stdin, runs every session in a thread of its own (all connected at once), prints
 # one JSON list per session: [step, code, reply text] (code 0: no reply / connection closed).
 # Steps: an SMTP command line; "<DATA>text" (DATA, then text, then "."); "<BARRIER>" (wait
-# until every session got here); "<DROP>" (close the socket without QUIT).
+# until every session got here); "<WAIT>/path" (wait until that file exists: the test's cue);
+# "<DROP>" (close the socket without QUIT).
 _SESSION_SCRIPT = r"""
-import json, socket, sys, threading, time
+import json, os, socket, sys, threading, time
 job = json.load(sys.stdin)
 sessions, timeout = job["sessions"], job["timeout"]
 barrier = threading.Barrier(len(sessions), timeout=timeout)
@@ -1140,6 +1141,13 @@ def session(i, steps):
         for step in steps:
             if step == "<BARRIER>":
                 barrier.wait()
+                continue
+            if step.startswith("<WAIT>"):
+                path, deadline = step[len("<WAIT>"):], time.monotonic() + timeout
+                while not os.path.exists(path):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("waited too long for " + path)
+                    time.sleep(0.05)
                 continue
             if step == "<DROP>":
                 s.close()

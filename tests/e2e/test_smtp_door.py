@@ -28,6 +28,8 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -431,6 +433,45 @@ def test_quota_three_per_day_over_smtp_and_sendmail_together(door, door_restrict
     assert "s4@example.com" not in report and "s5@example.com" not in report, report
 
 
+@pytest.fixture
+def cue_dir():
+    """A directory www-data can look into (pytest's tmp_path is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="rpd-e2e-cue-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_quota_reserved_over_smtp_is_held_against_sendmail(door, door_restrictpd, cue_dir):
+    """arbitrary 1: an SMTP transaction holds the one stranger from RCPT on; sendmail mail to
+    another stranger meanwhile is deferred (4.7.1), and the SMTP mail then goes."""
+    rpd = door_restrictpd(rules(www_extra="    arbitrary 1 per day\n"))
+    cue = cue_dir / "go"
+    result = []
+    session = threading.Thread(target=lambda: result.extend(harness.smtp_sessions(
+        door.port, [["EHLO hold.example", f"MAIL FROM:<{WWW_FROM}>", "RCPT TO:<h1@example.com>",
+                     f"<WAIT>{cue}", "<DATA>Subject: held\n\nheld\n", "QUIT"]], user=WWW)))
+    session.start()
+    try:
+        # the first accepted RCPT makes smtpd open a queue file: "QUEUEID: client=..."
+        door.pf.wait_log(r"door/smtpd\[\d+\]: [0-9A-F]+: client=", door.mark, DELIVERY_TIMEOUT)
+        msg, _ = harness.make_message(sender=WWW_FROM, to=["h2@example.com"], subject="h2", body="x\n")
+        door.pf.sendmail(["h2@example.com"], msg, user=WWW)
+        door.pf.wait_log(r"to=<h2@example\.com>.*dsn=4\.7\.1, status=deferred", door.mark, DELIVERY_TIMEOUT)
+        rpd.wait_log(r"door=pickup .*to=<h2@example\.com> verdict=deferred")
+    finally:
+        cue.touch()
+        session.join(60)
+    [s] = result
+    assert harness.reply_to(s, "RCPT")[0] == 250, s
+    assert (harness.reply_to(s, "<END-OF-DATA>") or (0,))[0] == 250, s
+    door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "h1@example.com" in m.rcpts)
+    assert settle_count(door.sink) == 1
+    assert "h1@example.com" in rpd.quota(WWW)
+
+
 def test_over_quota_reject_is_550_at_rcpt(door, door_restrictpd):
     rpd = door_restrictpd(rules(www_extra="    arbitrary 1 per day\n    over_quota reject\n"))
     [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, ["t1@example.com"]),
@@ -544,6 +585,13 @@ def test_restrictpd_stopped_gives_4xx_and_nothing_is_delivered(door, door_restri
     assert settle_count(door.sink) == 0
     assert door.pf.queue() == []
     door.pf.wait_log(r"door/smtpd\[\d+\]: NOQUEUE: reject: RCPT .*451 4\.3\.5", door.mark)
+
+    # back up: Postfix's policy client connects again by itself
+    rpd.start()
+    rpd.wait_log(rf"listening on 127\.0\.0\.1:{door.policy_port} \(policy service\)", 0, 10)
+    again = harness.swaks(port=door.port, to=ALLOWED, sender=WWW_FROM, user=WWW)
+    assert again.returncode == 0, again.stdout.decode(errors="replace")
+    door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: ALLOWED in m.rcpts)
 
 
 # ----------------------------------------------------------------------------------------------
