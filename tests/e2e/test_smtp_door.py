@@ -18,6 +18,11 @@ Rules (unless a test says otherwise):
     user root       allow *
     default         allow @localhost
     unknown         refuse
+
+Needs root, Postfix, swaks, iproute2 (network namespace test), sasl2-bin + libsasl2-modules
+(SASL test; skipped without saslpasswd2). The namespace test uses 198.51.100.0/24 (TEST-NET-2)
+on a veth pair it makes and always removes; it skips if that network is in use here.
+About a minute.
 """
 
 from __future__ import annotations
