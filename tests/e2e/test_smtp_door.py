@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,6 @@ SASL_DOMAIN = "mail.example"
 SASL_USER, SASL_PASSWORD = "alice", "door-test-secret"
 SASL_LOGIN = f"{SASL_USER}@{SASL_DOMAIN}"
 RELAYED_DOMAIN = "relayed.example"      # relay_domains: Postfix relays it for anyone
-NETNS = "rpd-e2e-door"
-VETH_HOST, VETH_NS = "rpde2e0", "rpde2e1"
-# TEST-NET-2, only on the test's veth pair (TEST-NET-1 may be this machine's real network:
-# here eth0 is 192.0.2.2/24 with 192.0.2.1 as its gateway)
-NET_PREFIX = "198.51.100."
-HOST_ADDR, NS_ADDR = NET_PREFIX + "1", NET_PREFIX + "2"
 DOOR_MAXPROC = 60                       # 50 parallel sessions must all get an smtpd
 
 
@@ -607,48 +602,71 @@ def _quiet(*argv: str):
     subprocess.run(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
 
 
-def _remove_netns():
-    _quiet("ip", "link", "del", VETH_HOST)
-    _quiet("ip", "netns", "del", NETNS)
+@dataclass
+class NetPair:
+    """A network namespace and a veth pair of this run's slot, so that concurrent runs (other
+    slots) never touch each other's: TEST-NET-2 (198.51.100.0/24) cut into /30s, one a slot.
+    (Not TEST-NET-1: it may be this machine's real network; here eth0 is 192.0.2.2/24 with
+    192.0.2.1 as its gateway.)"""
+    netns: str
+    veth_host: str
+    veth_ns: str
+    host_addr: str
+    ns_addr: str
+    port: int = 0
+
+    @classmethod
+    def for_slot(cls, index: int) -> "NetPair":
+        base = 4 * index
+        return cls(f"rpd-e2e-door{index}", f"rpde2e{index}h", f"rpde2e{index}n",
+                   f"198.51.100.{base + 1}", f"198.51.100.{base + 2}")
+
+    def remove(self):
+        _quiet("ip", "link", "del", self.veth_host)
+        _quiet("ip", "netns", "del", self.netns)
 
 
 @pytest.fixture
 def netns_door(door):
-    """start() -> port: network namespace NETNS with NS_ADDR/24 on a veth pair whose host side
-    has HOST_ADDR/24, and an smtpd of the door's kind bound to HOST_ADDR:port. Called by the
-    test (so that restrictpd can be started before the address exists); always removed."""
+    """start() -> NetPair: network namespace `netns` with `ns_addr`/30 on a veth pair whose
+    host side has `host_addr`/30, and an smtpd of the door's kind bound to host_addr:port.
+    Called by the test (so that restrictpd can be started before the address exists); always
+    removed."""
     if not shutil.which("ip"):
         pytest.skip("ip(8) not installed (iproute2)")
-    port = door.port
+    net = NetPair.for_slot(door.pf.slot.index)
+    net.port = door.port
     started = []
 
-    def start() -> int:
-        _remove_netns()                      # leftovers of a run that was killed
+    def start() -> NetPair:
+        net.remove()                         # leftovers of a run in this slot that was killed
         in_use = subprocess.run(["sh", "-c", "ip -o addr; ip route; ip neigh"],
                                 stdout=subprocess.PIPE, timeout=30).stdout.decode()
-        if NET_PREFIX in in_use:
-            pytest.skip(f"{NET_PREFIX}0/24 is in use on this machine; the test would disturb it")
+        for addr in (net.host_addr, net.ns_addr):
+            if re.search(rf"(?<![\d.]){re.escape(addr)}(?![\d])", in_use):
+                pytest.skip(f"{addr} is in use on this machine; the test would disturb it")
         started.append(True)
-        for argv in (["ip", "netns", "add", NETNS],
-                     ["ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS],
-                     ["ip", "link", "set", VETH_NS, "netns", NETNS],
-                     ["ip", "addr", "add", f"{HOST_ADDR}/24", "dev", VETH_HOST],
-                     ["ip", "link", "set", VETH_HOST, "up"],
-                     ["ip", "netns", "exec", NETNS, "ip", "addr", "add", f"{NS_ADDR}/24", "dev", VETH_NS],
-                     ["ip", "netns", "exec", NETNS, "ip", "link", "set", VETH_NS, "up"],
-                     ["ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up"]):
+        for argv in (["ip", "netns", "add", net.netns],
+                     ["ip", "link", "add", net.veth_host, "type", "veth", "peer", "name", net.veth_ns],
+                     ["ip", "link", "set", net.veth_ns, "netns", net.netns],
+                     ["ip", "addr", "add", f"{net.host_addr}/30", "dev", net.veth_host],
+                     ["ip", "link", "set", net.veth_host, "up"],
+                     ["ip", "netns", "exec", net.netns, "ip", "addr", "add", f"{net.ns_addr}/30",
+                      "dev", net.veth_ns],
+                     ["ip", "netns", "exec", net.netns, "ip", "link", "set", net.veth_ns, "up"],
+                     ["ip", "netns", "exec", net.netns, "ip", "link", "set", "lo", "up"]):
             proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
             if proc.returncode != 0:
                 pytest.skip(f"cannot set up the network namespace: {' '.join(argv)}: "
                             f"{proc.stderr.decode(errors='replace').strip()}")
         extra = (f"# the door as a client in another network namespace sees it\n"
-                 f"{HOST_ADDR}:{port} inet n - n - 10 smtpd\n"
+                 f"{net.host_addr}:{net.port} inet n - n - 10 smtpd\n"
                  f"  -o syslog_name=postfix/door-veth\n")
         door.pf.write_master_cf(door_master_cf(door, extra))
         door.pf.reload()
-        harness.wait_until(lambda: harness.port_accepts(port, HOST_ADDR), 30, 0.2,
-                           f"an smtpd on {HOST_ADDR}:{port}")
-        return port
+        harness.wait_until(lambda: harness.port_accepts(net.port, net.host_addr), 30, 0.2,
+                           f"an smtpd on {net.host_addr}:{net.port}")
+        return net
 
     try:
         yield start
@@ -657,9 +675,10 @@ def netns_door(door):
             with contextlib.suppress(Exception):
                 door.pf.write_master_cf(door_master_cf(door))
                 door.pf.reload()
-            _remove_netns()
+            net.remove()
             listed = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, timeout=30)
-            assert NETNS not in listed.stdout.decode(), "the test's network namespace is still there"
+            assert net.netns not in listed.stdout.decode().split(), \
+                "the test's network namespace is still there"
 
 
 def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, netns_door):
@@ -667,7 +686,8 @@ def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, n
     mark = rpd.log_mark()
     rcpt = f"someone@{RELAYED_DOMAIN}"
     # restrictpd runs before HOST_ADDR exists: it must learn that a new address is this host's
-    netns_client = netns_door()
+    net = netns_door()
+    HOST_ADDR, NS_ADDR = net.host_addr, net.ns_addr
 
     # control: the same recipient from www-data on this host is refused by www-data's rule
     local = harness.swaks(port=door.port, to=rcpt, sender=WWW_FROM, user=WWW)
@@ -677,7 +697,7 @@ def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, n
 
     # a local client of the smtpd on HOST_ADDR (an address of this host, added after restrictpd
     # started): client_address is HOST_ADDR, still judged by uid
-    host_side = harness.swaks(server=HOST_ADDR, port=netns_client, to=rcpt, sender=WWW_FROM, user=WWW)
+    host_side = harness.swaks(server=HOST_ADDR, port=net.port, to=rcpt, sender=WWW_FROM, user=WWW)
     reply = smtp_code(host_side.stdout.decode(errors="replace"), "RCPT TO")
     assert reply and reply.startswith("550 5.7.1") and "uid 33 (www-data)" in reply, \
         host_side.stdout.decode(errors="replace")
@@ -687,16 +707,16 @@ def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, n
 
     # from the namespace (NS_ADDR, not an address of this host): DUNNO, Postfix decides,
     # and relay_domains lets it relay there
-    remote = harness.swaks(server=HOST_ADDR, port=netns_client, to=rcpt, sender=WWW_FROM, user=WWW,
-                           netns=NETNS)
+    remote = harness.swaks(server=HOST_ADDR, port=net.port, to=rcpt, sender=WWW_FROM, user=WWW,
+                           netns=net.netns)
     out = remote.stdout.decode(errors="replace")
     assert smtp_code(out, "RCPT TO").startswith("250"), out
     assert remote.returncode == 0, out
     [m] = door.sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: rcpt in m.rcpts)
     assert any(NS_ADDR in v for v in m.header("Received")), m.header("Received")
     # ... and to a domain Postfix does not relay for: Postfix's own 4xx, not restrictpd's
-    other = harness.swaks(server=HOST_ADDR, port=netns_client, to="x@example.com", sender=WWW_FROM,
-                          user=WWW, netns=NETNS)
+    other = harness.swaks(server=HOST_ADDR, port=net.port, to="x@example.com", sender=WWW_FROM,
+                          user=WWW, netns=net.netns)
     reply = smtp_code(other.stdout.decode(errors="replace"), "RCPT TO")
     assert reply and reply.startswith("454 4.7.1") and "Relay access denied" in reply, reply
     time.sleep(1)
