@@ -13,6 +13,7 @@ let package = Package(
         .executable(name: "restrictpd", targets: ["restrictpd"]),
         .library(name: "SMTPCore", targets: ["SMTPCore"]),
         .library(name: "RestrictPolicy", targets: ["RestrictPolicy"]),
+        .library(name: "ProxySession", targets: ["ProxySession"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -24,6 +25,12 @@ let package = Package(
         .target(
             name: "SMTPCore",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")],
+            swiftSettings: strict
+        ),
+        // The SMTP session as a state machine: events in, actions out; no I/O.
+        .target(
+            name: "ProxySession",
+            dependencies: ["SMTPCore", "RestrictPolicy", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strict
         ),
         // Configuration, rules, quota arithmetic; no I/O.
@@ -54,7 +61,7 @@ let package = Package(
         .target(
             name: "RestrictDaemon",
             dependencies: [
-                "SMTPCore", "RestrictPolicy", "QuotaStore", "CSystemd", "CRestrictSys",
+                "SMTPCore", "RestrictPolicy", "ProxySession", "QuotaStore", "CSystemd", "CRestrictSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -79,6 +86,11 @@ let package = Package(
             name: "SMTPCoreTests",
             dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],
             resources: [.copy("Fixtures")],
+            swiftSettings: strict
+        ),
+        .testTarget(
+            name: "ProxySessionTests",
+            dependencies: ["ProxySession", "SMTPCore", "RestrictPolicy", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strict
         ),
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy", "SMTPCore"], swiftSettings: strict),

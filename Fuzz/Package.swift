@@ -1,5 +1,5 @@
 // swift-tools-version:6.0
-// libFuzzer target over SMTPCore, a package of its own so that the root package never builds
+// libFuzzer target over SMTPCore and the session machine, a package of its own so that the root package never builds
 // it (sanitizer flags would rebuild everything). Built and run by scripts/fuzz.
 import PackageDescription
 
@@ -14,6 +14,8 @@ let package = Package(
             name: "Fuzz",
             dependencies: [
                 .product(name: "SMTPCore", package: "restrictpd"),
+                .product(name: "ProxySession", package: "restrictpd"),
+                .product(name: "RestrictPolicy", package: "restrictpd"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
         )

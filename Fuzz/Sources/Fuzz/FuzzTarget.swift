@@ -6,10 +6,16 @@
 //     sizes are derived from the input), so no verdict depends on TCP segmentation;
 //   - DataScanner: at most one .end, no content after it, bytes after it left in the buffer,
 //     content is only complete CRLF lines without NUL or bare CR/LF;
-//   - HeaderReader/PickupHeader: a uid is only ever found in a two-line first field.
+//   - HeaderReader/PickupHeader: a uid is only ever found in a two-line first field;
+//   - PolicyDecoder: the same requests and errors read whole and in chunks;
+//   - ProxySession: the whole machine, with a relay that says yes to everything, fed the
+//     input as client bytes whole and in chunks: never a crash, never an end of data to the
+//     relay that the scanner did not see, never more than one close.
 // The file is not main.swift: SwiftPM links libFuzzer's main (see swift-notes "libFuzzer").
 
 import NIOCore
+import ProxySession
+import RestrictPolicy
 import SMTPCore
 
 @_cdecl("LLVMFuzzerTestOneInput")
@@ -20,6 +26,8 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     fuzzReplies(bytes)
     fuzzData(bytes)
     fuzzHeaders(bytes)
+    fuzzPolicy(bytes)
+    fuzzSession(bytes)
     return 0
 }
 
@@ -176,4 +184,58 @@ func fuzzHeaders(_ bytes: [UInt8]) {
     let identity = reader.identity
     if identity.uid != nil { precondition(reader.firstField.count == 2, "uid from a field that is not two lines") }
     _ = PickupHeader.identify(lines.prefix(3).map { $0 })
+}
+
+func fuzzPolicy(_ bytes: [UInt8]) {
+    func run(_ parts: [ArraySlice<UInt8>]) -> [PolicyEvent] {
+        var decoder = PolicyDecoder()
+        var buf = ByteBuffer()
+        var out: [PolicyEvent] = []
+        for part in parts {
+            buf.writeBytes(part)
+            while let e = decoder.next(&buf) { out.append(e) }
+            buf.discardReadBytes()
+            precondition(buf.readableBytes <= PolicyLimits.line, "policy decoder held more than a line")
+        }
+        return out
+    }
+    precondition(run([bytes[...]]) == run(chunks(bytes)), "policy decoder depends on segmentation")
+}
+
+/// The session machine with a relay that accepts everything and a policy that relays.
+func fuzzSession(_ bytes: [UInt8]) {
+    for parts in [[bytes[...]], chunks(bytes)] {
+        let limits = SMTPLimits(commandLine: 512, dataLine: 1000, headerSection: 4096, recipients: 10, messageSize: 65536)
+        var machine = ProxySession(limits: limits)
+        var pending = machine.relayGreeted(SMTPReply(220, "2.0.0", "fuzz"))
+        var closes = 0
+        func drive(_ actions: [SessionAction]) {
+            var queue = actions[...]
+            var steps = 0
+            while let action = queue.popFirst() {
+                steps += 1
+                precondition(steps < 100_000, "the machine does not settle")
+                switch action {
+                case .sendRelay(let buffers, let replies):
+                    let last = buffers.last.map { String(buffer: $0) }
+                    for _ in 0..<replies {
+                        let reply = last == ".\r\n" ? SMTPReply(250, "2.0.0", "queued")
+                            : last == "DATA\r\n" ? SMTPReply(code: 354, lines: ["go"]) : SMTPReply(250, "2.0.0", "Ok")
+                        queue.append(contentsOf: machine.relayReplied(reply))
+                    }
+                case .identify: queue.append(contentsOf: machine.identified(user: "u"))
+                case .decide: queue.append(contentsOf: machine.decided(.relay(reason: "fuzz", quota: nil)))
+                case .close: closes += 1
+                case .sendClient, .rememberHello, .abortRelay, .record, .log, .phase, .waitingForRelay: break
+                }
+            }
+        }
+        drive(pending)
+        for part in parts where !machine.isClosed {
+            pending = machine.clientSent(ByteBuffer(bytes: part))
+            drive(pending)
+        }
+        drive(machine.clientClosed())
+        precondition(closes <= 1, "the session closed twice")
+    }
 }

@@ -163,14 +163,7 @@ public struct ConnectionHandler: Sendable {
 
     /// Serves one accepted connection to its end. Never throws: a connection's failure is its own.
     func serve(_ channel: any Channel) async {
-        let client: ClientConnection
-        do {
-            client = try await ClientConnection.adopt(channel)
-        } catch {
-            channel.close(promise: nil)
-            return
-        }
-        defer { client.close() }
+        defer { channel.close(promise: nil) }
         let active = self.registry.add(channel)
         self.runtime.count { $0.sessions = self.registry.count }
         defer {
@@ -188,7 +181,7 @@ public struct ConnectionHandler: Sendable {
                 func refuse(_ reply: SMTPReply) async throws {
                     var out = ByteBuffer()
                     reply.write(to: &out)
-                    try await client.write(out)
+                    try await channel.writeAndFlush(out)
                 }
                 // The peer check comes first: nothing else is said to a stranger.
                 if ruleset.configuration.peerCheck {
@@ -218,10 +211,6 @@ public struct ConnectionHandler: Sendable {
                 }
 
                 let clock = SessionClock(idle: .seconds(settings.idleTimeout))
-                let shortest = min(settings.idleTimeout, settings.commandTimeout, settings.dataTimeout, settings.relayTimeout)
-                let timer = self.startTimer(clock: clock, channel: channel, shortest: shortest, logger: logger)
-                defer { timer.cancel() }
-
                 let relay: RelayConnection
                 do {
                     guard let address = ruleset.relayAddress else {
@@ -236,13 +225,24 @@ public struct ConnectionHandler: Sendable {
                     return
                 }
                 clock.relay(relay.channel)
-                var clientIO = ClientIO(
-                    connection: client, framer: LineFramer(maxLength: settings.limits.commandLine), clock: clock)
-                var relayIO = RelayIO(connection: relay, clock: clock, timeout: .seconds(settings.relayTimeout))
-                var session = Session(runtime: self.runtime, ruleset: ruleset, logger: logger)
+                // From here on the session runs as events on the connection's loop; this task
+                // only waits for its end.
+                let sessionLogger = logger
+                let (timer, done) = try await channel.eventLoop.submit {
+                    let driver = SessionDriver(
+                        runtime: self.runtime, ruleset: ruleset, logger: sessionLogger, client: channel, relay: relay, clock: clock)
+                    let shortest = min(settings.idleTimeout, settings.commandTimeout, settings.dataTimeout, settings.relayTimeout)
+                    let bound = NIOLoopBound(driver, eventLoop: channel.eventLoop)
+                    let timer = self.startTimer(clock: clock, channel: channel, shortest: shortest, logger: sessionLogger) { why in
+                        bound.value.timedOut(why)
+                    }
+                    try driver.start()
+                    return (timer, driver.done.futureResult)
+                }.get()
+                defer { timer.cancel() }
                 let reusable: Bool
                 do {
-                    reusable = try await session.converse(client: &clientIO, relay: &relayIO)
+                    reusable = try await done.get()
                 } catch {
                     relay.abort()
                     throw error
@@ -263,19 +263,18 @@ public struct ConnectionHandler: Sendable {
         }
     }
 
-    /// Checks the session's deadlines every tick; on expiry answers 421 and closes.
-    private func startTimer(clock: SessionClock, channel: any Channel, shortest: Int64, logger: Logger) -> RepeatedTask {
+    /// Checks the session's deadlines every tick: a client deadline goes to `expired` (the
+    /// session answers 421 and closes), the relay's closes the relay connection.
+    private func startTimer(
+        clock: SessionClock, channel: any Channel, shortest: Int64, logger: Logger, expired: @escaping @Sendable (String) -> Void
+    ) -> RepeatedTask {
         // A quarter of the shortest timeout, between 100 ms and 1 s: late by at most that.
         let tick: TimeAmount = .milliseconds(max(100, min(1000, shortest * 250)))
         return channel.eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { task in
             guard let (expiry, relay) = clock.check(now: .now()) else { return }
             switch expiry {
             case .client(let why):
-                logger.warning("timeout: \(why); closing")
-                var out = ByteBuffer()
-                Replies.timeout.write(to: &out)
-                channel.writeAndFlush(out).whenComplete { _ in channel.close(promise: nil) }
-                relay?.close(promise: nil)
+                expired(why)
                 task.cancel()
             case .relay:
                 logger.error("relay did not answer within relay_timeout; closing the relay connection")

@@ -14,7 +14,28 @@ import NIOCore
 import NIOPosix
 import SMTPCore
 
-/// Parses the relay's replies and hands them out one at a time. Event-loop confined.
+enum RelayFailure: Error, CustomStringConvertible {
+    case closed
+    case protocolError(String)
+
+    var description: String {
+        switch self {
+        case .closed: return "relay closed the connection"
+        case .protocolError(let s): return "relay protocol error: \(s)"
+        }
+    }
+}
+
+/// What a session's driver hears from its relay connection.
+enum RelayEvent {
+    case reply(SMTPReply)
+    case failed(RelayFailure)
+    /// The socket takes data again.
+    case writable
+}
+
+/// Parses the relay's replies and hands them out one at a time (the greeting), or to the
+/// attached session's sink as they come. Event-loop confined.
 final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
 
@@ -22,10 +43,11 @@ final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
     private var parser = ReplyParser()
     private var ready = CircularBuffer<SMTPReply>()
     private var waiting: EventLoopPromise<SMTPReply>?
-    private var writable: [EventLoopPromise<Void>] = []
     private(set) var failure: RelayFailure?
     /// Replies the relay may still owe: anything beyond is unasked for.
     var outstanding = 0
+    /// The session driving this connection now, if any: replies and failures go there.
+    var sink: ((RelayEvent) -> Void)?
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var chunk = self.unwrapInboundIn(data)
@@ -36,7 +58,10 @@ final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
         do {
             while let reply = try self.parser.next(&self.buffer) {
-                if let waiting = self.waiting {
+                if let sink = self.sink {
+                    self.outstanding = max(0, self.outstanding - 1)
+                    sink(.reply(reply))
+                } else if let waiting = self.waiting {
                     self.waiting = nil
                     waiting.succeed(reply)
                 } else {
@@ -61,21 +86,16 @@ final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
-            let waiters = self.writable
-            self.writable = []
-            waiters.forEach { $0.succeed() }
-        }
+        if context.channel.isWritable { self.sink?(.writable) }
         context.fireChannelWritabilityChanged()
     }
 
     private func fail(_ failure: RelayFailure) {
-        if self.failure == nil { self.failure = failure }
+        guard self.failure == nil else { return }
+        self.failure = failure
         self.waiting?.fail(failure)
         self.waiting = nil
-        let waiters = self.writable
-        self.writable = []
-        waiters.forEach { $0.fail(failure) }
+        self.sink?(.failed(failure))
     }
 
     /// A reply already received, if any.
@@ -87,14 +107,6 @@ final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
         precondition(self.waiting == nil, "two readers of one relay connection")
         let promise = eventLoop.makePromise(of: SMTPReply.self)
         self.waiting = promise
-        return promise.futureResult
-    }
-
-    func whenWritable(_ channel: any Channel) -> EventLoopFuture<Void> {
-        if let failure = self.failure { return channel.eventLoop.makeFailedFuture(failure) }
-        if channel.isWritable { return channel.eventLoop.makeSucceededVoidFuture() }
-        let promise = channel.eventLoop.makePromise(of: Void.self)
-        self.writable.append(promise)
         return promise.futureResult
     }
 
@@ -150,54 +162,6 @@ final class RelayConnection: Sendable {
         return try await el.flatSubmit { handler.value.nextReply(el) }.get()
     }
 
-    /// The next reply; one already received is handed out without suspending.
-    func reply() async throws -> SMTPReply {
-        if self.channel.eventLoop.inEventLoop, let ready = self.handler.value.take() {
-            self.handler.value.outstanding = max(0, self.handler.value.outstanding - 1)
-            return ready
-        }
-        let reply = try await Self.next(channel: self.channel, handler: self.handler)
-        self.onLoop { $0.outstanding = max(0, $0.outstanding - 1) }
-        return reply
-    }
-
-    /// Writes `buffers` and flushes once; `replies` is how many replies they ask for. Waits
-    /// while the socket is not writable, so a fast client cannot fill memory. On the
-    /// connection's event loop it does not wait for the write itself: a failed write closes
-    /// the connection, which fails the next `reply()` and the next `send`.
-    func send(_ buffers: [ByteBuffer], replies: Int) async throws {
-        guard let last = buffers.last else { return }
-        let el = self.channel.eventLoop
-        if el.inEventLoop {
-            let handler = self.handler.value
-            if let failure = handler.failure { throw failure }
-            guard self.channel.isActive else { throw RelayFailure.closed }
-            handler.outstanding += replies
-            for buffer in buffers.dropLast() { self.channel.write(buffer, promise: nil) }
-            self.channel.writeAndFlush(last, promise: nil)
-            if !self.channel.isWritable {
-                do {
-                    try await handler.whenWritable(self.channel).get()
-                } catch {
-                    throw RelayFailure.closed
-                }
-            }
-            return
-        }
-        if replies > 0 { self.onLoop { $0.outstanding += replies } }
-        for buffer in buffers.dropLast() { self.channel.write(buffer, promise: nil) }
-        do {
-            try await self.channel.writeAndFlush(last)
-            if !self.channel.isWritable {
-                let handler = self.handler
-                let channel = self.channel
-                try await el.flatSubmit { handler.value.whenWritable(channel) }.get()
-            }
-        } catch {
-            throw RelayFailure.closed
-        }
-    }
-
     var isIdle: Bool {
         get async {
             guard self.channel.isActive else { return false }
@@ -207,13 +171,28 @@ final class RelayConnection: Sendable {
         }
     }
 
-    private func onLoop(_ body: @escaping @Sendable (RelayHandler) -> Void) {
-        let handler = self.handler
-        if self.channel.eventLoop.inEventLoop {
-            body(handler.value)
-        } else {
-            self.channel.eventLoop.execute { body(handler.value) }
+    /// Hands the connection's replies and failures to `sink` (a session's driver, on this
+    /// connection's event loop) until `detach`.
+    func attach(_ sink: @escaping (RelayEvent) -> Void) {
+        self.channel.eventLoop.preconditionInEventLoop()
+        let handler = self.handler.value
+        handler.sink = sink
+        while let ready = handler.take() {
+            handler.outstanding = max(0, handler.outstanding - 1)
+            sink(.reply(ready))
         }
+        if let failure = handler.failure { sink(.failed(failure)) }
+    }
+
+    func detach() {
+        self.handler.value.sink = nil
+    }
+
+    /// Writes without flushing (the driver flushes once per event); `replies` is how many
+    /// replies these bytes ask for. A failed write closes the connection, which the sink hears.
+    func write(_ buffers: [ByteBuffer], replies: Int) {
+        self.handler.value.outstanding += replies
+        for buffer in buffers { self.channel.write(buffer, promise: nil) }
     }
 
     /// Says goodbye and closes (an idle connection leaving the pool).

@@ -117,6 +117,9 @@ final class UserNames: Sendable {
         return name
     }
 
+    /// The name when it is cached: `.some(nil)` for a uid known to have none.
+    func cached(_ uid: UInt32) -> String?? { self.cache.withLock { $0[uid] } }
+
     func forget() { self.cache.withLock { $0.removeAll() } }
 }
 

@@ -1,0 +1,64 @@
+// What the session machine asks its driver to do, and the record of one message's fate.
+// Values only: the driver (RestrictDaemon's listener) carries the actions out in order.
+
+public import NIOCore
+public import RestrictPolicy
+public import SMTPCore
+
+public enum SessionLogLevel: Sendable, Equatable { case debug, info, warning, error }
+
+/// Which deadline runs for the client (restrictpd.conf(5): command_timeout, data_timeout).
+public enum SessionPhase: String, Sendable, Equatable {
+    /// A command line: its deadline starts with the client's next bytes.
+    case command
+    /// The message: its deadline starts now.
+    case data = "DATA"
+}
+
+/// One message's decision, as the decision line logs it.
+public struct MessageRecord: Sendable, Equatable {
+    public var queueID: String?
+    public var uid: UInt32?
+    public var user: String?
+    public var from: String
+    public var to: [String]
+    public var verdict: Verdict.Kind
+    public var reason: String
+    public var quota: String?
+    public var relayReply: String?
+
+    public init(queueID: String?, uid: UInt32?, user: String?, from: String, to: [String], verdict: Verdict.Kind, reason: String) {
+        self.queueID = queueID
+        self.uid = uid
+        self.user = user
+        self.from = from
+        self.to = to
+        self.verdict = verdict
+        self.reason = reason
+    }
+}
+
+public enum SessionAction: Sendable, Equatable {
+    /// Write to the client (flushed once the event's actions are done).
+    case sendClient(ByteBuffer)
+    /// Write to the relay; `replies` is how many replies these bytes ask for.
+    case sendRelay([ByteBuffer], replies: Int)
+    /// The relay's answer to this greeting command, for the next session on the connection.
+    case rememberHello(SMTPCommand, SMTPReply)
+    /// Look up the user name of `uid`; answer with `identified(user:)`.
+    case identify(uid: UInt32)
+    /// Ask the policy; answer with `decided(_:)`.
+    case decide(sender: Sender, recipients: [String])
+    /// Close the relay connection at once: the relay discards the message in progress.
+    case abortRelay
+    /// The decision line of one message.
+    case record(MessageRecord)
+    case log(SessionLogLevel, String)
+    /// A new client deadline.
+    case phase(SessionPhase)
+    /// The session waits for the relay (relay_timeout runs, the client's deadlines stand
+    /// still) or no longer does.
+    case waitingForRelay(Bool)
+    /// The session is over; the relay connection may serve another session when reusable.
+    case close(relayReusable: Bool)
+}
