@@ -181,6 +181,11 @@ int crs_run_capture(char *const argv[], int timeout_ms, char *buf, size_t cap, s
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, p[1], 1);
     posix_spawn_file_actions_adddup2(&fa, p[1], 2);
+#if defined(__GLIBC__) && __GLIBC_PREREQ(2, 34)
+    /* Nothing else of ours reaches the program: a listening socket inherited by a program
+     * that outlives a probe would answer connections in its place. */
+    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+#endif
     pid_t pid;
     int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
