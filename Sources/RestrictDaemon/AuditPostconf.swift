@@ -10,7 +10,8 @@ import RestrictPolicy
 struct PostfixService: Sendable, Equatable {
     var name: String
     var type: String
-    /// The program, the first word of the command field ("smtpd", "pickup", "postscreen").
+    /// The program: the first word of the command field, without a directory ("smtpd",
+    /// "pickup", "postscreen").
     var command: String
     var overrides: [String: String] = [:]
 
@@ -83,7 +84,8 @@ enum Postconf {
         for line in master.split(separator: "\n") where !line.hasPrefix("postconf:") {
             let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
             guard fields.count >= 8 else { continue }
-            list.append(PostfixService(name: String(fields[0]), type: String(fields[1]), command: String(fields[7])))
+            let program = fields[7].split(separator: "/").last ?? fields[7]
+            list.append(PostfixService(name: String(fields[0]), type: String(fields[1]), command: String(program)))
         }
         for line in overrides.split(separator: "\n") where !line.hasPrefix("postconf:") {
             guard let (key, value) = self.assignment(line) else { continue }
