@@ -324,3 +324,38 @@ def test_probe_outbound(lab):
     assert "user www-data can open SMTP connections out" in text
     rc, checks, text = lab.checks("--probe", "127.0.0.2:2526")
     assert rc == 0 and ("OK", "reach.out:www-data") in checks, text
+
+
+def running(binary: Path) -> dict[int, int]:
+    """{pid: uid} of the processes running `binary` (the daemon as root; probe children
+    as the users they became)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{entry}/exe") == str(binary):
+                found[int(entry)] = os.stat(f"/proc/{entry}").st_uid
+    return found
+
+
+def test_silent_port_is_bounded_and_leaves_nothing_behind(lab):
+    """A firewall that drops instead of refusing: each probe of 10026 waits out its own
+    deadline, the audit still ends in bounded time, passes, and no child is left."""
+    import time
+    dropping = FIREWALL.replace("reject with tcp reset", "drop")
+    harness.run(["nft", "delete", "table", "inet", "restrictpd"])
+    harness.run(["nft", "-f", "-"], input=dropping.encode())
+    try:
+        started = time.monotonic()
+        rc, checks, text = lab.checks()
+        elapsed = time.monotonic() - started
+    finally:
+        harness.run(["nft", "delete", "table", "inet", "restrictpd"])
+        harness.run(["nft", "-f", "-"], input=FIREWALL.encode())
+    assert rc == 0, text
+    assert "www-data cannot connect to 127.0.0.1:10026 (Connection timed out)" in text, text
+    assert elapsed < 20, f"audit took {elapsed:.1f}s"
+    processes = running(lab.binary)
+    assert processes.get(lab.rpd.proc.pid) == 0, processes  # the lookup sees the daemon
+    assert [pid for pid, uid in processes.items() if uid != 0] == [], processes
