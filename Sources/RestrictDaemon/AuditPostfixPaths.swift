@@ -17,11 +17,30 @@ extension PostfixAudit {
     /// could rewrite it; a milter may insert headers anywhere.
     func pickupHeaders() -> [AuditCheck] {
         let cleanup = self.pickupCleanup
+        // pickup's receive_override_options can switch both off for the mail it picks up.
+        let pickup = self.postfix.service("pickup", type: "unix")
+        let overrides = Set(PostfixList.items(self.postfix.value("receive_override_options", in: pickup)))
+        var checks: [AuditCheck] = []
+        if overrides.contains("no_header_body_checks") {
+            checks.append(.ok("postfix.header-checks", "pickup has receive_override_options=no_header_body_checks: no header_checks apply to local mail"))
+        } else {
+            checks.append(self.headerChecks(self.headerMaps(cleanup), cleanup: cleanup?.id ?? "cleanup/unix"))
+        }
+        if overrides.contains("no_milters") {
+            checks.append(.ok("postfix.milters", "pickup has receive_override_options=no_milters: no milter sees local mail"))
+        } else {
+            checks.append(self.milters(cleanup))
+        }
+        return checks
+    }
+
+    /// The header tables `cleanup` applies, each once.
+    func headerMaps(_ cleanup: PostfixService?) -> [String] {
         var maps: [String] = []
         for parameter in ["header_checks", "mime_header_checks", "milter_header_checks"] {
             for map in PostfixList.items(self.postfix.value(parameter, in: cleanup)) where !maps.contains(map) { maps.append(map) }
         }
-        return [self.headerChecks(maps, cleanup: cleanup?.id ?? "cleanup/unix"), self.milters(cleanup)]
+        return maps
     }
 
     func headerChecks(_ maps: [String], cleanup: String) -> AuditCheck {
@@ -36,7 +55,7 @@ extension PostfixAudit {
                 if actions.contains("REPLACE") { replaces.append(map) }
             }
         }
-        let fix = "remove the PREPEND lines, or give pickup's cleanup its own header_checks (master.cf: a cleanup service with \"-o header_checks=\" named by pickup's -o cleanup_service_name)"
+        let fix = "remove the PREPEND lines, or keep header_checks off local mail: \"-o receive_override_options=no_header_body_checks\" on pickup in master.cf"
         if !prepends.isEmpty {
             return .fail(name, "\(prepends.joined(separator: " ")) PREPENDs headers in \(cleanup), pickup's cleanup: a header above pickup's turns local mail into \"unknown\"", fix: fix)
         }

@@ -145,6 +145,20 @@ import Glibc
         #expect(closed.status == .ok)
     }
 
+    @Test func pickupOverridesKeepHeaderChecksAndMiltersOff() throws {
+        var r = Configuration()
+        r.policyListen = [.tcp(host: "127.0.0.1", port: 10028)]
+        let cleanup = PostfixService(name: "cleanup", type: "unix", command: "cleanup")
+        var pickup = PostfixService(name: "pickup", type: "unix", command: "pickup")
+        let main = ["header_checks": "inline:{ { /^Subject:/ = PREPEND X-A: b } }", "non_smtpd_milters": "inet:127.0.0.1:8891"]
+        let plain = PostfixAudit(postfix: PostfixConfig(main: main, services: [pickup, cleanup]), restrictpd: r).pickupHeaders()
+        #expect(plain.map(\.status) == [.fail, .warn])
+        pickup.overrides["receive_override_options"] = "no_header_body_checks, no_milters"
+        let off = PostfixAudit(postfix: PostfixConfig(main: main, services: [pickup, cleanup]), restrictpd: r).pickupHeaders()
+        #expect(off.map(\.status) == [.ok, .ok])
+        #expect(off.map(\.name) == ["postfix.header-checks", "postfix.milters"])
+    }
+
     @Test func headerMapActions() {
         #expect(HeaderMap.actions("inline:{ { /^Subject:/ = PREPEND X-A: b } }") == ["PREPEND"])
         #expect(HeaderMap.actions("inline:{ { /^Subject:/ = replace Subject: x } }") == ["REPLACE"])
