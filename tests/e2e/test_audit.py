@@ -143,10 +143,17 @@ class Lab:
     def __init__(self, pf: harness.PostfixInstance, rpd: harness.Restrictpd, binary: Path):
         self.pf, self.rpd, self.binary = pf, rpd, binary
 
-    def audit(self, *extra: str) -> subprocess.CompletedProcess:
-        argv = [str(self.binary), "--audit", "--config", str(self.rpd.config), "--user", "root",
-                "--postfix-config", str(self.pf.etc), *extra]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    def audit(self, *extra: str, mail_config: bool = False) -> subprocess.CompletedProcess:
+        """The audit of this instance, named with --postfix-config or, with `mail_config`,
+        through MAIL_CONFIG in the environment."""
+        argv = [str(self.binary), "--audit", "--config", str(self.rpd.config), "--user", "root"]
+        env = dict(os.environ)
+        env.pop("MAIL_CONFIG", None)
+        if mail_config:
+            env["MAIL_CONFIG"] = str(self.pf.etc)
+        else:
+            argv += ["--postfix-config", str(self.pf.etc)]
+        return subprocess.run(argv + list(extra), capture_output=True, text=True, timeout=60, env=env)
 
     def checks(self, *extra: str) -> tuple[int, list[tuple[str, str]], str]:
         """(exit status, [(status, name)], text) of one text-form audit."""
@@ -359,3 +366,9 @@ def test_silent_port_is_bounded_and_leaves_nothing_behind(lab):
     processes = running(lab.binary)
     assert processes.get(lab.rpd.proc.pid) == 0, processes  # the lookup sees the daemon
     assert [pid for pid, uid in processes.items() if uid != 0] == [], processes
+
+
+def test_mail_config_names_the_instance(lab):
+    r = lab.audit(mail_config=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"OK   postfix.postconf: read {lab.pf.etc} through postconf" in r.stdout
