@@ -38,6 +38,18 @@ struct Main: ParsableCommand {
     @Option(name: .customLong("reset-quota"), help: ArgumentHelp("Forget the counted destinations of a user.", valueName: "user"))
     var resetQuota: String?
 
+    @Flag(help: "Check the live wiring (Postfix, restrictpd, firewall, what restricted users can reach), one line per check; exit 1 if any check fails. Root; changes nothing.")
+    var audit = false
+
+    @Flag(help: "With --audit: print the checks as one JSON object.")
+    var json = false
+
+    @Option(help: ArgumentHelp("With --audit: also check that restricted users cannot connect to this remote mail server (port 25 unless given).", valueName: "host[:port]"))
+    var probe: String?
+
+    @Option(name: .customLong("postfix-config"), help: ArgumentHelp("With --audit: the Postfix instance's configuration directory (postconf -c; default $MAIL_CONFIG, else Postfix's own).", valueName: "dir"))
+    var postfixConfig: String?
+
     @Option(help: ArgumentHelp("When started as root, run as this user.", valueName: "user"))
     var user = "restrict"
 
@@ -51,11 +63,14 @@ struct Main: ParsableCommand {
     var arguments: [String] = []
 
     func validate() throws {
-        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil].filter { $0 }.count
-        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota") }
+        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.audit].filter { $0 }.count
+        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --audit") }
+        if !self.audit, self.json || self.probe != nil || self.postfixConfig != nil {
+            throw ValidationError("--json, --probe and --postfix-config go with --audit")
+        }
         if self.testUser != nil, self.arguments.isEmpty { throw ValidationError("--test needs at least one recipient") }
         if self.showQuota, self.arguments.count > 1 { throw ValidationError("--quota takes at most one user") }
-        if actions == 0 || self.checkConfig || self.resetQuota != nil, !self.arguments.isEmpty {
+        if actions == 0 || self.checkConfig || self.resetQuota != nil || self.audit, !self.arguments.isEmpty {
             throw ValidationError("unexpected arguments: \(self.arguments.joined(separator: " "))")
         }
         guard LogTarget(rawValue: self.log) != nil else { throw ValidationError("--log takes auto, journal, syslog or stderr") }
@@ -73,6 +88,8 @@ struct Main: ParsableCommand {
             output = Admin.showQuota(configPath: self.config, user: self.arguments.first, now: now)
         } else if let user = self.resetQuota {
             output = Admin.resetQuota(configPath: self.config, user: user)
+        } else if self.audit {
+            output = Admin.audit(AuditOptions(configPath: self.config, serviceUser: self.user, postfixConfig: self.postfixConfig, probe: self.probe, json: self.json))
         } else {
             let target = (LogTarget(rawValue: self.log) ?? .auto).resolved()
             let level = Logger.Level(rawValue: self.logLevel) ?? .info
