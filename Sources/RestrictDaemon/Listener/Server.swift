@@ -337,6 +337,11 @@ enum PeerGate {
         } catch where !channel.isActive {
             logger.info("\(label) from \(peer): gone before it could be identified")
             return .gone
+        } catch PeerLookupError.notFound {
+            // No established socket at the other end: the peer has already closed (a port
+            // probe, a health check). Whoever is still connected is always found.
+            logger.info("\(label) from \(peer): gone before it could be identified")
+            return .gone
         } catch PeerLookupError.failed(let why) {
             logger.error("\(label) from \(peer) refused: cannot learn the peer's uid: \(why)")
             return .failed
