@@ -99,39 +99,9 @@ public enum CommandParser {
             else { throw .syntax("\(verb) needs one host name") }
             return verb == "EHLO" ? .ehlo(name) : .helo(name)
         case "MAIL":
-            let (path, params) = try splitPath(args, prefix: "FROM:")
-            let sender: Mailbox?
-            do {
-                sender = try AddressParser.parsePath(path, allowNull: true)
-            } catch {
-                throw .badAddress(describe(error), isSender: true)
-            }
-            let parameters = try parseParameters(params, allowed: mailParameters)
-            if let size = parameters.first(where: { $0.keyword == "SIZE" }) {
-                guard let v = size.value, !v.isEmpty, v.count <= 20, v.allSatisfy(\.isASCIIDigit),
-                    let n = Int(v)
-                else { throw .syntax("bad SIZE value") }
-                if sizeLimit > 0, n > sizeLimit { throw .tooBig(declared: n, limit: sizeLimit) }
-            }
-            if let body = parameters.first(where: { $0.keyword == "BODY" }) {
-                guard let v = body.value?.uppercased(), v == "7BIT" || v == "8BITMIME" else {
-                    throw .unsupportedParameter("BODY=\(body.value ?? "")")
-                }
-            }
-            if let p = parameters.first(where: { $0.keyword == "SMTPUTF8" }), p.value != nil {
-                throw .syntax("SMTPUTF8 takes no value")
-            }
-            return .mail(reversePath: sender, parameters: parameters)
+            return try parseMail(args, sizeLimit: sizeLimit)
         case "RCPT":
-            let (path, params) = try splitPath(args, prefix: "TO:")
-            let rcpt: Mailbox?
-            do {
-                rcpt = try AddressParser.parsePath(path, allowNull: false)
-            } catch {
-                throw .badAddress(describe(error), isSender: false)
-            }
-            guard let rcpt else { throw .badAddress("empty", isSender: false) }
-            return .rcpt(forwardPath: rcpt, parameters: try parseParameters(params, allowed: rcptParameters))
+            return try parseRcpt(args)
         case "DATA", "RSET", "QUIT":
             guard trimTrailingSpace(args).isEmpty else { throw .syntax("\(verb) takes no arguments") }
             return verb == "DATA" ? .data : verb == "RSET" ? .rset : .quit
@@ -142,6 +112,46 @@ public enum CommandParser {
             guard verb.utf8.allSatisfy({ $0 >= 33 && $0 < 127 }) else { return .unknown(verb: "?") }
             return .unknown(verb: verb)
         }
+    }
+
+    /// MAIL FROM:<path> and its parameters (RFC 1870 SIZE, RFC 6152 BODY, RFC 6531 SMTPUTF8).
+    static func parseMail(_ args: ArraySlice<UInt8>, sizeLimit: Int) throws(CommandError) -> SMTPCommand {
+        let (path, params) = try splitPath(args, prefix: "FROM:")
+        let sender: Mailbox?
+        do {
+            sender = try AddressParser.parsePath(path, allowNull: true)
+        } catch {
+            throw .badAddress(describe(error), isSender: true)
+        }
+        let parameters = try parseParameters(params, allowed: mailParameters)
+        if let size = parameters.first(where: { $0.keyword == "SIZE" }) {
+            guard let v = size.value, !v.isEmpty, v.count <= 20, v.allSatisfy(\.isASCIIDigit),
+                let n = Int(v)
+            else { throw .syntax("bad SIZE value") }
+            if sizeLimit > 0, n > sizeLimit { throw .tooBig(declared: n, limit: sizeLimit) }
+        }
+        if let body = parameters.first(where: { $0.keyword == "BODY" }) {
+            guard let v = body.value?.uppercased(), v == "7BIT" || v == "8BITMIME" else {
+                throw .unsupportedParameter("BODY=\(body.value ?? "")")
+            }
+        }
+        if let p = parameters.first(where: { $0.keyword == "SMTPUTF8" }), p.value != nil {
+            throw .syntax("SMTPUTF8 takes no value")
+        }
+        return .mail(reversePath: sender, parameters: parameters)
+    }
+
+    /// RCPT TO:<path> and its parameters (RFC 3461 NOTIFY, ORCPT).
+    static func parseRcpt(_ args: ArraySlice<UInt8>) throws(CommandError) -> SMTPCommand {
+        let (path, params) = try splitPath(args, prefix: "TO:")
+        let rcpt: Mailbox?
+        do {
+            rcpt = try AddressParser.parsePath(path, allowNull: false)
+        } catch {
+            throw .badAddress(describe(error), isSender: false)
+        }
+        guard let rcpt else { throw .badAddress("empty", isSender: false) }
+        return .rcpt(forwardPath: rcpt, parameters: try parseParameters(params, allowed: rcptParameters))
     }
 
     private static func describe(_ error: AddressError) -> String {

@@ -133,7 +133,6 @@ public struct DataScanner: Sendable {
     private mutating func scanLines(_ buffer: inout ByteBuffer, oneLine: Bool) -> DataEvent? {
         let maxLine = self.maxLineLength
 
-        enum Stop { case needMore, endOfData, singleDot, violation(DataViolation, Int) }
         // One pass over the bytes: most are above CR and cost one comparison.
         let resume = self.checked
         let (consumed, stop, checked): (Int, Stop, Int) = buffer.withUnsafeReadableBytes { raw in
@@ -175,9 +174,15 @@ public struct DataScanner: Sendable {
             return (p, .needMore, 0)
         }
         self.checked = checked
+        return self.event(consumed: consumed, stop: stop, &buffer)
+    }
 
+    enum Stop { case needMore, endOfData, singleDot, violation(DataViolation, Int) }
+
+    /// The event for one scan: the complete canonical lines first; whatever stopped the scan is
+    /// seen on the next call.
+    private mutating func event(consumed: Int, stop: Stop, _ buffer: inout ByteBuffer) -> DataEvent? {
         if consumed > 0 {
-            // Complete canonical lines first; whatever stopped the scan is seen on the next call.
             guard let slice = buffer.readSlice(length: consumed) else { preconditionFailure("scanned past the buffer") }
             return .content(slice)
         }

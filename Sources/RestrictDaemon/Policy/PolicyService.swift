@@ -86,26 +86,43 @@ struct PolicyService: Sendable {
 
     /// The answer to one request; logs each recipient's verdict.
     func answer(_ request: PolicyRequest, logger: Logger) async -> PolicyAction {
+        switch self.localClient(request, logger: logger) {
+        case .failure(let early): return early.action
+        case .success(let (stage, client)): return await self.judge(request, stage: stage, client: client, logger: logger)
+        }
+    }
+
+    /// An answer given before the client's UID is asked for.
+    struct Early: Error { let action: PolicyAction }
+
+    /// The request's stage and client when the request is one to judge: a well-formed
+    /// smtpd_access_policy request, at RCPT or END-OF-MESSAGE, from a client on this host.
+    private func localClient(_ request: PolicyRequest, logger: Logger) -> Result<(String, HostAddress), Early> {
         guard request["request"] == "smtpd_access_policy" else {
             logger.warning("policy request refused: not an smtpd_access_policy request (request=\(LogText.escape(request["request"] ?? "", limit: 64)))")
-            return Replies.policyMalformed
+            return .failure(Early(action: Replies.policyMalformed))
         }
         let stage = request["protocol_state"] ?? ""
-        guard stage == "RCPT" || stage == "END-OF-MESSAGE" else { return .dunno }
+        guard stage == "RCPT" || stage == "END-OF-MESSAGE" else { return .failure(Early(action: .dunno)) }
         guard let clientText = request["client_address"], let client = HostAddress(clientText) else {
             logger.warning("policy request deferred: client_address \"\(LogText.escape(request["client_address"] ?? "", limit: 64))\" is not an IP address")
-            return Replies.policyUnidentified
+            return .failure(Early(action: Replies.policyUnidentified))
         }
         switch self.local.contains(client) {
         case nil:
             logger.error("policy request deferred: cannot read this host's addresses to tell whether \(client) is local")
-            return Replies.policyUnidentified
+            return .failure(Early(action: Replies.policyUnidentified))
         case false?:
             logger.debug("policy: client \(client) is not on this host: DUNNO")
-            return .dunno
+            return .failure(Early(action: .dunno))
         case true?:
-            break
+            return .success((stage, client))
         }
+    }
+
+    /// A local client's request: its UID from the kernel, then the recipient or the end of
+    /// the message.
+    private func judge(_ request: PolicyRequest, stage: String, client: HostAddress, logger: Logger) async -> PolicyAction {
         let ruleset = self.runtime.ruleset
         let sasl = request["sasl_username"] ?? ""
         guard let connection = Self.connection(request, client: client) else {
@@ -324,6 +341,18 @@ struct PolicyConnection: Sendable {
     let service: PolicyService
     let registry: SessionRegistry
 
+    /// Closes the connection once no request came for `idle` (Postfix opens a new one).
+    static func idleTimer(_ channel: any Channel, idle: TimeAmount, lastRequest: Mutex<NIODeadline>, logger: Logger) -> RepeatedTask {
+        let peer = PeerCredentials.describe(channel.remoteAddress)
+        return channel.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { task in
+            if NIODeadline.now() - lastRequest.withLock({ $0 }) > idle {
+                logger.debug("policy connection from \(peer) idle for idle_timeout; closing")
+                channel.close(promise: nil)
+                task.cancel()
+            }
+        }
+    }
+
     /// Serves one accepted connection to its end. Never throws.
     func serve(_ channel: any Channel) async {
         let client: ClientConnection
@@ -350,16 +379,8 @@ struct PolicyConnection: Sendable {
             logger.warning("policy connect from \(peer) refused: \(open - 1) connections already (policy_max_connections)")
             return
         }
-        let idle = TimeAmount.seconds(Int64(ruleset.configuration.value(.idleTimeout)))
         let lastRequest = Mutex(NIODeadline.now())
-        let timerLogger = logger
-        let timer = channel.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { task in
-            if NIODeadline.now() - lastRequest.withLock({ $0 }) > idle {
-                timerLogger.debug("policy connection from \(peer) idle for idle_timeout; closing")
-                channel.close(promise: nil)
-                task.cancel()
-            }
-        }
+        let timer = Self.idleTimer(channel, idle: .seconds(Int64(ruleset.configuration.value(.idleTimeout))), lastRequest: lastRequest, logger: logger)
         defer { timer.cancel() }
         var decoder = PolicyDecoder()
         var buffer = ByteBuffer()
