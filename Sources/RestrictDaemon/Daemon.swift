@@ -46,6 +46,9 @@ public struct PreparedDaemon: Sendable {
 }
 
 public enum Daemon {
+    /// After drain_timeout, how long the sessions answered 421 get to take the answer and go.
+    static let closeGrace: TimeAmount = .seconds(5)
+
     /// The part that must run before any thread exists: configuration, listening sockets, and
     /// the privilege drop. Returns nil (after logging why) when the daemon cannot start.
     public static func prepare(_ options: DaemonOptions, logger: Logger) -> PreparedDaemon? {
@@ -224,7 +227,7 @@ public enum Daemon {
                 if registry.count > 0 {
                     logger.warning("drain_timeout: closing \(registry.count) sessions with 421 4.3.2")
                     registry.closeAll(with: Replies.shuttingDown)
-                    let grace = NIODeadline.now() + .seconds(5)
+                    let grace = NIODeadline.now() + Self.closeGrace
                     while registry.count > 0, NIODeadline.now() < grace {
                         try? await Task.sleep(nanoseconds: 50_000_000)
                     }

@@ -33,6 +33,12 @@ enum Door: String {
 }
 
 struct DecisionRecord {
+    /// Recipients named on the line; the rest are counted ("...(N in all)"), so a message to
+    /// thousands of recipients still makes one readable line.
+    static let recipientsShown = 20
+    /// Recipients in the journal field, which no one reads by eye but which is still bounded.
+    static let recipientsInField = 100
+
     var queueID: String?
     var uid: UInt32?
     var user: String?
@@ -55,8 +61,8 @@ struct DecisionRecord {
         s += " door=\(self.door.rawValue)"
         if let client { s += " client=\(LogText.escape(client, limit: 64))" }
         s += " from=<\(LogText.escape(self.from))>"
-        let shown = self.to.prefix(20).map { "<\(LogText.escape($0))>" }.joined(separator: ",")
-        s += " to=\(shown)\(self.to.count > 20 ? ",...(\(self.to.count) in all)" : "")"
+        let shown = self.to.prefix(Self.recipientsShown).map { "<\(LogText.escape($0))>" }.joined(separator: ",")
+        s += " to=\(shown)\(self.to.count > Self.recipientsShown ? ",...(\(self.to.count) in all)" : "")"
         s += " verdict=\(self.verdict.rawValue) reason=\"\(LogText.escape(self.reason, limit: 512))\""
         if let quota { s += " quota=\"\(quota)\"" }
         if let sasl { s += " sasl=\"\(LogText.escape(sasl, limit: 128))\"" }
@@ -68,7 +74,7 @@ struct DecisionRecord {
         var m: Logger.Metadata = [
             LogKey.verdict: .string(self.verdict.rawValue),
             LogKey.from: .string(LogText.escape(self.from)),
-            LogKey.to: .string(self.to.prefix(100).map { LogText.escape($0) }.joined(separator: ",")),
+            LogKey.to: .string(self.to.prefix(Self.recipientsInField).map { LogText.escape($0) }.joined(separator: ",")),
             LogKey.reason: .string(LogText.escape(self.reason, limit: 512)),
             LogKey.door: .string(self.door.rawValue),
         ]
