@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import testlib  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import daemonlib as dl  # noqa: E402
@@ -33,15 +35,9 @@ def _binary():
 
 @pytest.fixture(autouse=True)
 def _time_limit():
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded the hard limit of {TEST_TIME_LIMIT}s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(TEST_TIME_LIMIT)
-    try:
+    """Abort a test that somehow blocks past every deadline (e.g. a wedged subprocess)."""
+    with testlib.time_limit(TEST_TIME_LIMIT):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 class Lab:

@@ -17,6 +17,13 @@ Pieces:
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# The shared test library, also for scripts that import this module outside pytest.
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "lib"))
+from testlib import free_port, has_ipv6_loopback, port_accepts, wait_until  # noqa: E402,F401
+
 import errno
 import os
 import re
@@ -57,44 +64,12 @@ def wait_for_binary(timeout: float = 120.0) -> str:
     return path
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05,
-               what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
-def free_port(family: int = socket.AF_INET) -> int:
-    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
-def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
-    """True when a TCP connect to host:port succeeds (the socket is closed again at once)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect((host, port))
-            return True
-        except OSError:
-            return False
 
 
 def pickup_message(uid: int = 0, body: bytes = b"hello\r\n", subject: bytes = b"test") -> bytes:

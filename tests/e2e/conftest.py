@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import testlib  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
@@ -34,17 +36,10 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(autouse=True)
-def _time_limit(request):
+def _time_limit():
     """Abort a test that somehow blocks past every deadline (e.g. a wedged subprocess)."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"test exceeded the hard limit of {TEST_TIME_LIMIT}s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(TEST_TIME_LIMIT)
-    try:
+    with testlib.time_limit(TEST_TIME_LIMIT):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="session")

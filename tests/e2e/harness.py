@@ -44,6 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# The shared test library, also for scripts that import this module outside pytest.
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "lib"))
+from testlib import free_port, free_ports, pid_alive, port_accepts, wait_until  # noqa: E402,F401
+
 SLOT_ROOT = Path(os.environ.get("RESTRICTPD_E2E_ROOT", "/var/tmp/restrictpd-e2e"))
 SLOTS = 8
 SYSTEM_MAIN_CF = Path("/etc/postfix/main.cf")
@@ -91,60 +98,14 @@ def snapshot_binary(binary: Path, directory: Path, timeout: float = 60) -> Path:
     return dest
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1,
-               what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; return that value.
-
-    Raises TimeoutError (with `what`) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
-def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
-def pid_alive(pid: int) -> bool:
-    """True when the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("State:"):
-                    return "Z" not in line.split()[1]
-    except OSError:
-        return False
-    return True
 
 
 def run(cmd: Sequence[str], *, input: bytes | None = None, timeout: float = 30,
