@@ -3,8 +3,8 @@
 Imported by bench/bench.py, which prints these tables after its own. Two measurements:
 
 policy: requests straight to restrictpd's policy listener from bench/policy_load.c (compiled
-  here with gcc), a closed-loop client in C: one thread, epoll, one request outstanding per
-  connection. Each connection stands for one smtpd process with its SMTP client: the client
+  here with gcc), a closed-loop client in C: a thread per core, each with an epoll over its
+  share of the connections, one request outstanding per connection. Each connection stands for one smtpd process with its SMTP client: the client
   holds a real TCP connection to a dummy listener, whose 4-tuple the requests carry, so that
   restrictpd's sock_diag lookup finds its owner. Each simulated transaction is 2 RCPT requests
   and 1 END-OF-MESSAGE request, the attributes Postfix 3.7 sends. Shapes:
@@ -66,7 +66,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def build_load(workdir):
     """Compiles bench/policy_load.c; returns the binary's path."""
     out = os.path.join(workdir, "policy_load")
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", out, os.path.join(HERE, "policy_load.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-pthread", "-o", out, os.path.join(HERE, "policy_load.c")], check=True)
     return out
 
 
@@ -114,7 +114,8 @@ def run_policy(binary, workdir):
                     if q != quota:
                         continue
                     argv = [load, "--port", str(policy_port), "--conns", str(conns), "--seconds", str(POLICY_SECONDS),
-                            "--warmup", "1", "--rcpts", "2", "--pool", str(POOL), "--pid", str(rpd.pid)]
+                            "--warmup", "1", "--rcpts", "2", "--pool", str(POOL), "--pid", str(rpd.pid),
+                            "--threads", str(min(conns, os.cpu_count() or 1))]
                     if uid_base is not None:
                         argv += ["--uid-base", str(uid_base)]
                     if paced:

@@ -3,7 +3,7 @@
  * bench/bench.py compiles it with gcc and runs it; it prints one JSON object.
  *
  *   policy_load --port P [--conns N] [--seconds S] [--warmup W] [--rcpts R]
- *               [--uid-base U] [--pid PID] [--rate REQ_PER_S] [--pool K]
+ *               [--uid-base U] [--pid PID] [--rate REQ_PER_S] [--pool K] [--threads T]
  *
  * Each of the N policy connections stands for one smtpd process serving one SMTP client:
  * restrictpd learns the client's UID by sock_diag on the request's 4-tuple, so every
@@ -18,10 +18,11 @@
  * once: the throughput at saturation; or, with --rate, at the next multiple of N/RATE seconds,
  * the connections staggered, so that latency is measured at a given load instead of at the
  * queueing that saturation causes: with N requests always outstanding, the mean latency is
- * N / throughput whatever the server does). One
- * thread drives all connections through epoll, so the generator costs about one write, one
- * read and a share of one epoll_wait per request, and its CPU time is reported beside the
- * daemon's to show that it is not the bottleneck.
+ * N / throughput whatever the server does). T threads (1 by default) each drive every T-th
+ * connection through an epoll of their own, so the generator costs about one write, one read
+ * and a share of one epoll_wait per request; its CPU time is reported beside the daemon's to
+ * show that it is not the bottleneck. More than one thread matters on a machine shared with
+ * other work: a closed loop stalls whenever its one thread waits for a core.
  *
  * Each simulated SMTP transaction is R RCPT requests and one END-OF-MESSAGE request with the
  * same `instance`, as Postfix 3.7 sends them. The recipients are new ones each time, or with
@@ -36,6 +37,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -185,79 +187,46 @@ static void send_next(struct conn *c, int index) {
     }
 }
 
-static void usage(void) {
-    fprintf(stderr, "usage: policy_load --port P [--conns N] [--seconds S] [--warmup W] [--rcpts R] [--uid-base U] [--pid PID] [--rate R] [--pool K]\n");
-    exit(2);
+/* The connections, and the measurement window, shared by the threads (read-only there). */
+static struct conn *conns;
+static double t_start, t_measure, t_end, interval;
+
+/* One thread: connections index, index + stride, ... through its own epoll. */
+struct worker {
+    int index, stride, nconns;
+    size_t nlat, lat_cap;
+    double *lat;
+    unsigned long long dunno, other, done_txn;
+    char first_other[256];
+};
+
+static void sleep_until(double t) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - ts.tv_sec) * 1e9);
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
 }
 
-int main(int argc, char **argv) {
-    unsigned port = 0;
-    int nconns = 1, pid = 0;
-    double seconds = 5, warmup = 1, rate = 0;
-    long uid_base = -1;
-    for (int i = 1; i < argc; i++) {
-        if (i + 1 >= argc) usage();
-        if (!strcmp(argv[i], "--port")) port = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--conns")) nconns = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--warmup")) warmup = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--rcpts")) rcpts = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--uid-base")) uid_base = atol(argv[++i]);
-        else if (!strcmp(argv[i], "--pid")) pid = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--rate")) rate = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--pool")) pool = atoi(argv[++i]);
-        else usage();
-    }
-    if (!port || nconns < 1 || rcpts < 1 || seconds <= 0 || (pool > 0 && pool < rcpts)) usage();
-
-    /* The dummy "smtpd": accepts the simulated clients and never reads from them. */
-    int listener = socket(AF_INET, SOCK_STREAM, 0);
-    if (listener < 0) die("socket");
-    struct sockaddr_in sa = {.sin_family = AF_INET};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(listener, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
-    if (listen(listener, 1024) < 0) die("listen");
-    server_port = port_of(listener, 0);
-
-    struct conn *conns = calloc(nconns, sizeof *conns);
+static void *worker(void *arg) {
+    struct worker *w = arg;
     int ep = epoll_create1(0);
-    if (!conns || ep < 0) die("setup");
-    for (int i = 0; i < nconns; i++) {
-        struct conn *c = &conns[i];
-        if (uid_base >= 0) {
-            /* The kernel takes a socket's owner from the file-system UID at creation. */
-            setfsuid((uid_t)(uid_base + i));
-            if (setfsuid((uid_t)-1) != (int)(uid_base + i)) { errno = EPERM; die("setfsuid"); }
-        }
-        c->client = connect_loopback(server_port);
-        if (uid_base >= 0) setfsuid(0);
-        c->accepted = accept(listener, NULL, NULL);
-        if (c->accepted < 0) die("accept");
-        c->client_port = port_of(c->client, 0);
-        c->policy = connect_loopback(port);
+    if (ep < 0) die("epoll_create1");
+    int active = 0;
+    for (int i = w->index; i < w->nconns; i += w->stride) {
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
-        if (epoll_ctl(ep, EPOLL_CTL_ADD, c->policy, &ev) < 0) die("epoll_ctl");
-    }
-
-    size_t lat_cap = 1 << 20, nlat = 0;
-    double *lat = malloc(lat_cap * sizeof *lat);
-    unsigned long long dunno = 0, other = 0, done_txn = 0;
-    char first_other[256] = "";
-    double start = now(), t_measure = start + warmup, t_end = t_measure + seconds;
-    double rpd0 = -1, self0 = 0, wall0 = 0;
-    unsigned long long tot0 = 0, idle0 = 0;
-    int measuring = 0, active = nconns;
-    /* With --rate each connection sends every `interval` seconds, staggered. */
-    double interval = rate > 0 ? nconns / rate : 0;
-    for (int i = 0; i < nconns; i++) {
-        if (interval > 0) conns[i].due = start + interval * i / nconns;
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, conns[i].policy, &ev) < 0) die("epoll_ctl");
+        if (interval > 0) conns[i].due = t_start + interval * i / w->nconns;
         else send_next(&conns[i], i);
+        active++;
     }
+    w->lat_cap = 1 << 16;
+    w->lat = malloc(w->lat_cap * sizeof *w->lat);
+    if (!w->lat) die("malloc");
 
     struct epoll_event evs[256];
     while (active > 0) {
         double soonest = 0, t0 = now();
-        for (int i = 0; i < nconns && interval > 0; i++) {
+        for (int i = w->index; i < w->nconns && interval > 0; i += w->stride) {
             struct conn *c = &conns[i];
             if (c->due > 0 && c->due <= t0) { c->due = -c->due; send_next(c, i); }
             else if (c->due > 0 && (soonest == 0 || c->due < soonest)) soonest = c->due;
@@ -273,17 +242,9 @@ int main(int argc, char **argv) {
             if (errno == EINTR) continue;
             die("epoll_wait");
         }
-        double t = now();
-        if (!measuring && t >= t_measure) {
-            measuring = 1;
-            wall0 = t;
-            rpd0 = pid ? proc_cpu(pid) : -1;
-            self0 = self_cpu();
-            machine_cpu(&tot0, &idle0);
-        }
-        if (n == 0 && t > t_end + 10) {
+        if (n == 0 && now() > t_end + 10) {
             fprintf(stderr, "policy_load: no answer for 10 s after the end\n");
-            break;
+            exit(3);
         }
         for (int k = 0; k < n; k++) {
             int i = evs[k].data.u32;
@@ -303,19 +264,19 @@ int main(int argc, char **argv) {
             double answered = now();
             if (end + 2 != c->rbuf + c->rlen) { fprintf(stderr, "policy_load: answer before a request\n"); exit(3); }
             int is_dunno = !strncmp(c->rbuf, "action=DUNNO\n", 13) || !strncmp(c->rbuf, "action=dunno\n", 13);
-            if (measuring && answered <= t_end) {
-                if (is_dunno) dunno++;
+            if (answered >= t_measure && answered <= t_end) {
+                if (is_dunno) w->dunno++;
                 else {
-                    other++;
-                    if (!first_other[0]) snprintf(first_other, sizeof first_other, "%.*s", (int)(end - c->rbuf), c->rbuf);
+                    w->other++;
+                    if (!w->first_other[0]) snprintf(w->first_other, sizeof w->first_other, "%.*s", (int)(end - c->rbuf), c->rbuf);
                 }
-                if (nlat == lat_cap) {
-                    lat_cap *= 2;
-                    lat = realloc(lat, lat_cap * sizeof *lat);
-                    if (!lat) die("realloc");
+                if (w->nlat == w->lat_cap) {
+                    w->lat_cap *= 2;
+                    w->lat = realloc(w->lat, w->lat_cap * sizeof *w->lat);
+                    if (!w->lat) die("realloc");
                 }
-                lat[nlat++] = answered - c->sent_at;
-                if (c->step == rcpts) done_txn++;
+                w->lat[w->nlat++] = answered - c->sent_at;
+                if (c->step == rcpts) w->done_txn++;
             }
             c->rlen = 0;
             if (c->step == rcpts) { c->step = 0; c->txn++; }
@@ -329,12 +290,106 @@ int main(int argc, char **argv) {
             }
         }
     }
-    double wall1 = now();
-    if (wall1 > t_end) wall1 = t_end;
-    double rpd1 = pid ? proc_cpu(pid) : -1, self1 = self_cpu();
+    close(ep);
+    return NULL;
+}
+
+static void usage(void) {
+    fprintf(stderr, "usage: policy_load --port P [--conns N] [--seconds S] [--warmup W] [--rcpts R] [--uid-base U] [--pid PID] [--rate R] [--pool K] [--threads T]\n");
+    exit(2);
+}
+
+int main(int argc, char **argv) {
+    unsigned port = 0;
+    int nconns = 1, pid = 0, nthreads = 1;
+    double seconds = 5, warmup = 1, rate = 0;
+    long uid_base = -1;
+    for (int i = 1; i < argc; i++) {
+        if (i + 1 >= argc) usage();
+        if (!strcmp(argv[i], "--port")) port = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--conns")) nconns = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--warmup")) warmup = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--rcpts")) rcpts = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--uid-base")) uid_base = atol(argv[++i]);
+        else if (!strcmp(argv[i], "--pid")) pid = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--rate")) rate = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--pool")) pool = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads")) nthreads = atoi(argv[++i]);
+        else usage();
+    }
+    if (!port || nconns < 1 || nthreads < 1 || rcpts < 1 || seconds <= 0 || (pool > 0 && pool < rcpts)) usage();
+
+    /* The dummy "smtpd": accepts the simulated clients and never reads from them. */
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    if (listener < 0) die("socket");
+    struct sockaddr_in sa = {.sin_family = AF_INET};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(listener, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+    if (listen(listener, 1024) < 0) die("listen");
+    server_port = port_of(listener, 0);
+
+    conns = calloc(nconns, sizeof *conns);
+    if (!conns) die("calloc");
+    for (int i = 0; i < nconns; i++) {
+        struct conn *c = &conns[i];
+        if (uid_base >= 0) {
+            /* The kernel takes a socket's owner from the file-system UID at creation. */
+            setfsuid((uid_t)(uid_base + i));
+            if (setfsuid((uid_t)-1) != (int)(uid_base + i)) { errno = EPERM; die("setfsuid"); }
+        }
+        c->client = connect_loopback(server_port);
+        if (uid_base >= 0) setfsuid(0);
+        c->accepted = accept(listener, NULL, NULL);
+        if (c->accepted < 0) die("accept");
+        c->client_port = port_of(c->client, 0);
+        c->policy = connect_loopback(port);
+    }
+
+    if (nthreads > nconns) nthreads = nconns;
+    struct worker *workers = calloc(nthreads, sizeof *workers);
+    pthread_t *tids = calloc(nthreads, sizeof *tids);
+    if (!workers || !tids) die("calloc");
+    t_start = now();
+    t_measure = t_start + warmup;
+    t_end = t_measure + seconds;
+    /* With --rate each connection sends every `interval` seconds, staggered. */
+    interval = rate > 0 ? nconns / rate : 0;
+    for (int t = 0; t < nthreads; t++) {
+        workers[t].index = t;
+        workers[t].stride = nthreads;
+        workers[t].nconns = nconns;
+        if (pthread_create(&tids[t], NULL, worker, &workers[t]) != 0) die("pthread_create");
+    }
+    /* The window's edges: the daemon's, this program's and the machine's CPU counters. */
+    sleep_until(t_measure);
+    double wall0 = now(), rpd0 = pid ? proc_cpu(pid) : -1, self0 = self_cpu();
+    unsigned long long tot0, idle0;
+    machine_cpu(&tot0, &idle0);
+    sleep_until(t_end);
+    double wall1 = now(), rpd1 = pid ? proc_cpu(pid) : -1, self1 = self_cpu();
     unsigned long long tot1, idle1;
     machine_cpu(&tot1, &idle1);
     double window = wall1 - wall0;
+    for (int t = 0; t < nthreads; t++) pthread_join(tids[t], NULL);
+
+    /* Merge what the threads counted. */
+    size_t nlat = 0;
+    unsigned long long dunno = 0, other = 0, done_txn = 0;
+    char first_other[256] = "";
+    for (int t = 0; t < nthreads; t++) nlat += workers[t].nlat;
+    double *lat = malloc((nlat ? nlat : 1) * sizeof *lat);
+    if (!lat) die("malloc");
+    nlat = 0;
+    for (int t = 0; t < nthreads; t++) {
+        struct worker *w = &workers[t];
+        memcpy(lat + nlat, w->lat, w->nlat * sizeof *lat);
+        nlat += w->nlat;
+        dunno += w->dunno;
+        other += w->other;
+        done_txn += w->done_txn;
+        if (!first_other[0] && w->first_other[0]) memcpy(first_other, w->first_other, sizeof first_other);
+    }
 
     qsort(lat, nlat, sizeof *lat, cmp_double);
 #define PCT(p) (nlat ? lat[(size_t)((nlat - 1) * (p))] * 1e6 : 0)
@@ -348,12 +403,12 @@ int main(int argc, char **argv) {
         else esc[j++] = *p;
     }
     esc[j] = 0;
-    printf("{\"conns\": %d, \"rate\": %.0f, \"rcpts_per_txn\": %d, \"seconds\": %.3f, \"requests\": %llu, \"transactions\": %llu, "
+    printf("{\"conns\": %d, \"threads\": %d, \"rate\": %.0f, \"rcpts_per_txn\": %d, \"seconds\": %.3f, \"requests\": %llu, \"transactions\": %llu, "
            "\"rps\": %.1f, \"dunno\": %llu, \"other\": %llu, \"first_other\": \"%s\", "
            "\"p50_us\": %.1f, \"p90_us\": %.1f, \"p99_us\": %.1f, \"max_us\": %.1f, "
            "\"daemon_cpu_s\": %.3f, \"daemon_us_per_req\": %.1f, \"client_cpu_s\": %.3f, \"client_us_per_req\": %.1f, "
            "\"idle_pct\": %.1f}\n",
-           nconns, rate, rcpts, window, req, done_txn, req / window, dunno, other, esc,
+           nconns, nthreads, rate, rcpts, window, req, done_txn, req / window, dunno, other, esc,
            PCT(0.50), PCT(0.90), PCT(0.99), nlat ? lat[nlat - 1] * 1e6 : 0,
            rpd0 >= 0 ? rpd1 - rpd0 : -1, rpd0 >= 0 && req ? (rpd1 - rpd0) / req * 1e6 : -1,
            self1 - self0, req ? (self1 - self0) / req * 1e6 : 0,
