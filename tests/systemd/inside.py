@@ -619,10 +619,25 @@ def step_security_score():
     log(m.group(0))
 
 
+def step_remove():
+    """apt-get remove stops the daemon and removes the binary and the units, and keeps the
+    conffiles and the quota database (a later install finds the counts again)."""
+    run("apt-get", "remove", "-y", "restrictpd", timeout=120)
+    status = run("dpkg-query", "-W", "-f=${Status}", "restrictpd", check_rc=False).stdout
+    check(status == "deinstall ok config-files", f"dpkg status after remove: {status!r}")
+    gone = ["/usr/sbin/restrictpd", "/lib/systemd/system/restrictpd.service", "/lib/systemd/system/restrictpd.socket"]
+    kept = ["/etc/restrictpd.conf", "/etc/default/restrictpd", str(STATE_DIR / "quota.db")]
+    check(not [p for p in gone if os.path.lexists(p)], f"still there after remove: {[p for p in gone if os.path.lexists(p)]}")
+    check(all(os.path.exists(p) for p in kept), f"missing after remove: {[p for p in kept if not os.path.exists(p)]}")
+    procs = run("pgrep", "-u", "restrict", check_rc=False).stdout.split()
+    check(not procs, f"processes of restrict still running: {procs}")
+    log(f"removed: {', '.join(gone)}; kept: {', '.join(kept)}")
+
+
 def step_purge():
-    """apt-get purge removes the units, the binary, the conffiles and the quota database,
-    and stops the daemon; the system user 'restrict' stays (Debian does not remove system
-    users: files elsewhere may still belong to the UID)."""
+    """apt-get purge (after remove) removes the conffiles and the quota database; the system
+    user 'restrict' stays (Debian does not remove system users: files elsewhere may still
+    belong to the UID)."""
     run("apt-get", "purge", "-y", "restrictpd", timeout=120)
     status = run("dpkg-query", "-W", "-f=${Status}", "restrictpd", check_rc=False)
     check(status.returncode != 0 or "not-installed" in status.stdout, f"dpkg still knows restrictpd: {status.stdout}")
@@ -678,6 +693,7 @@ STEPS = [
     ("configuration error stops the unit", step_config_error_stops_unit),
     ("reinstall with a broken configuration", step_reinstall_with_broken_config),
     ("systemd-analyze security", step_security_score),
+    ("remove", step_remove),
     ("purge", step_purge),
     ("install with the port taken", step_install_with_port_taken),
 ]
