@@ -45,19 +45,37 @@ public struct PreparedDaemon: Sendable {
     let sockets: [(fd: Int32, name: String, policy: Bool)]
 }
 
+/// Why the daemon could not start, as the process's exit status.
+public enum StartFailure: Error, Sendable {
+    /// The configuration is wrong (the file, or a name in it): starting again cannot help,
+    /// so the exit status is EX_CONFIG from sysexits.h, which the unit's
+    /// RestartPreventExitStatus= names to stop systemd from restarting in a loop.
+    case configuration
+    /// Anything else (a socket that cannot be bound, a missing run-as user, a failed privilege
+    /// drop): status 1, and systemd may try again.
+    case other
+
+    public var exitStatus: Int32 {
+        switch self {
+        case .configuration: return 78
+        case .other: return 1
+        }
+    }
+}
+
 public enum Daemon {
     /// After drain_timeout, how long the sessions answered 421 get to take the answer and go.
     static let closeGrace: TimeAmount = .seconds(5)
 
     /// The part that must run before any thread exists: configuration, listening sockets, and
-    /// the privilege drop. Returns nil (after logging why) when the daemon cannot start.
-    public static func prepare(_ options: DaemonOptions, logger: Logger) -> PreparedDaemon? {
+    /// the privilege drop. Fails (after logging why) when the daemon cannot start.
+    public static func prepare(_ options: DaemonOptions, logger: Logger) -> Result<PreparedDaemon, StartFailure> {
         let configuration: Configuration
         switch ConfigurationLoader.load(options.configPath) {
         case .success(let c): configuration = c
         case .failure(let errors):
             for e in errors.errors { logger.critical("\(e)") }
-            return nil
+            return .failure(.configuration)
         }
         if !configuration.peerCheck {
             logger.warning("peer_check is off: any local user who can connect can claim any uid")
@@ -92,7 +110,7 @@ public enum Daemon {
             let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
             if let name = configuration.unixSocketGroup, gid == nil {
                 logger.critical("unix_socket_group: no group named \(name)")
-                return nil
+                return .failure(.configuration)
             }
             let all = configuration.listen.map { ($0, false) } + configuration.policyListen.map { ($0, true) }
             for (address, policy) in all {
@@ -101,29 +119,29 @@ public enum Daemon {
                     sockets.append((fd, policy ? "\(address) (policy service)" : "\(address)", policy))
                 } catch {
                     logger.critical("cannot listen on \(address): \(error)")
-                    return nil
+                    return .failure(.other)
                 }
             }
         }
         guard !sockets.isEmpty else {
             logger.critical("nothing to listen on")
-            return nil
+            return .failure(.other)
         }
 
         if getuid() == 0, options.user != "root" {
             guard let user = Users.lookup(name: options.user) else {
                 logger.critical("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
-                return nil
+                return .failure(.other)
             }
             do {
                 try Privileges.dropWhileSingleThreaded(to: user)
             } catch {
                 logger.critical("cannot drop privileges to \(options.user): \(error)")
-                return nil
+                return .failure(.other)
             }
             logger.info("running as \(options.user) (uid \(user.uid))")
         }
-        return PreparedDaemon(options: options, configuration: configuration, sockets: sockets)
+        return .success(PreparedDaemon(options: options, configuration: configuration, sockets: sockets))
     }
 
     /// Runs the prepared daemon to its end from synchronous code (the executable's main, which

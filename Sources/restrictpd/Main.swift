@@ -98,8 +98,10 @@ struct Main: ParsableCommand {
             let logger = Logger(label: "restrictpd")
             // Synchronous on purpose: sockets are bound and privileges dropped while this is
             // the only thread (see ListenSocket.swift), and then this thread waits.
-            guard let prepared = Daemon.prepare(DaemonOptions(configPath: self.config, user: self.user), logger: logger) else {
-                throw ExitCode(1)
+            let prepared: PreparedDaemon
+            switch Daemon.prepare(DaemonOptions(configPath: self.config, user: self.user), logger: logger) {
+            case .success(let p): prepared = p
+            case .failure(let failure): throw ExitCode(failure.exitStatus)
             }
             // Sessions are async code doing I/O on NIO's event loops: run Swift Concurrency on
             // those same threads, so no read or write crosses to another thread and back.
