@@ -37,6 +37,7 @@ DOMAIN = "example.org"
 # a day, and is refused beyond that (reject, so Postfix bounces at once instead of retrying).
 RULES = """\
 # restrictpd.conf written by the package test
+policy_listen 127.0.0.1:10028
 user www-data
     allow webmaster@example.org
     arbitrary 2 per day
@@ -374,6 +375,57 @@ def step_mail_as_root_and_www_data():
     log("www-data -> q3@example.net (over quota, over_quota reject): refused, bounced by Postfix, not delivered")
 
 
+def wire_postfix_smtp_door():
+    """main.cf.restrictpd's SMTP door: the policy service before permit_mynetworks in
+    smtpd_relay_restrictions and at END-OF-MESSAGE, as the package's example has them."""
+    main_example = Path("/usr/share/doc/restrictpd/examples/postfix/main.cf.restrictpd").read_text()
+    for name in ("smtpd_relay_restrictions", "smtpd_end_of_data_restrictions"):
+        setting = re.search(rf"^{name} =.*?(?=^\S|^$|\Z)", main_example, re.M | re.S)
+        check(setting, f"main.cf.restrictpd has no {name}")
+        run("postconf", "-e", f"{name}={' '.join(setting.group(0).split('=', 1)[1].split())}")
+    run("postfix", "check")
+    run("systemctl", "reload", "postfix")
+
+
+def smtp_as(user, recipient, token):
+    """An SMTP session to Postfix's smtpd on 127.0.0.1:25 run as `user`: the RCPT reply, and
+    the end-of-data reply when the recipient was taken."""
+    code = f"""
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", 25, timeout=30)
+s.ehlo("door.test")
+s.mail("{user}@{DOMAIN}")
+c, m = s.rcpt({recipient!r})
+print(c, m.decode())
+if c < 300:
+    print(*s.data("Subject: {token}\\r\\n\\r\\n{token}\\r\\n"))
+s.quit()
+"""
+    return run("runuser", "-u", user, "--", "/usr/bin/python3", "-c", code, timeout=60).stdout
+
+
+def step_smtp_door():
+    """SMTP to the local smtpd, wired as main.cf.restrictpd says: www-data's mail to its
+    allowed address arrives, to a stranger over its quota it is refused at RCPT (the policy
+    service judged the uid that owns the client's socket), and the journal says door=smtp."""
+    wire_postfix_smtp_door()
+    check(listening(10028), "nothing listens on the policy service's 127.0.0.1:10028")
+    since = journal_mark()
+    token = f"d{int(time.time())}"
+    allowed = smtp_as("www-data", "webmaster@example.org", token)
+    check(allowed.startswith("250"), f"www-data over SMTP to webmaster@example.org: {allowed}")
+    wait_delivered("webmaster@example.org", token)
+    log("www-data over SMTP -> webmaster@example.org: delivered")
+    refused = smtp_as("www-data", "stranger@example.net", token)
+    check(refused.startswith("550") and "uid 33" in refused, f"www-data over SMTP to a stranger: {refused}")
+    log(f"www-data over SMTP -> stranger@example.net: {refused.strip()}")
+    wait_journal(r"uid=33 user=www-data door=smtp client=127\.0\.0\.1:\d+ .*to=<stranger@example\.net> verdict=refused", since)
+    root = smtp_as("root", "anyone@example.com", token + "r")
+    check(root.startswith("250"), f"root over SMTP: {root}")
+    wait_delivered("anyone@example.com", token + "r")
+    log("root over SMTP -> anyone@example.com: delivered")
+
+
 def step_decision_journal_fields():
     """journalctl -u restrictpd -o json: the decision lines carry the RESTRICTPD_* fields."""
     entries = decisions(STATE["mail_since"])
@@ -703,6 +755,7 @@ STEPS = [
     ("wire Postfix", step_wire_postfix),
     ("mail as root and www-data", step_mail_as_root_and_www_data),
     ("decision lines in the journal", step_decision_journal_fields),
+    ("the SMTP door (policy service)", step_smtp_door),
     ("quota store survives restart", step_quota_survives_restart),
     ("reload good then bad", step_reload_good_then_bad),
     ("stop drains", step_stop_drains),
