@@ -125,7 +125,6 @@ def run_policy(binary, workdir):
                         r = json.loads(p.stdout)
                     except ValueError:
                         r = {"error": (p.stderr or p.stdout).strip()[:300]}
-                    r["load"] = open("/proc/loadavg").read().split()[0]
                     results[key].append(r)
                     if "error" in r:
                         bench.log(f"policy rep {rep + 1}: {key}: FAILED {r['error']}")
