@@ -52,6 +52,21 @@ struct SessionRelayTests {
         }
     }
 
+    @Test("a session's driver goes with its connection: none is left after 200 sessions")
+    func driversAreReleased() async throws {
+        try await withDaemon { h in
+            for _ in 0..<200 {
+                let client = try await h.greeted()
+                try await client.send(Self.envelope)
+                _ = try await client.replies(4)
+                try await client.send(Self.content + ".\r\nQUIT\r\n")
+                _ = try await client.replies(2)
+                try await client.waitClosed()
+            }
+            try await eventually("every session's driver to be released") { SessionDriver.live.withLock { $0 } == 0 }
+        }
+    }
+
     @Test("relay connections serve the next sessions: no new connection, no second EHLO")
     func relayConnectionIsReused() async throws {
         try await withDaemon { h in

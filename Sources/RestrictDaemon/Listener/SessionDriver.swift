@@ -28,6 +28,8 @@ final class SessionDriver {
     private var clientFlush = false
     private var relayFlush = false
     private var finished = false
+    /// Drivers alive in this process: a session's driver must go with its connection.
+    static let live = Mutex(0)
 
     init(runtime: Runtime, ruleset: Ruleset, logger: Logger, client: any Channel, relay: RelayConnection, clock: SessionClock) {
         self.runtime = runtime
@@ -39,7 +41,10 @@ final class SessionDriver {
         self.machine = ProxySession(limits: ruleset.settings.limits, hello: relay.hello.withLock { $0 })
         self.machine.tracing = logger.logLevel <= .debug
         self.done = client.eventLoop.makePromise(of: Bool.self)
+        Self.live.withLock { $0 += 1 }
     }
+
+    deinit { Self.live.withLock { $0 -= 1 } }
 
     /// Installs the client handler and the relay's event sink, and starts the dialogue.
     func start() throws {
@@ -188,12 +193,17 @@ final class SessionDriver {
             self.logger.debug("session states: \(self.machine.trace.joined(separator: ", "))")
         }
         self.relay.detach()
+        // The handler, its context and this driver hold one another: let go of the context
+        // so that all three go with the channel.
+        self.clientContext = nil
         self.done.succeed(reusable)
     }
 
     // MARK: back-pressure
 
     fileprivate func attach(_ context: ChannelHandlerContext) { self.clientContext = context }
+
+    fileprivate func detachClient() { self.clientContext = nil }
 
     /// The client channel asks to read again: only while the machine takes bytes and the
     /// relay's socket takes what it is given.
@@ -224,6 +234,8 @@ private final class SessionClientHandler: ChannelDuplexHandler, RemovableChannel
     init(driver: SessionDriver) { self.driver = driver }
 
     func handlerAdded(context: ChannelHandlerContext) { self.driver.attach(context) }
+
+    func handlerRemoved(context: ChannelHandlerContext) { self.driver.detachClient() }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         self.driver.clientBytes(self.unwrapInboundIn(data))
