@@ -33,10 +33,10 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated",
+        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "refuse"]
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -176,13 +176,24 @@ public enum ConfigParser {
 
             case "over_quota":
                 guard args.count == 1, let v = OverQuota(rawValue: args[0]) else {
-                    error(lineNumber, "over_quota takes 'defer' or 'reject'")
+                    error(lineNumber, "over_quota takes 'defer', 'reject' or 'hold'")
                     continue
                 }
                 if current != nil {
                     current?.overQuota = v
                 } else if once(key, lineNumber) {
                     config.overQuota = v
+                }
+
+            case "on_refuse":
+                guard args.count == 1, let v = OnRefuse(rawValue: args[0]) else {
+                    error(lineNumber, "on_refuse takes 'reject' or 'hold'")
+                    continue
+                }
+                if current != nil {
+                    current?.onRefuse = v
+                } else if once(key, lineNumber) {
+                    config.onRefuse = v
                 }
 
             default:
@@ -291,6 +302,13 @@ public enum ConfigParser {
             }
             config.relayHost = host
             config.relayPort = port
+        case "hold_relay":
+            guard let v = one() else { return }
+            guard case .tcp(let host, let port)? = parseListen(v) else {
+                return error(line, "bad hold_relay address '\(v)': use HOST:PORT or [IPV6]:PORT")
+            }
+            config.holdRelayHost = host
+            config.holdRelayPort = port
         case "clients":
             guard !args.isEmpty else { return error(line, "clients needs at least one user") }
             clientsSeen = true

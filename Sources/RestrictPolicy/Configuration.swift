@@ -98,6 +98,16 @@ public enum OverQuota: String, Sendable, Equatable {
     case `defer`
     /// 550 5.7.1: the message bounces.
     case reject
+    /// The message goes to the hold relay and waits in Postfix's hold queue for the admin.
+    case hold
+}
+
+/// What happens to a message with a recipient outside the allow list (`on_refuse`).
+public enum OnRefuse: String, Sendable, Equatable {
+    /// 550 5.7.1: the message bounces (the default).
+    case reject
+    /// The message goes to the hold relay and waits in Postfix's hold queue for the admin.
+    case hold
 }
 
 /// What the SMTP door does with mail from a SASL-authenticated session.
@@ -150,6 +160,7 @@ public struct Rule: Sendable, Equatable {
     public var allow: [AllowPattern] = []
     public var quota: Quota? = nil
     public var overQuota: OverQuota? = nil
+    public var onRefuse: OnRefuse? = nil
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.
@@ -178,6 +189,10 @@ public struct Configuration: Sendable, Equatable {
     public var statePath = "/var/lib/restrictpd/quota.db"
     public var recipientDelimiter = ""
     public var overQuota: OverQuota = .defer
+    public var onRefuse: OnRefuse = .reject
+    /// Postfix's smtpd that puts every message it accepts on hold (`hold_relay`).
+    public var holdRelayHost = "127.0.0.1"
+    public var holdRelayPort = 10029
     /// Numeric settings by key; absent keys take the setting's default.
     public var values: [String: Int] = [:]
     public var rules: [Rule] = []

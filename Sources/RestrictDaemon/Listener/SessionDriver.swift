@@ -17,7 +17,14 @@ final class SessionDriver {
     let ruleset: Ruleset
     let logger: Logger
     let client: any Channel
+    /// The main relay connection (pooled); `hold` is the session's relay while a held
+    /// message goes to the hold relay.
     let relay: RelayConnection
+    private var hold: RelayConnection?
+    /// A relay connection whose events go to the machine from the end of the current event
+    /// on: attaching hands over replies that waited, and those must not overtake the
+    /// event's own actions.
+    private var pendingAttach: RelayConnection?
     let clock: SessionClock
     private var machine: ProxySession
     /// Succeeds with "the relay connection may serve another session" when the session ends.
@@ -89,6 +96,11 @@ final class SessionDriver {
         if self.relayFlush {
             self.relayFlush = false
             self.relay.channel.flush()
+            self.hold?.channel.flush()
+        }
+        if let attach = self.pendingAttach, !self.finished {
+            self.pendingAttach = nil
+            attach.attach { [weak self] event in self?.relayEvent(event) }
         }
         self.updateReading()
     }
@@ -101,7 +113,7 @@ final class SessionDriver {
             self.client.write(bytes, promise: nil)
             self.clientFlush = true
         case .sendRelay(let buffers, let replies):
-            self.relay.write(buffers, replies: replies)
+            (self.hold ?? self.relay).write(buffers, replies: replies)
             self.relayFlush = true
         case .rememberHello(let command, let reply):
             self.relay.hello.withLock { $0 = reply.isPositive ? (command, reply) : nil }
@@ -112,6 +124,10 @@ final class SessionDriver {
             return self.decide(sender, recipients)
         case .abortRelay:
             self.relay.abort()
+        case .openHoldRelay:
+            return self.openHold()
+        case .endHoldRelay(let abort):
+            self.endHold(abort: abort)
         case .record(let record):
             self.record(record)
         case .log(let level, let message):
@@ -167,18 +183,75 @@ final class SessionDriver {
     private func record(_ r: MessageRecord) {
         let record = DecisionRecord(
             queueID: r.queueID, uid: r.uid, user: r.user, from: r.from, to: r.to, verdict: r.verdict,
-            reason: r.reason, quota: r.quota, relayReply: r.relayReply)
+            reason: r.reason, quota: r.quota, relayReply: r.relayReply, heldQueueID: r.heldQueueID)
         self.runtime.count { c in
             switch r.verdict {
             case .relay: c.relayed += 1
             case .defer: c.deferred += 1
             case .refuse: c.refused += 1
+            case .hold: c.held += 1
             }
         }
         // The fields are built only for a sink that keeps them (the journal).
         self.logger.log(
             level: r.verdict == .relay ? .info : .warning, "\(record.line)",
             metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
+    }
+
+    // MARK: the hold relay
+
+    /// A new connection to the hold relay (never pooled: it is needed rarely, and a pooled
+    /// one would hold one of its smtpd processes for nothing). The main relay's events wait
+    /// meanwhile.
+    private func openHold() -> [SessionAction] {
+        self.relay.detach()
+        self.clock.relay(nil)
+        let settings = self.ruleset.settings
+        guard let address = self.ruleset.holdRelayAddress else {
+            self.pendingAttach = self.relay
+            self.clock.relay(self.relay.channel)
+            return self.machine.holdRelayUnavailable("cannot resolve \(settings.holdRelayHost)")
+        }
+        let loop = self.client.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        Task(executorPreference: LoopExecutor.of(loop)) {
+            let result: Result<RelayConnection, any Error>
+            do {
+                result = .success(try await RelayConnection.connect(
+                    to: address, on: loop, timeout: .seconds(settings.relayConnectTimeout),
+                    greetingTimeout: .seconds(settings.relayTimeout)))
+            } catch {
+                result = .failure(error)
+            }
+            loop.execute { bound.value.holdConnected(result) }
+        }
+        return []
+    }
+
+    private func holdConnected(_ result: Result<RelayConnection, any Error>) {
+        switch result {
+        case .success(let connection):
+            guard !self.finished else { return connection.abort() }
+            self.hold = connection
+            self.clock.relay(connection.channel)
+            self.pendingAttach = connection
+            self.feed(self.machine.holdRelayGreeted(connection.greeting))
+        case .failure(let error):
+            guard !self.finished else { return }
+            let settings = self.ruleset.settings
+            self.pendingAttach = self.relay
+            self.clock.relay(self.relay.channel)
+            self.feed(self.machine.holdRelayUnavailable("cannot connect to \(settings.holdRelayHost):\(settings.holdRelayPort): \(error)"))
+        }
+    }
+
+    private func endHold(abort: Bool) {
+        guard let hold = self.hold else { return }
+        self.hold = nil
+        hold.detach()
+        if abort { hold.abort() } else { hold.quit() }
+        self.clock.relay(self.relay.channel)
+        self.pendingAttach = self.relay
     }
 
     private func finish(reusable: Bool) {
@@ -188,6 +261,12 @@ final class SessionDriver {
             self.logger.debug("session states: \(self.machine.trace.joined(separator: ", "))")
         }
         self.relay.detach()
+        self.pendingAttach = nil
+        if let hold = self.hold {
+            self.hold = nil
+            hold.detach()
+            hold.abort()
+        }
         self.done.succeed(reusable)
     }
 
@@ -205,7 +284,7 @@ final class SessionDriver {
         return true
     }
 
-    private var readable: Bool { !self.finished && self.machine.wantsClientBytes && self.relay.channel.isWritable }
+    private var readable: Bool { !self.finished && self.machine.wantsClientBytes && (self.hold ?? self.relay).channel.isWritable }
 
     private func updateReading() {
         if self.heldRead, self.readable {

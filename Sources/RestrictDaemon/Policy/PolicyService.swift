@@ -253,6 +253,8 @@ struct PolicyService: Sendable {
         record.quota = verdict.quota
         self.log(record, level: verdict.reply == Replies.storeUnavailable ? .error : .warning, logger: logger)
         if verdict.reply == Replies.storeUnavailable { return Replies.policyStoreUnavailable }
+        // Held: Postfix takes the message and parks it on its own hold queue.
+        if verdict.kind == .hold { return Replies.policyHold(verdict.reply) }
         return atEnd ? Replies.policyActionAtEnd(verdict.reply) : Replies.policyAction(verdict.reply)
     }
 
@@ -313,6 +315,7 @@ struct PolicyService: Sendable {
             case .relay: c.relayed += 1
             case .defer: c.deferred += 1
             case .refuse: c.refused += 1
+            case .hold: c.held += 1
             }
         }
         logger.log(level: level, "\(record.line)", metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
