@@ -1,0 +1,129 @@
+"""Held mail (restrictpd.conf(5) HOLD): over_quota hold and on_refuse hold park the message
+in Postfix's hold queue through the hold listener of etc/postfix/master.cf.restrictpd; it
+waits there until postsuper -H releases it (delivered once, without passing restrictpd again);
+a missing hold listener gives 451 4.4.1 and the message stays deferred, never sent.
+
+The hold listener is added to the session's private Postfix for this module, on a free port,
+with the lines of etc/postfix/master.cf.restrictpd.
+"""
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+import harness
+from harness import make_message
+
+pytestmark = pytest.mark.needs_restrictpd
+
+DELIVERY_TIMEOUT = 40
+SETTLE = 3
+SHIPPED_MASTER_CF = Path(__file__).resolve().parents[2] / "etc" / "postfix" / "master.cf.restrictpd"
+
+
+def shipped_hold_listener(port: int) -> str:
+    """The hold listener's entry of master.cf.restrictpd, on `port`."""
+    lines = SHIPPED_MASTER_CF.read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("127.0.0.1:10029 "))
+    entry = [lines[start]] + [l for l in lines[start + 1:] if l[:1].isspace()]
+    return "\n".join(entry).replace("127.0.0.1:10029 ", f"127.0.0.1:{port} ", 1) + "\n"
+
+
+@pytest.fixture(scope="module")
+def hold_port(postfix_instance):
+    previous = postfix_instance.extra_master_cf
+    port = harness.free_port()
+    postfix_instance.write_master_cf(previous + "\n# hold listener (tests/e2e/test_hold.py)\n"
+                                     + shipped_hold_listener(port))
+    postfix_instance.reload()
+    harness.wait_until(lambda: harness.port_accepts(port), 30, 0.2, "the hold listener")
+    try:
+        yield port
+    finally:
+        postfix_instance.write_master_cf(previous)
+        postfix_instance.reload()
+
+
+def rules(user: str, extra: str) -> str:
+    return f"user {user}\n    allow @localhost\n{extra}\n" + harness.STANDARD_RULES
+
+
+def held(postfix) -> list[dict]:
+    return [q for q in postfix.queue() if q.get("queue_name") == "hold"]
+
+
+def send(postfix, user: str, rcpt: str, subject: str) -> str:
+    msg, mid = make_message(sender=f"{user}@lab.localdomain", to=[rcpt], subject=subject, body="suspect\n")
+    postfix.sendmail([rcpt], msg, user=user)
+    return mid
+
+
+def test_over_quota_hold_parks_the_fourth_stranger_until_postsuper_H(postfix, sink, restrictpd_factory,
+                                                                      rpdtest_user, hold_port):
+    rpd = restrictpd_factory(rules=rules(rpdtest_user, "    arbitrary 3 per day\n    over_quota hold"),
+                             extra_globals=f"hold_relay 127.0.0.1:{hold_port}\n")
+    rcpts = [f"h{i}@example.com" for i in range(1, 5)]
+    for r in rcpts[:3]:
+        send(postfix, rpdtest_user, r, f"e2e hold: {r}")
+    sink.wait_for(3, DELIVERY_TIMEOUT)
+    mid = send(postfix, rpdtest_user, rcpts[3], "e2e hold: the fourth stranger")
+    qid = postfix.queue_id_for(mid, postfix.test_log_mark)
+    [line] = rpd.wait_log(rf"{qid}: uid=\d+ user={rpdtest_user} .*to=<h4@example\.com> verdict=held "
+                          r".*held_as=([0-9A-Za-z]+)", timeout=DELIVERY_TIMEOUT)
+    held_id = re.search(r"held_as=([0-9A-Za-z]+)", line).group(1)
+    assert 'quota="0/3 per day"' in line
+    [entry] = harness.wait_until(lambda: held(postfix) or None, DELIVERY_TIMEOUT, 0.2, "a held message")
+    assert entry["queue_id"] == held_id
+    assert [r["address"] for r in entry["recipients"]] == ["h4@example.com"]
+    # Postfix handed the original to restrictpd and got the hold relay's "queued as" back.
+    postfix.wait_log(rf"{qid}: to=<h4@example\.com>.*status=sent \(250 2\.0\.0 Ok: queued as {held_id}\)",
+                     postfix.test_log_mark, DELIVERY_TIMEOUT)
+    time.sleep(SETTLE)
+    assert not sink.messages_to("h4@example.com"), "held mail reached the sink"
+    assert held(postfix), "still held after a queue run"
+    postfix.flush()
+    time.sleep(SETTLE)
+    assert not sink.messages_to("h4@example.com") and held(postfix), "a flush does not release held mail"
+
+    mark = rpd.log_mark()
+    harness.run([harness.POSTSUPER, "-c", str(postfix.etc), "-H", held_id], timeout=30)
+    sink.wait_for(4, DELIVERY_TIMEOUT)
+    postfix.wait_queue_empty(DELIVERY_TIMEOUT)
+    time.sleep(SETTLE)
+    assert len(sink.messages_to("h4@example.com")) == 1, "released mail is delivered exactly once"
+    assert not rpd.grep("verdict=", mark), "released mail does not pass restrictpd again"
+
+
+def test_on_refuse_hold_parks_a_stranger(postfix, sink, restrictpd_factory, rpdtest_user, hold_port):
+    rpd = restrictpd_factory(rules=rules(rpdtest_user, "    on_refuse hold"),
+                             extra_globals=f"hold_relay 127.0.0.1:{hold_port}\n")
+    mid = send(postfix, rpdtest_user, "stranger@example.com", "e2e hold: on_refuse")
+    qid = postfix.queue_id_for(mid, postfix.test_log_mark)
+    rpd.wait_log(rf'{qid}: .*verdict=held reason="<stranger@example\.com> not on the allow list".*held_as=',
+                 timeout=DELIVERY_TIMEOUT)
+    [entry] = harness.wait_until(lambda: held(postfix) or None, DELIVERY_TIMEOUT, 0.2, "a held message")
+    assert [r["address"] for r in entry["recipients"]] == ["stranger@example.com"]
+    # An allowed recipient still goes out.
+    send(postfix, rpdtest_user, "someone@localhost", "e2e hold: allowed")
+    time.sleep(SETTLE)
+    assert not sink.messages_to("stranger@example.com")
+
+
+def test_missing_hold_listener_defers_and_sends_nothing(postfix, sink, restrictpd_factory, rpdtest_user):
+    nowhere = harness.free_port()
+    rpd = restrictpd_factory(rules=rules(rpdtest_user, "    on_refuse hold"),
+                             extra_globals=f"hold_relay 127.0.0.1:{nowhere}\n")
+    mid = send(postfix, rpdtest_user, "stranger@example.com", "e2e hold: no hold listener")
+    qid = postfix.queue_id_for(mid, postfix.test_log_mark)
+    [line] = postfix.wait_log(rf"{qid}: to=<stranger@example\.com>.*dsn=4\.4\.1, status=deferred",
+                              postfix.test_log_mark, DELIVERY_TIMEOUT)
+    assert "451 4.4.1 Hold relay unavailable, message deferred" in line
+    rpd.wait_log(rf"{qid}: .*verdict=deferred .*hold relay: cannot connect")
+    [entry] = postfix.queue()
+    assert entry["queue_id"] == qid and entry["queue_name"] == "deferred"
+    postfix.flush()
+    time.sleep(SETTLE)
+    assert not sink.messages(), "mail meant to be held went out"
+    assert [q["queue_id"] for q in postfix.queue()] == [qid]
