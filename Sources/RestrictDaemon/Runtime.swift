@@ -76,6 +76,8 @@ public struct Counters: Sendable {
 public final class Runtime: Sendable {
     private let current: Mutex<Ruleset>
     public let store: any QuotaStore
+    /// The same store's freeze tables, when it has them.
+    let freezes: (any FreezeStore)?
     public let logger: Logger
     let counters = Mutex(Counters())
     let draining = Mutex(false)
@@ -88,6 +90,7 @@ public final class Runtime: Sendable {
         self.current = Mutex(ruleset)
         self.reservations = Mutex(Reservations(timeout: Int64(ruleset.configuration.value(.policyReservationTimeout))))
         self.store = store
+        self.freezes = store as? any FreezeStore
         self.logger = logger
         self.clock = clock
     }

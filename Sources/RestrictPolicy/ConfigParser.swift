@@ -33,10 +33,10 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay",
+        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "refuse"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "refuse"]
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -185,6 +185,17 @@ public enum ConfigParser {
                     config.overQuota = v
                 }
 
+            case "freeze":
+                guard let rule = parseFreeze(args) else {
+                    error(lineNumber, "freeze takes 'after N refusals per hour|day' with N from 1 to \(FreezeRule.maxLimit)")
+                    continue
+                }
+                if current != nil {
+                    current?.freeze = rule
+                } else if once(key, lineNumber) {
+                    config.freeze = rule
+                }
+
             case "on_refuse":
                 guard args.count == 1, let v = OnRefuse(rawValue: args[0]) else {
                     error(lineNumber, "on_refuse takes 'reject' or 'hold'")
@@ -229,6 +240,15 @@ public enum ConfigParser {
             }
         }
         return errors.isEmpty ? .success(config) : .failure(ConfigErrors(errors))
+    }
+
+    /// "after N refusals per hour|day".
+    static func parseFreeze(_ args: [String]) -> FreezeRule? {
+        guard args.count == 5, args[0] == "after", args[2] == "refusals" || args[2] == "refusal", args[3] == "per",
+            args[1].count <= 6, let n = Int(args[1]), (1...FreezeRule.maxLimit).contains(n),
+            let period = QuotaPeriod(rawValue: args[4]), period != .week
+        else { return nil }
+        return FreezeRule(limit: n, period: period)
     }
 
     static func resolve(_ word: String, _ users: UserResolver) -> (UInt32, String?)? {
@@ -302,6 +322,10 @@ public enum ConfigParser {
             }
             config.relayHost = host
             config.relayPort = port
+        case "frozen":
+            guard let v = one() else { return }
+            guard let action = FrozenAction(rawValue: v) else { return error(line, "frozen takes 'hold' or 'defer'") }
+            config.frozenAction = action
         case "hold_relay":
             guard let v = one() else { return }
             guard case .tcp(let host, let port)? = parseListen(v) else {

@@ -161,6 +161,7 @@ public struct Rule: Sendable, Equatable {
     public var quota: Quota? = nil
     public var overQuota: OverQuota? = nil
     public var onRefuse: OnRefuse? = nil
+    public var freeze: FreezeRule? = nil
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.
@@ -193,6 +194,9 @@ public struct Configuration: Sendable, Equatable {
     /// Postfix's smtpd that puts every message it accepts on hold (`hold_relay`).
     public var holdRelayHost = "127.0.0.1"
     public var holdRelayPort = 10029
+    /// `freeze after N refusals per hour|day`: none by default.
+    public var freeze: FreezeRule? = nil
+    public var frozenAction: FrozenAction = .hold
     /// Numeric settings by key; absent keys take the setting's default.
     public var values: [String: Int] = [:]
     public var rules: [Rule] = []

@@ -75,6 +75,10 @@ public enum Replies {
         return permanent ? SMTPReply(550, "5.7.1", text) : SMTPReply(451, "4.7.1", text)
     }
     public static let storeUnavailable = SMTPReply(451, "4.3.0", "Temporary failure: quota database unavailable")
+    /// Every message of a frozen UID with `frozen defer` (and the text a held one carries).
+    public static func frozen(who: String) -> SMTPReply {
+        SMTPReply(451, "4.7.1", "Mail from \(who) is frozen until the administrator releases it")
+    }
 
     // MARK: the policy service (answers after "action=")
 
@@ -120,7 +124,7 @@ public enum Replies {
             ("notPermitted", notPermitted("a@b", who: "uid 1")),
             ("overQuota", overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false)),
             ("overQuotaReject", overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: true)),
-            ("storeUnavailable", storeUnavailable),
+            ("storeUnavailable", storeUnavailable), ("frozen", frozen(who: "uid 1")),
         ]
     }
 

@@ -143,13 +143,38 @@ final class SessionDriver {
         return []
     }
 
-    /// The policy: at once when no quota is involved, otherwise after the store answered.
+    /// A frozen sender's mail is held (or deferred) whatever its recipients; the store is
+    /// asked only where freezing is configured.
     private func decide(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
+        guard sender.uid != nil, self.ruleset.policy.freezes, self.runtime.freezes != nil else {
+            return self.judge(sender, recipients)
+        }
+        self.later { driver -> Result<FrozenState?, any Error> in
+            do {
+                return .success(try await driver.runtime.frozenState(sender, ruleset: driver.ruleset))
+            } catch {
+                return .failure(error)
+            }
+        } then: { driver, frozen in
+            switch frozen {
+            case .success(let state?):
+                return driver.machine.decided(Policy.frozenVerdict(state, sender: sender, action: driver.ruleset.configuration.frozenAction))
+            case .success(nil):
+                return driver.judge(sender, recipients)
+            case .failure(let error):
+                return driver.machine.decided(Verdict(kind: .defer, reply: Replies.storeUnavailable, reason: "quota store error: \(error)", quota: nil))
+            }
+        }
+        return []
+    }
+
+    /// The policy: at once when no quota is involved, otherwise after the store answered.
+    private func judge(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
         let policy = self.ruleset.policy
         let evaluation = policy.evaluate(sender: sender, recipients: recipients)
         let held = sender.uid.map { uid in self.runtime.reservations.withLock { $0.held(uid: uid) } } ?? []
         guard let request = Policy.quotaRequest(evaluation, sender: sender, now: self.runtime.clock(), held: held) else {
-            return self.machine.decided(Policy.verdict(evaluation, sender: sender, outcome: nil))
+            return self.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: nil))
         }
         self.later { driver -> Result<QuotaOutcome, any Error> in
             do {
@@ -158,9 +183,14 @@ final class SessionDriver {
                 return .failure(error)
             }
         } then: { driver, outcome in
-            driver.machine.decided(Policy.verdict(evaluation, sender: sender, outcome: outcome))
+            driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome))
         }
         return []
+    }
+
+    private func decided(_ evaluation: Evaluation, _ sender: Sender, _ verdict: Verdict) -> [SessionAction] {
+        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset)
+        return self.machine.decided(verdict)
     }
 
     /// Runs `work` off this call stack (on this loop's executor) and feeds its result back.

@@ -19,6 +19,8 @@ enum LogKey {
     static let quota = "quota"
     static let relay = "relay"
     static let heldQueueID = "held_queue_id"
+    /// freeze, thaw: events other than a message's decision.
+    static let event = "event"
     static let peer = "peer"
     static let peerUID = "peer_uid"
     static let door = "door"
