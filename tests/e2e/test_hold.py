@@ -127,3 +127,55 @@ def test_missing_hold_listener_defers_and_sends_nothing(postfix, sink, restrictp
     time.sleep(SETTLE)
     assert not sink.messages(), "mail meant to be held went out"
     assert [q["queue_id"] for q in postfix.queue()] == [qid]
+
+
+# ----------------------------------------------------------------------------------------------
+# freeze after N refusals: the UID's mail is held, allowed recipients included, until --thaw;
+# the freeze is in the state database and survives SIGKILL and a restart
+
+
+def thaw(rpd, user: str) -> str:
+    argv = [str(rpd.binary), "--thaw", user, "-c", str(rpd.config)]
+    return harness.run(argv, timeout=30).stdout.decode(errors="replace")
+
+
+def test_freeze_after_three_refusals_holds_everything_until_thaw(postfix, sink, restrictpd_factory,
+                                                                  rpdtest_user, hold_port):
+    import signal
+    rpd = restrictpd_factory(rules=rules(rpdtest_user, ""),
+                             extra_globals=f"hold_relay 127.0.0.1:{hold_port}\n"
+                                           "freeze after 3 refusals per hour\n")
+    for i in range(1, 4):
+        send(postfix, rpdtest_user, f"stranger{i}@example.com", f"e2e freeze: refusal {i}")
+        rpd.wait_log(rf"to=<stranger{i}@example\.com> verdict=refused", timeout=DELIVERY_TIMEOUT)
+    [crit] = rpd.wait_log(rf"fatal: uid \d+ \({rpdtest_user}\) frozen: 3 refused, over-quota or held messages "
+                          rf"\(freeze after 3 refusals per hour\); every message is held until restrictpd --thaw {rpdtest_user}")
+    assert "FROZEN since" in rpd.quota(rpdtest_user)
+
+    def allowed_is_held(n: int):
+        rcpt = f"friend{n}@localhost"
+        mid = send(postfix, rpdtest_user, rcpt, f"e2e freeze: allowed {n} while frozen")
+        qid = postfix.queue_id_for(mid, postfix.test_log_mark)
+        rpd.wait_log(rf'{qid}: .*to=<{rcpt}> verdict=held reason="uid frozen since \d+ \(3 refusals per hour\)"',
+                     timeout=DELIVERY_TIMEOUT)
+        harness.wait_until(lambda: [q for q in held(postfix) if q["recipients"][0]["address"] == rcpt] or None,
+                           DELIVERY_TIMEOUT, 0.2, f"{rcpt} held")
+
+    allowed_is_held(1)
+    # The freeze is on disk: it survives SIGKILL and a clean restart.
+    rpd.stop(signal.SIGKILL)
+    rpd.start()
+    allowed_is_held(2)
+    assert rpd.stop(signal.SIGTERM) == 0
+    rpd.start()
+    allowed_is_held(3)
+    time.sleep(SETTLE)
+    assert not [m for m in sink.messages() if any(r.endswith("@localhost") for r in m.rcpts)]
+
+    out = thaw(rpd, rpdtest_user)
+    assert f"({rpdtest_user}): thawed" in out
+    assert "FROZEN" not in rpd.quota(rpdtest_user)
+    send(postfix, rpdtest_user, "friend4@localhost", "e2e freeze: after the thaw")
+    sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "friend4@localhost" in m.rcpts)
+    rpd.wait_log(r"to=<friend4@localhost> verdict=relayed")
+    assert "not frozen" in thaw(rpd, rpdtest_user)
