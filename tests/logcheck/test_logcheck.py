@@ -71,6 +71,22 @@ VISIBLE = [
     'verdict=deferred reason="quota exhausted" quota="20/20 per day"',
     OLD + 'warning: NOQUEUE: uid=unknown from=<x@y> to=<a@example.com> verdict=refused '
     'reason="unidentified sender (no pickup header)"',
+    # Held mail and freezing must reach the admin: the held message waits for a human.
+    OLD + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<www-data@lab.localdomain> '
+    'to=<spam@example.net> verdict=held reason="<spam@example.net> over quota" quota="0/20 per day" '
+    'held_as=4dLk2X1a7Tz9 relay="250 2.0.0 Ok: queued as 4dLk2X1a7Tz9"',
+    RFC + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<www-data@lab.localdomain> '
+    'to=<friend@example.org> verdict=held reason="uid frozen since 1800000000 (3 refusals per hour)" '
+    'held_as=4dLk2X1a7Tz9 relay="250 2.0.0 Ok: queued as 4dLk2X1a7Tz9"',
+    OLD + 'warning: NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<w@lab> '
+    'to=<spam@example.net> verdict=held reason="<spam@example.net> not on the allow list"',
+    OLD + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<w@lab> to=<spam@example.net> '
+    'verdict=deferred reason="<spam@example.net> over quota; hold relay: cannot connect to 127.0.0.1:10029: '
+    'connection refused" quota="0/20 per day"',
+    OLD + 'error: hold relay: cannot connect to 127.0.0.1:10029: connection refused; message deferred',
+    OLD + 'fatal: uid 33 (www-data) frozen: 3 refused, over-quota or held messages (freeze after 3 refusals '
+    'per hour); every message is held until restrictpd --thaw www-data',
+    RFC + 'uid 33 (www-data) thawed by restrictpd --thaw',
     # The same without the prefix, should the level ever change: still visible.
     OLD + '62F36F78196: uid=33 user=www-data from=<w@lab> to=<s@example.net> '
     'verdict=refused reason="<s@example.net> not on the allow list"',
