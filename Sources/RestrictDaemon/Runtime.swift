@@ -78,6 +78,8 @@ public final class Runtime: Sendable {
     public let store: any QuotaStore
     /// The same store's freeze tables, when it has them.
     let freezes: (any FreezeStore)?
+    /// The admin's notifications (notify); its interval and limit are those at startup.
+    let notifier: Notifier
     public let logger: Logger
     let counters = Mutex(Counters())
     let draining = Mutex(false)
@@ -91,6 +93,7 @@ public final class Runtime: Sendable {
         self.reservations = Mutex(Reservations(timeout: Int64(ruleset.configuration.value(.policyReservationTimeout))))
         self.store = store
         self.freezes = store as? any FreezeStore
+        self.notifier = Notifier(ruleset.configuration)
         self.logger = logger
         self.clock = clock
     }

@@ -33,10 +33,10 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen",
+        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen", "notify",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "refuse"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "notify", "refuse"]
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -194,6 +194,25 @@ public enum ConfigParser {
                     current?.freeze = rule
                 } else if once(key, lineNumber) {
                     config.freeze = rule
+                }
+
+            case "notify":
+                var addresses: [String] = []
+                for arg in args {
+                    guard case .success(.address(let a)) = parsePattern(arg), a.contains("@") else {
+                        error(lineNumber, "bad notify address '\(arg)': use user@domain")
+                        continue
+                    }
+                    addresses.append(a)
+                }
+                guard !args.isEmpty else {
+                    error(lineNumber, "notify needs at least one address")
+                    continue
+                }
+                if current != nil {
+                    current?.notify = addresses
+                } else if once(key, lineNumber) {
+                    config.notify = addresses
                 }
 
             case "on_refuse":

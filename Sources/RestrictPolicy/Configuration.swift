@@ -43,10 +43,15 @@ public struct Setting: Sendable {
     /// Open connections to the policy listeners: Postfix keeps one per smtpd process.
     public static let policyMaxConnections = Setting("policy_max_connections", 200, 1...10_000, .count)
 
+    /// Notifications (`notify`): at most one per UID in this interval, and `notify_limit` an
+    /// hour in all.
+    public static let notifyInterval = Setting("notify_interval", 3600, 60...86400, .seconds)
+    public static let notifyLimit = Setting("notify_limit", 30, 1...10_000, .count)
+
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
         idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
-        policyReservationTimeout, policyMaxConnections,
+        policyReservationTimeout, policyMaxConnections, notifyInterval, notifyLimit,
     ]
 }
 
@@ -162,6 +167,8 @@ public struct Rule: Sendable, Equatable {
     public var overQuota: OverQuota? = nil
     public var onRefuse: OnRefuse? = nil
     public var freeze: FreezeRule? = nil
+    /// Where notifications about this rule's users go (`notify`); nil: the global list.
+    public var notify: [String]? = nil
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.
@@ -197,6 +204,8 @@ public struct Configuration: Sendable, Equatable {
     /// `freeze after N refusals per hour|day`: none by default.
     public var freeze: FreezeRule? = nil
     public var frozenAction: FrozenAction = .hold
+    /// `notify ADDRESS...`: the admins told about refusals, holds and freezes; none by default.
+    public var notify: [String] = []
     /// Numeric settings by key; absent keys take the setting's default.
     public var values: [String: Int] = [:]
     public var rules: [Rule] = []

@@ -222,6 +222,7 @@ final class SessionDriver {
             case .hold: c.held += 1
             }
         }
+        self.runtime.notifier.note(record, now: self.runtime.clock(), policy: self.ruleset.policy)
         // The fields are built only for a sink that keeps them (the journal).
         self.logger.log(
             level: r.verdict == .relay ? .info : .warning, "\(record.line)",

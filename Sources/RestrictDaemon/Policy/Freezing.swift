@@ -23,11 +23,17 @@ extension Runtime {
         let now = self.clock()
         let logger = self.logger
         let action = ruleset.configuration.frozenAction
+        let notifier = self.notifier
         // A task of its own: the store's write transaction must not delay the session's answer.
         Task {
             do {
                 let outcome = try await freezes.strike(uid: uid, rule: rule, now: now)
-                if outcome.froze { Self.logFreeze(sender, rule: rule, count: outcome.count, action: action, logger: logger) }
+                guard outcome.froze else { return }
+                Self.logFreeze(sender, rule: rule, count: outcome.count, action: action, logger: logger)
+                let event = NotifyEvent(
+                    kind: .frozen, uid: uid, user: Self.userWord(sender), time: now, recipients: [], queueID: nil,
+                    reason: "frozen: \(outcome.count) refused, over-quota or held messages (freeze after \(rule))")
+                notifier.add(event, policy: ruleset.policy)
             } catch {
                 logger.error("cannot count a refusal of \(sender.phrase) towards freezing: \(error)")
             }

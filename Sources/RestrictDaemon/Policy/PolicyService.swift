@@ -341,6 +341,7 @@ struct PolicyService: Sendable {
             case .hold: c.held += 1
             }
         }
+        self.runtime.notifier.note(record, now: self.runtime.clock(), policy: self.runtime.ruleset.policy)
         logger.log(level: level, "\(record.line)", metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
     }
 }

@@ -1,0 +1,142 @@
+// Notifications to the admin (restrictpd.conf(5): notify, notify_interval, notify_limit):
+// a UID's first refusal, hold or freeze in an interval is reported at once in one plain-text
+// mail; what follows in the interval waits for the next one, so an attack cannot mail-bomb
+// the admin: at most one message per UID per interval and `limit` messages an hour in all.
+// Pure: the clock is an argument, sending is the daemon's business.
+
+import SMTPCore
+
+/// One thing the admin hears about.
+public struct NotifyEvent: Sendable, Equatable {
+    public enum Kind: String, Sendable, CaseIterable { case refused, held, deferred, frozen }
+    public var kind: Kind
+    public var uid: UInt32
+    public var user: String?
+    /// Seconds since the epoch.
+    public var time: Int64
+    public var recipients: [String]
+    /// The message's queue id (pickup's, or the hold queue's for a held message).
+    public var queueID: String?
+    public var reason: String
+    public var quota: String?
+    /// The X-PHP-Originating-Script hint, escaped and truncated; a sender can forge it.
+    public var script: String?
+
+    public init(kind: Kind, uid: UInt32, user: String?, time: Int64, recipients: [String], queueID: String?, reason: String, quota: String? = nil, script: String? = nil) {
+        self.kind = kind
+        self.uid = uid
+        self.user = user
+        self.time = time
+        self.recipients = recipients
+        self.queueID = queueID
+        self.reason = reason
+        self.quota = quota
+        self.script = script
+    }
+}
+
+/// One mail to the admin.
+public struct Notification: Sendable, Equatable {
+    public var uid: UInt32
+    public var to: [String]
+    public var subject: String
+    public var body: String
+}
+
+extension Policy {
+    /// Where notifications about `uid` go: its rule's list, else the global one.
+    public func notifyAddresses(uid: UInt32) -> [String] {
+        self.rule(for: .user(uid: uid, name: nil))?.notify ?? self.configuration.notify
+    }
+}
+
+public struct NotificationBook: Sendable {
+    /// Sample recipients listed in one message.
+    public static let maxSamples = 20
+    public let interval: Int64
+    /// Messages an hour, over all UIDs.
+    public let limit: Int
+
+    struct Pending {
+        var addresses: [String]
+        var since: Int64
+        var counts: [NotifyEvent.Kind: Int] = [:]
+        var samples: [NotifyEvent] = []
+        var last: NotifyEvent
+    }
+    private var pending: [UInt32: Pending] = [:]
+    private var lastSent: [UInt32: Int64] = [:]
+    private var sent: [Int64] = []
+
+    public init(interval: Int64, limit: Int) {
+        self.interval = interval
+        self.limit = limit
+    }
+
+    /// Notes `event` for the admins at `addresses`.
+    public mutating func add(_ event: NotifyEvent, to addresses: [String]) {
+        guard !addresses.isEmpty else { return }
+        var p = self.pending[event.uid] ?? Pending(addresses: addresses, since: event.time, last: event)
+        p.addresses = addresses
+        p.counts[event.kind, default: 0] += 1
+        if p.samples.count < Self.maxSamples { p.samples.append(event) }
+        p.last = event
+        self.pending[event.uid] = p
+    }
+
+    /// The messages to send now: a UID's pending events when its last message is at least an
+    /// interval old, within the hourly limit (the rest waits for a later call).
+    public mutating func due(now: Int64, host: String) -> [Notification] {
+        self.sent.removeAll { now - $0 >= 3600 }
+        var out: [Notification] = []
+        for uid in self.pending.keys.sorted() {
+            guard let p = self.pending[uid], self.lastSent[uid].map({ now - $0 >= self.interval }) ?? true else { continue }
+            guard self.sent.count < self.limit else { break }
+            out.append(Self.render(p, host: host))
+            self.pending[uid] = nil
+            self.lastSent[uid] = now
+            self.sent.append(now)
+        }
+        return out
+    }
+
+    public var isEmpty: Bool { self.pending.isEmpty }
+}
+
+extension NotificationBook {
+    static func render(_ p: Pending, host: String) -> Notification {
+        let e = p.last
+        // Names, addresses and reasons came from outside: escaped and bounded, as in the log.
+        let user = e.user.map { LogText.escape($0, limit: 64) }
+        let who = user.map { "uid \(e.uid) (\($0))" } ?? "uid \(e.uid)"
+        let word = user ?? String(e.uid)
+        let counts = NotifyEvent.Kind.allCases.compactMap { k in p.counts[k].map { "\($0) \(k.rawValue)" } }.joined(separator: ", ")
+        var lines = [
+            "restrictpd on \(host) stopped mail from \(who).", "",
+            "What happened (since \(p.since), seconds since the epoch): \(counts).",
+        ]
+        if p.counts[.frozen] != nil {
+            lines.append("The user is FROZEN: every message of it is held or deferred until restrictpd --thaw \(word).")
+        }
+        if let quota = e.quota { lines.append("Quota left after the last message: \(quota).") }
+        lines += ["", "Messages (up to \(Self.maxSamples)):"]
+        for s in p.samples {
+            let rcpts = s.recipients.prefix(Self.maxSamples).map { "<\(LogText.escape($0))>" }.joined(separator: ", ")
+            lines.append("  \(s.kind.rawValue)  queue id \(LogText.escape(s.queueID ?? "none", limit: 64))  to \(rcpts)")
+            lines.append("      \(LogText.escape(s.reason, limit: 512))")
+            if let script = s.script { lines.append("      script (a hint the sender can forge): \(script)") }
+        }
+        lines += [
+            "", "What to do:",
+            "  postqueue -p                 list the queue; held mail is marked with !",
+            "  postcat -q ID                show a message",
+            "  postsuper -H ID              release a held message (delivered without restrictpd)",
+            "  postsuper -d ID              delete a message",
+            "  restrictpd --thaw \(word)      let a frozen user's mail flow again",
+            "  restrictpd --quota \(word)     show what its quota has counted",
+            "", "Further events within notify_interval come together in the next message.",
+        ]
+        let subject = "restrictpd: \(who): \(counts)"
+        return Notification(uid: e.uid, to: p.addresses, subject: subject, body: lines.joined(separator: "\n") + "\n")
+    }
+}
