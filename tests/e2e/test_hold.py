@@ -7,6 +7,7 @@ The hold listener is added to the session's private Postfix for this module, on 
 with the lines of etc/postfix/master.cf.restrictpd.
 """
 
+import pwd
 import re
 import time
 from pathlib import Path
@@ -179,3 +180,38 @@ def test_freeze_after_three_refusals_holds_everything_until_thaw(postfix, sink, 
     sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "friend4@localhost" in m.rcpts)
     rpd.wait_log(r"to=<friend4@localhost> verdict=relayed")
     assert "not frozen" in thaw(rpd, rpdtest_user)
+
+
+# ----------------------------------------------------------------------------------------------
+# notify: one mail per UID and interval reaches the admin, past restrictpd's own rules
+
+
+def test_notify_reaches_the_admin_once_per_interval(postfix, sink, restrictpd_factory, rpdtest_user):
+    admin = "admin@example.org"      # on no allow list: the notification bypasses the rules
+    rpd = restrictpd_factory(rules=rules(rpdtest_user, ""),
+                             extra_globals=f"notify {admin}\nnotify_interval 60\n")
+    to_admin = lambda m: admin in m.rcpts  # noqa: E731
+    mid = send(postfix, rpdtest_user, "stranger1@example.com", "e2e notify: first refusal")
+    qid = postfix.queue_id_for(mid, postfix.test_log_mark)
+    [first] = sink.wait_for(1, DELIVERY_TIMEOUT, match=to_admin)
+    started = time.monotonic()
+    text = first.data.decode(errors="replace")
+    assert first.mail_from == "", "notifications go from <>"
+    assert f"stopped mail from uid {pwd.getpwnam(rpdtest_user).pw_uid} ({rpdtest_user})" in text
+    assert "1 refused" in text
+    assert f"queue id {qid}" in text and "<stranger1@example.com>" in text
+    for command in ("postqueue -p", "postcat -q ID", "postsuper -H ID", "postsuper -d ID",
+                    f"restrictpd --thaw {rpdtest_user}", f"restrictpd --quota {rpdtest_user}"):
+        assert command in text, command
+    rpd.wait_log(rf"notification about uid \d+ sent to {admin}: 250 ")
+
+    # Further refusals within the interval wait for the next mail.
+    for i in (2, 3):
+        send(postfix, rpdtest_user, f"stranger{i}@example.com", f"e2e notify: refusal {i}")
+        rpd.wait_log(rf"to=<stranger{i}@example\.com> verdict=refused", timeout=DELIVERY_TIMEOUT)
+    time.sleep(SETTLE)
+    assert len([m for m in sink.messages() if to_admin(m)]) == 1, "one mail per interval"
+    second = sink.wait_for(2, 60 + DELIVERY_TIMEOUT, match=to_admin)[-1]
+    assert time.monotonic() - started >= 50, "the second mail waited for the interval"
+    text = second.data.decode(errors="replace")
+    assert "2 refused" in text and "<stranger2@example.com>" in text and "<stranger3@example.com>" in text
