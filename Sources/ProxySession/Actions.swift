@@ -28,6 +28,8 @@ public struct MessageRecord: Sendable, Equatable {
     public var relayReply: String?
     /// The queue id the hold relay gave a held message ("queued as ID").
     public var heldQueueID: String?
+    /// The X-PHP-Originating-Script hint (ScriptHint): forgeable, shown, never judged.
+    public var script: String?
 
     public init(queueID: String?, uid: UInt32?, user: String?, from: String, to: [String], verdict: Verdict.Kind, reason: String) {
         self.queueID = queueID

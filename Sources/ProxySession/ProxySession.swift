@@ -636,6 +636,7 @@ public struct ProxySession: Sendable {
         var m = m
         m.identity = m.reader.identity
         m.record.queueID = m.identity.queueID
+        m.record.script = ScriptHint.extract(m.held.readableBytesView)
         m.record.uid = m.identity.uid
         if let uid = m.identity.uid {
             actions.append(.identify(uid: uid))

@@ -104,6 +104,16 @@ private let holdVerdict = Verdict(
         #expect(t.closed == true)
     }
 
+    @Test func theScriptHintIsRecorded() throws {
+        var h = Harness()
+        h.verdict = { _ in .relay(reason: "allowed", quota: nil) }
+        let withScript = "Received: by lab.localdomain (Postfix, from userid 33)\r\n\tid 4ABC123; Thu, 27 Nov 2026 09:13:34 +0100 (CET)\r\n"
+            + "X-PHP-Originating-Script: 33:contact.php\r\nSubject: test\r\n\r\nhello\r\n.\r\n"
+        let t = try #require(h.runAll(envelope + [withScript, "QUIT\r\n"]))
+        #expect(t.records.first?.script == "33:contact.php")
+        #expect(try #require(self.h.runAll(envelope + [message(), "QUIT\r\n"])).records.first?.script == nil)
+    }
+
     @Test func queuedAs() {
         #expect(ProxySession.queuedAs(SMTPReply(250, "2.0.0", "Ok: queued as 4dLk2X1a7Tz9")) == "4dLk2X1a7Tz9")
         #expect(ProxySession.queuedAs(SMTPReply(250, "2.0.0", "Ok")) == nil)

@@ -213,7 +213,7 @@ final class SessionDriver {
     private func record(_ r: MessageRecord) {
         let record = DecisionRecord(
             queueID: r.queueID, uid: r.uid, user: r.user, from: r.from, to: r.to, verdict: r.verdict,
-            reason: r.reason, quota: r.quota, relayReply: r.relayReply, heldQueueID: r.heldQueueID)
+            reason: r.reason, quota: r.quota, relayReply: r.relayReply, heldQueueID: r.heldQueueID, script: r.script)
         self.runtime.count { c in
             switch r.verdict {
             case .relay: c.relayed += 1

@@ -40,7 +40,7 @@ final class Notifier: Sendable {
         let kind: NotifyEvent.Kind = record.verdict == .hold ? .held : .refused
         let event = NotifyEvent(
             kind: kind, uid: uid, user: record.user, time: now, recipients: record.to,
-            queueID: record.heldQueueID ?? record.queueID, reason: record.reason, quota: record.quota)
+            queueID: record.heldQueueID ?? record.queueID, reason: record.reason, quota: record.quota, script: record.script)
         self.add(event, policy: policy)
     }
 

@@ -21,6 +21,7 @@ enum LogKey {
     static let heldQueueID = "held_queue_id"
     /// freeze, thaw: events other than a message's decision.
     static let event = "event"
+    static let script = "script"
     static let peer = "peer"
     static let peerUID = "peer_uid"
     static let door = "door"
@@ -48,6 +49,8 @@ struct DecisionRecord {
     var relayReply: String?
     /// A held message: the queue id it has in Postfix's hold queue.
     var heldQueueID: String? = nil
+    /// The X-PHP-Originating-Script hint, already escaped and truncated (ScriptHint).
+    var script: String? = nil
     var door: Door = .pickup
     /// The SMTP door: the client's address and port.
     var client: String? = nil
@@ -66,6 +69,7 @@ struct DecisionRecord {
         s += " verdict=\(self.verdict.rawValue) reason=\"\(LogText.escape(self.reason, limit: 512))\""
         if let quota { s += " quota=\"\(quota)\"" }
         if let heldQueueID { s += " held_as=\(LogText.escape(heldQueueID, limit: 64))" }
+        if let script { s += " script=\"\(script)\"" }
         if let sasl { s += " sasl=\"\(LogText.escape(sasl, limit: 128))\"" }
         if let relayReply { s += " relay=\"\(LogText.escape(relayReply, limit: 512))\"" }
         return s
@@ -86,6 +90,7 @@ struct DecisionRecord {
         if let user { m[LogKey.user] = .string(LogText.escape(user, limit: 64)) }
         if let quota { m[LogKey.quota] = .string(quota) }
         if let heldQueueID { m[LogKey.heldQueueID] = .string(LogText.escape(heldQueueID, limit: 64)) }
+        if let script { m[LogKey.script] = .string(script) }
         if let relayReply { m[LogKey.relay] = .string(LogText.escape(relayReply, limit: 512)) }
         return m
     }
