@@ -80,6 +80,8 @@ public final class Runtime: Sendable {
     let freezes: (any FreezeStore)?
     /// The admin's notifications (notify); its interval and limit are those at startup.
     let notifier: Notifier
+    /// `warn at N%`: when each UID was last warned.
+    let warned = Mutex<[UInt32: Int64]>([:])
     public let logger: Logger
     let counters = Mutex(Counters())
     let draining = Mutex(false)

@@ -33,10 +33,10 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen", "notify",
+        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen", "notify", "warn",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "notify", "refuse"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "notify", "warn", "refuse"]
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -194,6 +194,19 @@ public enum ConfigParser {
                     current?.freeze = rule
                 } else if once(key, lineNumber) {
                     config.freeze = rule
+                }
+
+            case "warn":
+                guard args.count == 2, args[0] == "at", args[1].hasSuffix("%"), args[1].count <= 4,
+                    let n = Int(args[1].dropLast()), (1...100).contains(n)
+                else {
+                    error(lineNumber, "warn takes 'at N%' with N from 1 to 100")
+                    continue
+                }
+                if current != nil {
+                    current?.warnAt = n
+                } else if once(key, lineNumber) {
+                    config.warnAt = n
                 }
 
             case "notify":

@@ -169,6 +169,8 @@ public struct Rule: Sendable, Equatable {
     public var freeze: FreezeRule? = nil
     /// Where notifications about this rule's users go (`notify`); nil: the global list.
     public var notify: [String]? = nil
+    /// `warn at N%`: this rule's share of the quota that warns; nil: the global one.
+    public var warnAt: Int? = nil
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.
@@ -206,6 +208,9 @@ public struct Configuration: Sendable, Equatable {
     public var frozenAction: FrozenAction = .hold
     /// `notify ADDRESS...`: the admins told about refusals, holds and freezes; none by default.
     public var notify: [String] = []
+    /// `warn at N%`: a notice (and a notification) once a UID has used this share of its
+    /// quota; none by default.
+    public var warnAt: Int? = nil
     /// Numeric settings by key; absent keys take the setting's default.
     public var values: [String: Int] = [:]
     public var rules: [Rule] = []

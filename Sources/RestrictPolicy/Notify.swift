@@ -8,7 +8,7 @@ import SMTPCore
 
 /// One thing the admin hears about.
 public struct NotifyEvent: Sendable, Equatable {
-    public enum Kind: String, Sendable, CaseIterable { case refused, held, deferred, frozen }
+    public enum Kind: String, Sendable, CaseIterable { case refused, held, deferred, frozen, warning }
     public var kind: Kind
     public var uid: UInt32
     public var user: String?
@@ -44,6 +44,18 @@ public struct Notification: Sendable, Equatable {
 }
 
 extension Policy {
+    /// The share of its quota (percent) at which `sender` is warned about, if any.
+    public func warnAt(for sender: Sender) -> Int? {
+        guard sender.uid != nil else { return nil }
+        return self.rule(for: sender)?.warnAt ?? self.configuration.warnAt
+    }
+
+    /// True when `outcome` has used `percent` of its limit or more (an admitted message only:
+    /// a refused one is reported as refused).
+    public static func warns(_ outcome: QuotaOutcome, percent: Int) -> Bool {
+        outcome.admitted && outcome.limit > 0 && outcome.used * 100 >= outcome.limit * percent
+    }
+
     /// Where notifications about `uid` go: its rule's list, else the global one.
     public func notifyAddresses(uid: UInt32) -> [String] {
         self.rule(for: .user(uid: uid, name: nil))?.notify ?? self.configuration.notify

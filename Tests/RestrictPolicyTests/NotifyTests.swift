@@ -83,3 +83,25 @@ private func event(_ i: Int, kind: NotifyEvent.Kind = .refused, uid: UInt32 = 33
         #expect(try config("default\n allow *").notify.isEmpty)
     }
 }
+
+@Suite struct WarnTests {
+    @Test func settingsAndThreshold() throws {
+        let c = try config("warn at 80%\nuser www-data\n arbitrary 20 per day\n warn at 50%\ndefault\n arbitrary 5")
+        let p = Policy(c)
+        #expect(c.warnAt == 80 && p.warnAt(for: .user(uid: 33, name: nil)) == 50 && p.warnAt(for: .user(uid: 1000, name: nil)) == 80)
+        #expect(p.warnAt(for: .unidentified(reason: "x")) == nil)
+        #expect(errors("warn at 0%") == ["t.conf:1: warn takes 'at N%' with N from 1 to 100"])
+        #expect(errors("warn 80%") == ["t.conf:1: warn takes 'at N%' with N from 1 to 100"])
+        #expect(errors("warn at 80") == ["t.conf:1: warn takes 'at N%' with N from 1 to 100"])
+        #expect(try config("default\n allow *").warnAt == nil)
+    }
+
+    @Test func warnsFromTheShareOn() {
+        func o(_ used: Int, _ limit: Int, admitted: Bool = true) -> QuotaOutcome {
+            QuotaOutcome(admitted: admitted, used: used, limit: limit, firstRefused: nil)
+        }
+        #expect(!Policy.warns(o(15, 20), percent: 80) && Policy.warns(o(16, 20), percent: 80) && Policy.warns(o(20, 20), percent: 80))
+        #expect(!Policy.warns(o(3, 5), percent: 80) && Policy.warns(o(4, 5), percent: 80))
+        #expect(!Policy.warns(o(20, 20, admitted: false), percent: 80) && !Policy.warns(o(0, 0), percent: 80))
+    }
+}

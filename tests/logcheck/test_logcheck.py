@@ -92,6 +92,7 @@ VISIBLE = [
     OLD + 'fatal: uid 33 (www-data) frozen: 3 refused, over-quota or held messages (freeze after 3 refusals '
     'per hour); every message is held until restrictpd --thaw www-data',
     RFC + 'uid 33 (www-data) thawed by restrictpd --thaw',
+    OLD + 'uid 33 (www-data) has used 16 of 20 per day arbitrary recipients (warn at 80%)',
     # The same without the prefix, should the level ever change: still visible.
     OLD + '62F36F78196: uid=33 user=www-data from=<w@lab> to=<s@example.net> '
     'verdict=refused reason="<s@example.net> not on the allow list"',

@@ -183,7 +183,8 @@ final class SessionDriver {
                 return .failure(error)
             }
         } then: { driver, outcome in
-            driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome))
+            if case .success(let o) = outcome { driver.runtime.warnIfDue(sender, quota: request.quota, outcome: o, ruleset: driver.ruleset) }
+            return driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome))
         }
         return []
     }

@@ -55,3 +55,29 @@ extension Runtime {
         return "unknown"
     }
 }
+
+extension Runtime {
+    /// `warn at N%`: a notice line and a notification the first time in a quota window that
+    /// `sender` has used that share of its quota. Which UIDs were warned is kept in memory
+    /// (a restart may warn once more).
+    func warnIfDue(_ sender: Sender, quota: Quota, outcome: QuotaOutcome, ruleset: Ruleset) {
+        guard let uid = sender.uid, let percent = ruleset.policy.warnAt(for: sender), Policy.warns(outcome, percent: percent) else { return }
+        let now = self.clock()
+        let window = quota.period?.seconds ?? Int64.max
+        let first = self.warned.withLock { warned -> Bool in
+            if let at = warned[uid], now - at < window { return false }
+            warned[uid] = now
+            return true
+        }
+        guard first else { return }
+        let name = Self.userWord(sender)
+        self.logger.notice(
+            "\(sender.phrase) has used \(outcome.used) of \(quota) arbitrary recipients (warn at \(percent)%)",
+            metadata: [LogKey.event: "warn", LogKey.uid: .string(String(uid)), LogKey.user: .string(LogText.escape(name, limit: 64))])
+        let event = NotifyEvent(
+            kind: .warning, uid: uid, user: name, time: now, recipients: [], queueID: nil,
+            reason: "quota warning: \(outcome.used) of \(quota) arbitrary recipients used (warn at \(percent)%)",
+            quota: quota.remaining(after: outcome))
+        self.notifier.add(event, policy: ruleset.policy)
+    }
+}

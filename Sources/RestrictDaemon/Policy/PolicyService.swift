@@ -259,6 +259,7 @@ struct PolicyService: Sendable {
             outcome = .failure(error)
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
+        if case .success(let o) = outcome { self.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: self.runtime.ruleset) }
         guard verdict.kind == .relay else { return self.refuse(verdict, record: record, atEnd: true, logger: logger) }
         record.reason = verdict.reason
         record.quota = verdict.quota
