@@ -215,3 +215,24 @@ def test_notify_reaches_the_admin_once_per_interval(postfix, sink, restrictpd_fa
     assert time.monotonic() - started >= 50, "the second mail waited for the interval"
     text = second.data.decode(errors="replace")
     assert "2 refused" in text and "<stranger2@example.com>" in text and "<stranger3@example.com>" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# warn at 80%: one notice and one notification per quota window
+
+
+def test_warn_at_80_percent_fires_once(postfix, sink, restrictpd_factory, rpdtest_user):
+    admin = "admin@example.org"
+    rpd = restrictpd_factory(rules=rules(rpdtest_user, "    arbitrary 5 per day\n    warn at 80%"),
+                             extra_globals=f"notify {admin}\n")
+    for i in range(1, 6):
+        send(postfix, rpdtest_user, f"w{i}@example.com", f"e2e warn: {i}")
+        sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m, i=i: f"w{i}@example.com" in m.rcpts)
+        if i == 3:
+            assert not rpd.grep(r"warn at 80%"), "3 of 5 is below 80%"
+    [line] = rpd.wait_log(rf"uid \d+ \({rpdtest_user}\) has used 4 of 5 per day arbitrary recipients \(warn at 80%\)")
+    [note] = sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: admin in m.rcpts)
+    assert "1 warning" in note.data.decode(errors="replace")
+    time.sleep(SETTLE)
+    assert len(rpd.grep(r"warn at 80%")) == 1, "once per window"
+    assert len([m for m in sink.messages() if admin in m.rcpts]) == 1
