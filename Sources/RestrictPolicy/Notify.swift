@@ -125,7 +125,7 @@ extension NotificationBook {
         let counts = NotifyEvent.Kind.allCases.compactMap { k in p.counts[k].map { "\($0) \(k.rawValue)" } }.joined(separator: ", ")
         var lines = [
             "restrictpd on \(host) stopped mail from \(who).", "",
-            "What happened (since \(p.since), seconds since the epoch): \(counts).",
+            "What happened (since \(Self.utc(p.since))): \(counts).",
         ]
         if p.counts[.frozen] != nil {
             lines.append("The user is FROZEN: every message of it is held or deferred until restrictpd --thaw \(word).")
@@ -144,11 +144,35 @@ extension NotificationBook {
             "  postcat -q ID                show a message",
             "  postsuper -H ID              release a held message (delivered without restrictpd)",
             "  postsuper -d ID              delete a message",
-            "  restrictpd --thaw \(word)      let a frozen user's mail flow again",
-            "  restrictpd --quota \(word)     show what its quota has counted",
+            "  restrictpd --thaw \(word)".padding(31) + "let a frozen user's mail flow again",
+            "  restrictpd --quota \(word)".padding(31) + "show what its quota has counted",
             "", "Further events within notify_interval come together in the next message.",
         ]
         let subject = "restrictpd: \(who): \(counts)"
         return Notification(uid: e.uid, to: p.addresses, subject: subject, body: lines.joined(separator: "\n") + "\n")
+    }
+
+    /// "2026-11-29 22:43:57 UTC", by arithmetic (days to civil date, proleptic Gregorian).
+    static func utc(_ t: Int64) -> String {
+        let days = t >= 0 ? t / 86400 : (t - 86399) / 86400
+        let secs = t - days * 86400
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        func two(_ n: Int64) -> String { n < 10 ? "0\(n)" : "\(n)" }
+        return "\(year)-\(two(month))-\(two(day)) \(two(secs / 3600)):\(two(secs % 3600 / 60)):\(two(secs % 60)) UTC"
+    }
+}
+
+extension String {
+    /// Padded with spaces to `width` characters (at least one space after).
+    fileprivate func padding(_ width: Int) -> String {
+        self + String(repeating: " ", count: max(1, width - self.count))
     }
 }

@@ -55,7 +55,7 @@ private func event(_ i: Int, kind: NotifyEvent.Kind = .refused, uid: UInt32 = 33
         #expect(n.subject == "restrictpd: uid 33 (www-data): 25 refused, 1 frozen")
         let body = n.body
         #expect(body.hasPrefix("restrictpd on lab.example.org stopped mail from uid 33 (www-data).\n"))
-        #expect(body.contains("What happened (since 1800000000, seconds since the epoch): 25 refused, 1 frozen."))
+        #expect(body.contains("What happened (since 2027-01-15 08:00:00 UTC): 25 refused, 1 frozen."))
         #expect(body.contains("The user is FROZEN: every message of it is held or deferred until restrictpd --thaw www-data."))
         #expect(body.contains("  refused  queue id Q0  to <x0@example.com>\n      <x0@example.com> not on the allow list\n"))
         #expect(body.contains("queue id Q19 ") && !body.contains("queue id Q20 "), "at most 20 samples")
@@ -63,6 +63,18 @@ private func event(_ i: Int, kind: NotifyEvent.Kind = .refused, uid: UInt32 = 33
             #expect(body.contains("  " + command), "\(command)")
         }
         #expect(body.contains("Quota left after the last message") == false, "the frozen event came last and has no quota")
+    }
+
+    @Test func datesAreUTC() {
+        var book = NotificationBook(interval: 60, limit: 30)
+        for (i, t) in [Int64(0), 951_782_400, 4_102_444_799].enumerated() {
+            book.add(event(i, uid: UInt32(i + 1), at: t), to: ["a@example.org"])
+        }
+        let bodies = book.due(now: t0, host: "lab").map(\.body)
+        #expect(bodies.count == 3)
+        #expect(bodies[0].contains("(since 1970-01-01 00:00:00 UTC)"))
+        #expect(bodies[1].contains("(since 2000-02-29 00:00:00 UTC)"))
+        #expect(bodies[2].contains("(since 2099-12-31 23:59:59 UTC)"))
     }
 
     @Test func outsideTextIsEscaped() throws {

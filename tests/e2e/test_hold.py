@@ -10,7 +10,6 @@ with the lines of etc/postfix/master.cf.restrictpd.
 import pwd
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,15 +20,6 @@ pytestmark = pytest.mark.needs_restrictpd
 
 DELIVERY_TIMEOUT = 40
 SETTLE = 3
-SHIPPED_MASTER_CF = Path(__file__).resolve().parents[2] / "etc" / "postfix" / "master.cf.restrictpd"
-
-
-def shipped_hold_listener(port: int) -> str:
-    """The hold listener's entry of master.cf.restrictpd, on `port`."""
-    lines = SHIPPED_MASTER_CF.read_text().splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith("127.0.0.1:10029 "))
-    entry = [lines[start]] + [l for l in lines[start + 1:] if l[:1].isspace()]
-    return "\n".join(entry).replace("127.0.0.1:10029 ", f"127.0.0.1:{port} ", 1) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def hold_port(postfix_instance):
     previous = postfix_instance.extra_master_cf
     port = harness.free_port()
     postfix_instance.write_master_cf(previous + "\n# hold listener (tests/e2e/test_hold.py)\n"
-                                     + shipped_hold_listener(port))
+                                     + harness.shipped_hold_listener(port))
     postfix_instance.reload()
     harness.wait_until(lambda: harness.port_accepts(port), 30, 0.2, "the hold listener")
     try:
