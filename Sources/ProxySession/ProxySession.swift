@@ -7,9 +7,10 @@
 // group in one write, answered in order; the message is held until its header section ends
 // (header_limit), decided on, then streamed as the scanner's canonical output. The client
 // learns the end-of-data reply only from the relay (or a refusal), so nothing is acknowledged
-// that the relay did not accept. Bounded: one pipelined group (`maxPipelined` commands), the
-// client bytes the driver hands in while the machine waits (one read's worth: see
-// `wantsClientBytes`), the header section, and each line.
+// that the relay did not accept. A message with a hold verdict goes to the hold relay instead
+// (HoldRelay.swift), on a connection of its own while the main relay waits. Bounded: one
+// pipelined group (`maxPipelined` commands), the client bytes the driver hands in while the
+// machine waits (one read's worth: see `wantsClientBytes`), the header section, and each line.
 
 public import NIOCore
 public import RestrictPolicy

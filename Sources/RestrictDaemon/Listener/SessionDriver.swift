@@ -3,7 +3,8 @@
 // connection's event loop. Writes are coalesced: each event's writes go out with one flush per
 // side. Back-pressure: the client is read only while the machine wants its bytes and the relay
 // takes what it is given, so at most one read's worth waits in memory, however fast the client
-// writes and however slow the relay is.
+// writes and however slow the relay is. For a held message the driver opens a connection to
+// the hold relay, makes it the session's relay until the machine ends it, and never pools it.
 
 import Logging
 import NIOCore
