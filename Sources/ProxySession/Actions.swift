@@ -26,6 +26,10 @@ public struct MessageRecord: Sendable, Equatable {
     public var reason: String
     public var quota: String?
     public var relayReply: String?
+    /// The queue id the hold relay gave a held message ("queued as ID").
+    public var heldQueueID: String?
+    /// The X-PHP-Originating-Script hint (ScriptHint): forgeable, shown, never judged.
+    public var script: String?
 
     public init(queueID: String?, uid: UInt32?, user: String?, from: String, to: [String], verdict: Verdict.Kind, reason: String) {
         self.queueID = queueID
@@ -51,6 +55,13 @@ public enum SessionAction: Sendable, Equatable {
     case decide(sender: Sender, recipients: [String])
     /// Close the relay connection at once: the relay discards the message in progress.
     case abortRelay
+    /// Open a new connection to the hold relay and make it the session's relay until
+    /// `endHoldRelay`; answer with `holdRelayGreeted(_:)` or `holdRelayUnavailable(_:)`.
+    /// Replies on the main relay connection wait for its return.
+    case openHoldRelay
+    /// Close the hold relay connection (at once with `abort`: it discards the message in
+    /// progress; otherwise after QUIT) and make the main relay connection the session's again.
+    case endHoldRelay(abort: Bool)
     /// The decision line of one message.
     case record(MessageRecord)
     case log(SessionLogLevel, String)

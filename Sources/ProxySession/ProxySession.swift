@@ -7,9 +7,10 @@
 // group in one write, answered in order; the message is held until its header section ends
 // (header_limit), decided on, then streamed as the scanner's canonical output. The client
 // learns the end-of-data reply only from the relay (or a refusal), so nothing is acknowledged
-// that the relay did not accept. Bounded: one pipelined group (`maxPipelined` commands), the
-// client bytes the driver hands in while the machine waits (one read's worth: see
-// `wantsClientBytes`), the header section, and each line.
+// that the relay did not accept. A message with a hold verdict goes to the hold relay instead
+// (HoldRelay.swift), on a connection of its own while the main relay waits. Bounded: one
+// pipelined group (`maxPipelined` commands), the client bytes the driver hands in while the
+// machine waits (one read's worth: see `wantsClientBytes`), the header section, and each line.
 
 public import NIOCore
 public import RestrictPolicy
@@ -26,16 +27,19 @@ public struct ProxySession: Sendable {
     public private(set) var trace: [String] = []
     public var tracing = false
 
-    private var state: State = .greeting
-    private var buffer = ByteBuffer()
-    private var framer: LineFramer
-    private var txn = Transaction()
-    private var relayAborted = false
-    private var warnedLongLine = false
+    var state: State = .greeting
+    var buffer = ByteBuffer()
+    var framer: LineFramer
+    var txn = Transaction()
+    var relayAborted = false
+    /// The hold relay connection is the session's relay now (between `openHoldRelay` and
+    /// `endHoldRelay`); the main relay waits, its envelope cleared.
+    var onHold = false
+    var warnedLongLine = false
     /// The client closed its side; noticed when the machine next needs its bytes.
-    private var clientEOF = false
+    var clientEOF = false
     /// The relay's answer to the last HELO/EHLO on this connection (kept across sessions).
-    private var hello: (command: SMTPCommand, reply: SMTPReply)?
+    var hello: (command: SMTPCommand, reply: SMTPReply)?
 
     public init(limits: SMTPLimits, hello: (command: SMTPCommand, reply: SMTPReply)? = nil) {
         self.limits = limits
@@ -48,6 +52,9 @@ public struct ProxySession: Sendable {
         var mail: Mail = .none
         var pendingRecipients = 0
         var recipients: [Mailbox] = []
+        /// The accepted MAIL and RCPT lines as relayed, for replay to the hold relay.
+        var mailLine: String? = nil
+        var rcptLines: [String] = []
         var generation = 0
         var isClear: Bool {
             if case .none = self.mail, self.pendingRecipients == 0 { return true }
@@ -57,8 +64,8 @@ public struct ProxySession: Sendable {
 
     enum Step {
         case local(SMTPReply)
-        case mail(Mailbox?, generation: Int)
-        case rcpt(Mailbox, generation: Int)
+        case mail(Mailbox?, line: String, generation: Int)
+        case rcpt(Mailbox, line: String, generation: Int)
         case rset
     }
 
@@ -89,6 +96,14 @@ public struct ProxySession: Sendable {
         case final(Message)
         case draining(Message, Refusal)
         case resetting(Refusal)
+        /// A held message: RSET went to the main relay.
+        case holdResetting(Message)
+        /// A held message: the driver connects to the hold relay.
+        case holdConnecting(Message)
+        /// A held message: EHLO went to the hold relay.
+        case holdGreeting(Message)
+        /// A held message: MAIL, RCPT and DATA went to the hold relay; `remaining` replies due.
+        case holdEnvelope(Message, remaining: Int, refused: SMTPReply?)
         case quitting
         case closed
 
@@ -106,6 +121,10 @@ public struct ProxySession: Sendable {
             case .final: return "final"
             case .draining: return "draining"
             case .resetting: return "resetting"
+            case .holdResetting: return "hold-resetting"
+            case .holdConnecting: return "hold-connecting"
+            case .holdGreeting: return "hold-greeting"
+            case .holdEnvelope: return "hold-envelope"
             case .quitting: return "quitting"
             case .closed: return "closed"
             }
@@ -122,6 +141,8 @@ public struct ProxySession: Sendable {
         var ended = false
         var record: MessageRecord
         var identity: SenderIdentity = .unidentified(reason: "no header section")
+        /// The message goes to the hold relay (the session's relay from DATA on).
+        var hold = false
     }
 
     /// What is said and logged when a message is refused: `reset` sends the relay an RSET
@@ -160,7 +181,8 @@ public struct ProxySession: Sendable {
     public var wantsClientBytes: Bool {
         switch self.state {
         case .commands, .headers, .body, .draining: return true
-        case .greeting, .relaying, .greeting2, .identifying, .deciding, .dataGo, .final, .resetting, .quitting, .closed:
+        case .greeting, .relaying, .greeting2, .identifying, .deciding, .dataGo, .final, .resetting, .quitting, .closed,
+            .holdResetting, .holdConnecting, .holdGreeting, .holdEnvelope:
             return false
         }
     }
@@ -221,8 +243,14 @@ public struct ProxySession: Sendable {
             self.close(reusable: false, &actions)
         case .commands, .headers, .body, .draining:
             self.advance(&actions)
-        case .relaying, .greeting2, .identifying, .deciding, .resetting:
+        case .relaying, .greeting2, .identifying, .deciding, .resetting, .holdResetting, .holdConnecting:
+            // Noticed when the awaited answer comes.
             break
+        case .holdGreeting, .holdEnvelope:
+            // Nothing reached the hold relay's queue: drop it; the main relay's envelope is
+            // already cleared.
+            self.endHold(abort: true, &actions)
+            self.close(reusable: true, &actions)
         }
         return actions
     }
@@ -253,14 +281,26 @@ public struct ProxySession: Sendable {
         case .resetting(let refusal):
             actions.append(.waitingForRelay(false))
             self.answer(refusal, &actions)
+        case .holdResetting(let m):
+            actions.append(.waitingForRelay(false))
+            self.mainReset(m, reply, &actions)
+        case .holdGreeting(let m):
+            actions.append(.waitingForRelay(false))
+            self.holdGreeted(m, reply, &actions)
+        case .holdEnvelope(let m, let remaining, let refused):
+            self.holdEnvelopeReplied(m, reply, remaining: remaining, refused: refused, &actions)
         case .quitting:
             actions.append(.waitingForRelay(false))
             self.enter(.closed)
             actions.append(.close(relayReusable: reply.isPositive))
-        case .greeting, .commands, .headers, .identifying, .deciding, .body, .draining, .closed:
+        case .greeting, .commands, .headers, .identifying, .deciding, .body, .draining, .closed, .holdConnecting:
             // Nothing was asked: an unsolicited reply. The connection cannot be trusted again.
-            actions.append(.log(.error, "relay sent an unexpected reply: \(LogText.escape(reply.description))"))
-            self.relayLost("unexpected reply", &actions)
+            actions.append(.log(.error, "\(self.onHold ? "hold relay" : "relay") sent an unexpected reply: \(LogText.escape(reply.description))"))
+            if self.onHold {
+                self.holdLost("unexpected reply", &actions)
+            } else {
+                self.relayLost("unexpected reply", &actions)
+            }
         }
         return actions
     }
@@ -268,7 +308,11 @@ public struct ProxySession: Sendable {
     /// The relay connection broke, or answered what SMTP does not allow.
     public mutating func relayFailed(_ why: String) -> [SessionAction] {
         var actions: [SessionAction] = []
-        self.relayLost(why, &actions)
+        if self.onHold {
+            self.holdLost(why, &actions)
+        } else {
+            self.relayLost(why, &actions)
+        }
         return actions
     }
 
@@ -297,7 +341,12 @@ public struct ProxySession: Sendable {
         m.record.quota = verdict.quota
         m.record.reason = verdict.reason
         if case .unidentified(let why) = m.identity { m.record.reason += " (unidentified: \(why))" }
-        guard verdict.kind == .relay else {
+        if verdict.kind == .hold, !self.relayAborted {
+            m.record.verdict = .hold
+            self.startHold(m, &actions)
+            return actions
+        }
+        guard verdict.kind == .relay || verdict.kind == .hold else {
             m.record.verdict = verdict.kind
             self.refuse(m, Refusal(reply: verdict.reply, record: m.record, reset: true), &actions)
             return actions
@@ -323,13 +372,13 @@ public struct ProxySession: Sendable {
 
     // MARK: commands
 
-    private mutating func enterCommands(_ actions: inout [SessionAction]) {
+    mutating func enterCommands(_ actions: inout [SessionAction]) {
         self.enter(.commands)
         actions.append(.phase(.command))
     }
 
     /// Consumes buffered client bytes as far as the state allows.
-    private mutating func advance(_ actions: inout [SessionAction]) {
+    mutating func advance(_ actions: inout [SessionAction]) {
         while true {
             switch self.state {
             case .commands:
@@ -340,7 +389,8 @@ public struct ProxySession: Sendable {
                 guard self.readBody(m, &actions) else { return }
             case .draining(let m, let refusal):
                 guard self.drain(m, refusal, &actions) else { return }
-            case .greeting, .relaying, .greeting2, .identifying, .deciding, .dataGo, .final, .resetting, .quitting, .closed:
+            case .greeting, .relaying, .greeting2, .identifying, .deciding, .dataGo, .final, .resetting, .quitting, .closed,
+                .holdResetting, .holdConnecting, .holdGreeting, .holdEnvelope:
                 return
             }
         }
@@ -348,7 +398,7 @@ public struct ProxySession: Sendable {
 
     /// Reads every complete command line buffered (up to a terminal command), relays the
     /// envelope commands in one write. True when the machine should go on reading.
-    private mutating func readBatch(_ actions: inout [SessionAction]) -> Bool {
+    mutating func readBatch(_ actions: inout [SessionAction]) -> Bool {
         var batch = Batch()
         var relayOut = ByteBuffer()
         var relayed = 0
@@ -386,7 +436,7 @@ public struct ProxySession: Sendable {
     }
 
     /// One command line into the group: a local answer, a relayed command, or its end.
-    private mutating func take(_ line: ByteBuffer, into batch: inout Batch, relayOut: inout ByteBuffer, relayed: inout Int) {
+    mutating func take(_ line: ByteBuffer, into batch: inout Batch, relayOut: inout ByteBuffer, relayed: inout Int) {
         let command: SMTPCommand
         do {
             command = try CommandParser.parse(line.readableBytesView, sizeLimit: self.limits.messageSize)
@@ -411,7 +461,7 @@ public struct ProxySession: Sendable {
             self.txn.mail = .pending
             Self.append(command.wireLine, to: &relayOut)
             relayed += 1
-            batch.steps.append(.mail(sender, generation: self.txn.generation))
+            batch.steps.append(.mail(sender, line: command.wireLine, generation: self.txn.generation))
         case .rcpt(let path, _):
             if case .none = self.txn.mail { return batch.steps.append(.local(Replies.needMail)) }
             guard self.txn.recipients.count + self.txn.pendingRecipients < self.limits.recipients else {
@@ -420,7 +470,7 @@ public struct ProxySession: Sendable {
             self.txn.pendingRecipients += 1
             Self.append(command.wireLine, to: &relayOut)
             relayed += 1
-            batch.steps.append(.rcpt(path, generation: self.txn.generation))
+            batch.steps.append(.rcpt(path, line: command.wireLine, generation: self.txn.generation))
         case .rset:
             self.resetTransaction()
             Self.append("RSET", to: &relayOut)
@@ -435,7 +485,7 @@ public struct ProxySession: Sendable {
     }
 
     /// Answers the group's steps in order as far as replies are in; then its end.
-    private mutating func continueBatch(_ batch: Batch, _ actions: inout [SessionAction]) {
+    mutating func continueBatch(_ batch: Batch, _ actions: inout [SessionAction]) {
         var batch = batch
         while batch.next < batch.steps.count {
             guard case .local(let reply) = batch.steps[batch.next] else {
@@ -452,16 +502,20 @@ public struct ProxySession: Sendable {
     }
 
     /// A relay reply for the group's next relayed step.
-    private mutating func answerStep(_ batch: inout Batch, _ reply: SMTPReply) {
+    mutating func answerStep(_ batch: inout Batch, _ reply: SMTPReply) {
         switch batch.steps[batch.next] {
-        case .mail(let sender, let generation):
+        case .mail(let sender, let line, let generation):
             if generation == self.txn.generation, case .pending = self.txn.mail {
                 self.txn.mail = reply.isPositive ? .accepted(sender) : .none
+                self.txn.mailLine = reply.isPositive ? line : nil
             }
-        case .rcpt(let path, let generation):
+        case .rcpt(let path, let line, let generation):
             if generation == self.txn.generation {
                 self.txn.pendingRecipients -= 1
-                if reply.isPositive { self.txn.recipients.append(path) }
+                if reply.isPositive {
+                    self.txn.recipients.append(path)
+                    self.txn.rcptLines.append(line)
+                }
             }
         case .rset, .local:
             break
@@ -471,7 +525,7 @@ public struct ProxySession: Sendable {
     }
 
     /// Every step answered: the group's end.
-    private mutating func finish(_ batch: Batch, _ actions: inout [SessionAction]) {
+    mutating func finish(_ batch: Batch, _ actions: inout [SessionAction]) {
         var out = batch.out
         switch batch.terminal {
         case nil:
@@ -509,7 +563,7 @@ public struct ProxySession: Sendable {
 
     // MARK: the message
 
-    private mutating func startData(_ out: ByteBuffer, _ actions: inout [SessionAction]) {
+    mutating func startData(_ out: ByteBuffer, _ actions: inout [SessionAction]) {
         var out = out
         guard case .accepted(let reversePath) = self.txn.mail else {
             Self.write(Replies.needMail, to: &out)
@@ -542,7 +596,7 @@ public struct ProxySession: Sendable {
     }
 
     /// The header section, line by line, held until it ends. True to go on reading.
-    private mutating func readHeaders(_ m: Message, _ actions: inout [SessionAction]) -> Bool {
+    mutating func readHeaders(_ m: Message, _ actions: inout [SessionAction]) -> Bool {
         var m = m
         while !m.ended {
             guard let event = m.scanner.next(&self.buffer, oneLine: true) else {
@@ -579,10 +633,11 @@ public struct ProxySession: Sendable {
         return self.wantsClientBytes
     }
 
-    private mutating func identify(_ m: Message, _ actions: inout [SessionAction]) {
+    mutating func identify(_ m: Message, _ actions: inout [SessionAction]) {
         var m = m
         m.identity = m.reader.identity
         m.record.queueID = m.identity.queueID
+        m.record.script = ScriptHint.extract(m.held.readableBytesView)
         m.record.uid = m.identity.uid
         if let uid = m.identity.uid {
             actions.append(.identify(uid: uid))
@@ -593,7 +648,7 @@ public struct ProxySession: Sendable {
     }
 
     /// The sender is known: refuse a broken message, or ask the policy.
-    private mutating func headersDone(_ m: Message, _ actions: inout [SessionAction]) {
+    mutating func headersDone(_ m: Message, _ actions: inout [SessionAction]) {
         var m = m
         if let failure = m.failure {
             m.record.reason = failure.reason
@@ -609,7 +664,7 @@ public struct ProxySession: Sendable {
         self.enter(.deciding(m))
     }
 
-    private mutating func relayAnsweredData(_ m: Message, _ go: SMTPReply, _ actions: inout [SessionAction]) {
+    mutating func relayAnsweredData(_ m: Message, _ go: SMTPReply, _ actions: inout [SessionAction]) {
         var m = m
         guard go.code == 354 else {
             m.record.relayReply = go.description
@@ -625,6 +680,12 @@ public struct ProxySession: Sendable {
             }
             return
         }
+        self.startBody(m, &actions)
+    }
+
+    /// The relay said 354: the held header section goes, then the body as it streams.
+    mutating func startBody(_ m: Message, _ actions: inout [SessionAction]) {
+        var m = m
         actions.append(.sendRelay([m.held], replies: 0))
         m.held = ByteBuffer()
         if m.ended {
@@ -636,7 +697,7 @@ public struct ProxySession: Sendable {
     }
 
     /// The body as it streams, in the scanner's canonical form. True to go on reading.
-    private mutating func readBody(_ m: Message, _ actions: inout [SessionAction]) -> Bool {
+    mutating func readBody(_ m: Message, _ actions: inout [SessionAction]) -> Bool {
         var m = m
         var pending: [ByteBuffer] = []
         var abort: DataFailure? = nil
@@ -661,8 +722,12 @@ public struct ProxySession: Sendable {
         if let abort {
             // Part of the message already went to the relay: drop that connection so it
             // never sees an end of data, then answer the client.
-            actions.append(.abortRelay)
-            self.relayAborted = true
+            if m.hold {
+                self.endHold(abort: true, &actions)
+            } else {
+                actions.append(.abortRelay)
+                self.relayAborted = true
+            }
             m.record.verdict = .refuse
             m.record.reason = abort.reason
             self.refuse(m, Refusal(reply: abort.reply(self.limits), record: m.record, reset: false), &actions)
@@ -676,14 +741,18 @@ public struct ProxySession: Sendable {
         self.enter(.body(m))
         if self.clientEOF {
             // The client left mid-message: the relay must not see an end of data.
-            actions.append(.abortRelay)
+            if m.hold {
+                self.endHold(abort: true, &actions)
+            } else {
+                actions.append(.abortRelay)
+            }
             actions.append(.log(.warning, "\(m.record.queueID ?? "NOQUEUE"): client disconnected during DATA; message discarded"))
-            self.close(reusable: false, &actions)
+            self.close(reusable: m.hold, &actions)
         }
         return false
     }
 
-    private mutating func sendEnd(_ pending: [ByteBuffer], _ m: Message, _ actions: inout [SessionAction]) {
+    mutating func sendEnd(_ pending: [ByteBuffer], _ m: Message, _ actions: inout [SessionAction]) {
         var dot = ByteBuffer()
         dot.writeStaticString(".\r\n")
         actions.append(.sendRelay(pending + [dot], replies: 1))
@@ -691,7 +760,8 @@ public struct ProxySession: Sendable {
         self.enter(.final(m))
     }
 
-    private mutating func relayAnsweredEnd(_ m: Message, _ final: SMTPReply, _ actions: inout [SessionAction]) {
+    mutating func relayAnsweredEnd(_ m: Message, _ final: SMTPReply, _ actions: inout [SessionAction]) {
+        if m.hold { return self.holdAnsweredEnd(m, final, &actions) }
         var record = m.record
         record.relayReply = final.description
         // Only a 2xx means the relay took the message; a 3xx here is a protocol error.
@@ -719,7 +789,7 @@ public struct ProxySession: Sendable {
 
     /// Refuses the message: first drop the rest of it, then (with `reset`) clear the relay's
     /// envelope, then log and answer.
-    private mutating func refuse(_ m: Message, _ refusal: Refusal, _ actions: inout [SessionAction]) {
+    mutating func refuse(_ m: Message, _ refusal: Refusal, _ actions: inout [SessionAction]) {
         var m = m
         if !m.ended, !m.scanner.isFinished {
             m.scanner.discardRest()
@@ -731,7 +801,7 @@ public struct ProxySession: Sendable {
     }
 
     /// Reads and drops the rest of the message up to its end of data. True to go on reading.
-    private mutating func drain(_ m: Message, _ refusal: Refusal, _ actions: inout [SessionAction]) -> Bool {
+    mutating func drain(_ m: Message, _ refusal: Refusal, _ actions: inout [SessionAction]) -> Bool {
         var m = m
         while let event = m.scanner.next(&self.buffer) {
             if case .end = event {
@@ -744,7 +814,7 @@ public struct ProxySession: Sendable {
         return false
     }
 
-    private mutating func afterDrain(_ refusal: Refusal, _ actions: inout [SessionAction]) {
+    mutating func afterDrain(_ refusal: Refusal, _ actions: inout [SessionAction]) {
         if refusal.reset, !self.relayAborted {
             actions.append(.sendRelay([Self.line("RSET")], replies: 1))
             actions.append(.waitingForRelay(true))
@@ -755,7 +825,7 @@ public struct ProxySession: Sendable {
     }
 
     /// The refusal's log line and reply; the session goes on with the next command.
-    private mutating func answer(_ refusal: Refusal, _ actions: inout [SessionAction]) {
+    mutating func answer(_ refusal: Refusal, _ actions: inout [SessionAction]) {
         self.resetTransaction()
         if let record = refusal.record { actions.append(.record(record)) }
         actions.append(.sendClient(Self.bytes(refusal.reply)))
@@ -765,7 +835,7 @@ public struct ProxySession: Sendable {
 
     // MARK: failures and the end
 
-    private mutating func relayLost(_ why: String, _ actions: inout [SessionAction]) {
+    mutating func relayLost(_ why: String, _ actions: inout [SessionAction]) {
         // After the machine's own abort, the connection's end is only its echo.
         guard !self.relayAborted else { return }
         self.relayAborted = true
@@ -797,6 +867,13 @@ public struct ProxySession: Sendable {
             actions.append(.waitingForRelay(false))
             actions.append(.abortRelay)
             self.answer(refusal, &actions)
+        case .holdResetting, .holdConnecting, .holdGreeting, .holdEnvelope:
+            // The main relay, waiting behind the hold relay: its end is the session's.
+            actions.append(.waitingForRelay(false))
+            actions.append(.log(.error, "relay failed: \(why)"))
+            if self.onHold { self.endHold(abort: true, &actions) }
+            actions.append(.sendClient(Self.bytes(Replies.relayLost)))
+            self.close(reusable: false, &actions)
         case .headers, .identifying, .deciding, .draining:
             // Noticed when the relay is next needed (or not at all, for a refused message).
             actions.append(.log(.error, "relay failed: \(why)"))
@@ -810,7 +887,7 @@ public struct ProxySession: Sendable {
 
     /// The session ends where it stands: an open envelope is cleared with RSET first, so the
     /// relay connection can serve another session.
-    private mutating func end(_ actions: inout [SessionAction]) {
+    mutating func end(_ actions: inout [SessionAction]) {
         if self.relayAborted {
             self.close(reusable: false, &actions)
         } else if self.txn.isClear, !self.inMessage {
@@ -822,26 +899,26 @@ public struct ProxySession: Sendable {
         }
     }
 
-    private var inMessage: Bool {
+    var inMessage: Bool {
         switch self.state {
         case .headers, .identifying, .deciding, .draining, .resetting: return true
         default: return false
         }
     }
 
-    private mutating func close(reusable: Bool, _ actions: inout [SessionAction]) {
+    mutating func close(reusable: Bool, _ actions: inout [SessionAction]) {
         self.enter(.closed)
         actions.append(.close(relayReusable: reusable && !self.relayAborted))
     }
 
-    private mutating func resetTransaction() {
+    mutating func resetTransaction() {
         let generation = self.txn.generation + 1
         self.txn = Transaction()
         self.txn.generation = generation
     }
 
     /// The one place every state change passes through.
-    private mutating func enter(_ next: State) {
+    mutating func enter(_ next: State) {
         if self.tracing, self.state.name != next.name { self.trace.append("\(self.state.name) -> \(next.name)") }
         self.state = next
     }

@@ -51,21 +51,22 @@ public final class LazyQuotaStore: QuotaStore, Sendable {
         }
     }
 
-    public func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
-        let db: QuotaDatabase
+    /// The open database; opening (file I/O, perhaps a recovery) happens off the event loop,
+    /// one at a time.
+    func database() async throws -> QuotaDatabase {
         do {
-            // Opening (file I/O, perhaps a recovery) happens off the event loop, one at a time.
-            if let open = try self.ready() {
-                db = open
-            } else {
-                db = try await withCheckedThrowingContinuation { continuation in
-                    Self.opener.async { continuation.resume(with: Result { try self.open() }) }
-                }
+            if let open = try self.ready() { return open }
+            return try await withCheckedThrowingContinuation { continuation in
+                Self.opener.async { continuation.resume(with: Result { try self.open() }) }
             }
         } catch {
             self.logger.error("quota database unavailable: \(error)")
             throw error
         }
+    }
+
+    public func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
+        let db = try await self.database()
         do {
             return try await db.admit(request)
         } catch {

@@ -246,7 +246,7 @@ final class QuotaConnection: @unchecked Sendable {
         case text(String)
     }
 
-    private func handle(_ operation: String) throws -> OpaquePointer {
+    func handle(_ operation: String) throws -> OpaquePointer {
         guard let db = self.db else {
             throw QuotaDatabaseError(path: self.path, code: SQLITE_MISUSE, message: "the database is closed", operation: operation)
         }
@@ -273,7 +273,7 @@ final class QuotaConnection: @unchecked Sendable {
     }
 
     /// Runs `sql` with `values` bound to ?1, ?2, ... and calls `row` for every result row.
-    private func query(
+    func query(
         _ sql: String, _ values: [Value], _ operation: String, _ row: (OpaquePointer) throws -> Void
     ) throws {
         let statement = try self.prepared(sql, operation)
@@ -300,7 +300,7 @@ final class QuotaConnection: @unchecked Sendable {
         }
     }
 
-    private func run(_ sql: String, _ values: [Value], _ operation: String) throws {
+    func run(_ sql: String, _ values: [Value], _ operation: String) throws {
         try self.query(sql, values, operation) { _ in }
     }
 
@@ -323,12 +323,12 @@ final class QuotaConnection: @unchecked Sendable {
         return value
     }
 
-    private func rollback() {
+    func rollback() {
         guard let db = self.db, sqlite3_get_autocommit(db) == 0 else { return }
         sqlite3_exec(db, "ROLLBACK", nil, nil, nil)
     }
 
-    private static func columnText(_ statement: OpaquePointer, _ column: Int32) -> String {
+    static func columnText(_ statement: OpaquePointer, _ column: Int32) -> String {
         guard let bytes = sqlite3_column_text(statement, column) else { return "" }
         let count = Int(sqlite3_column_bytes(statement, column))
         return String(decoding: UnsafeBufferPointer(start: bytes, count: count), as: UTF8.self)

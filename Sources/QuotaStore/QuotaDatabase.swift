@@ -77,9 +77,9 @@ public final class QuotaDatabase: QuotaStore, Sendable {
 
     public let path: String
     public let mode: Mode
-    private let queue: DispatchQueue
+    let queue: DispatchQueue
     /// Confined to `queue`.
-    private let connection: QuotaConnection
+    let connection: QuotaConnection
 
     /// Opens (and in `.readWrite` mode creates or migrates) the database at `path`.
     /// `busyTimeout`: milliseconds to wait for another connection's write lock.

@@ -25,6 +25,21 @@ enum QuotaSchema {
         ) STRICT, WITHOUT ROWID;
         CREATE INDEX quota_address_by_last_seen ON quota_address (uid, last_seen);
         """,
+        // 1 -> 2: freezing. One row per refused, over-quota or held message (pruned per uid
+        // to the freeze window when the next is counted), and one row per frozen uid, kept
+        // until `restrictpd --thaw`.
+        """
+        CREATE TABLE refusal_event (
+            uid INTEGER NOT NULL,
+            at  INTEGER NOT NULL
+        ) STRICT;
+        CREATE INDEX refusal_event_by_uid ON refusal_event (uid, at);
+        CREATE TABLE frozen_uid (
+            uid    INTEGER PRIMARY KEY,
+            since  INTEGER NOT NULL,
+            reason TEXT    NOT NULL
+        ) STRICT;
+        """,
     ]
 
     static var currentVersion: Int32 { Int32(migrations.count) }

@@ -215,6 +215,8 @@ public enum Daemon {
             }
             let sweeper: PolicyService? = policyListeners.isEmpty ? nil : policyService
             tasks.addTask { await Self.housekeeping(runtime: runtime, policy: sweeper) }
+            let notifyLoop = handler.group.next()
+            tasks.addTask { await runtime.notifier.run(runtime: runtime, eventLoop: notifyLoop) }
 
             for await sig in signals {
                 if sig == SIGHUP {

@@ -16,6 +16,8 @@ public struct SessionSettings: Sendable {
     public var relayConnectTimeout: Int64
     public var relayHost: String
     public var relayPort: Int
+    public var holdRelayHost: String
+    public var holdRelayPort: Int
 
     public init(_ c: Configuration) {
         self.limits = SMTPLimits(
@@ -32,6 +34,8 @@ public struct SessionSettings: Sendable {
         self.relayConnectTimeout = Int64(c.value(.relayConnectTimeout))
         self.relayHost = c.relayHost
         self.relayPort = c.relayPort
+        self.holdRelayHost = c.holdRelayHost
+        self.holdRelayPort = c.holdRelayPort
     }
 }
 
@@ -43,6 +47,8 @@ public struct Ruleset: Sendable {
     public let clients: Set<UInt32>
     /// The relay's address, resolved once per load rather than once per session.
     public let relayAddress: SocketAddress?
+    /// The hold relay's (hold_relay), likewise.
+    public let holdRelayAddress: SocketAddress?
 
     public init(_ configuration: Configuration) {
         self.configuration = configuration
@@ -50,6 +56,7 @@ public struct Ruleset: Sendable {
         self.settings = SessionSettings(configuration)
         self.clients = Set(configuration.clients)
         self.relayAddress = try? SocketAddress.makeAddressResolvingHost(configuration.relayHost, port: configuration.relayPort)
+        self.holdRelayAddress = try? SocketAddress.makeAddressResolvingHost(configuration.holdRelayHost, port: configuration.holdRelayPort)
     }
 }
 
@@ -58,16 +65,23 @@ public struct Counters: Sendable {
     public var relayed = 0
     public var refused = 0
     public var deferred = 0
+    public var held = 0
     public var peersRefused = 0
 
     public var status: String {
-        "sessions=\(self.sessions) relayed=\(self.relayed) refused=\(self.refused) deferred=\(self.deferred) peers_refused=\(self.peersRefused)"
+        "sessions=\(self.sessions) relayed=\(self.relayed) refused=\(self.refused) deferred=\(self.deferred) held=\(self.held) peers_refused=\(self.peersRefused)"
     }
 }
 
 public final class Runtime: Sendable {
     private let current: Mutex<Ruleset>
     public let store: any QuotaStore
+    /// The same store's freeze tables, when it has them.
+    let freezes: (any FreezeStore)?
+    /// The admin's notifications (notify); its interval and limit are those at startup.
+    let notifier: Notifier
+    /// `warn at N%`: when each UID was last warned.
+    let warned = Mutex<[UInt32: Int64]>([:])
     public let logger: Logger
     let counters = Mutex(Counters())
     let draining = Mutex(false)
@@ -80,6 +94,8 @@ public final class Runtime: Sendable {
         self.current = Mutex(ruleset)
         self.reservations = Mutex(Reservations(timeout: Int64(ruleset.configuration.value(.policyReservationTimeout))))
         self.store = store
+        self.freezes = store as? any FreezeStore
+        self.notifier = Notifier(ruleset.configuration)
         self.logger = logger
         self.clock = clock
     }

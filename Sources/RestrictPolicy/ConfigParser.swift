@@ -33,10 +33,10 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated",
+        "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen", "notify", "warn",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "notify", "warn", "refuse"]
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -176,13 +176,67 @@ public enum ConfigParser {
 
             case "over_quota":
                 guard args.count == 1, let v = OverQuota(rawValue: args[0]) else {
-                    error(lineNumber, "over_quota takes 'defer' or 'reject'")
+                    error(lineNumber, "over_quota takes 'defer', 'reject' or 'hold'")
                     continue
                 }
                 if current != nil {
                     current?.overQuota = v
                 } else if once(key, lineNumber) {
                     config.overQuota = v
+                }
+
+            case "freeze":
+                guard let rule = parseFreeze(args) else {
+                    error(lineNumber, "freeze takes 'after N refusals per hour|day' with N from 1 to \(FreezeRule.maxLimit)")
+                    continue
+                }
+                if current != nil {
+                    current?.freeze = rule
+                } else if once(key, lineNumber) {
+                    config.freeze = rule
+                }
+
+            case "warn":
+                guard args.count == 2, args[0] == "at", args[1].hasSuffix("%"), args[1].count <= 4,
+                    let n = Int(args[1].dropLast()), (1...100).contains(n)
+                else {
+                    error(lineNumber, "warn takes 'at N%' with N from 1 to 100")
+                    continue
+                }
+                if current != nil {
+                    current?.warnAt = n
+                } else if once(key, lineNumber) {
+                    config.warnAt = n
+                }
+
+            case "notify":
+                var addresses: [String] = []
+                for arg in args {
+                    guard case .success(.address(let a)) = parsePattern(arg), a.contains("@") else {
+                        error(lineNumber, "bad notify address '\(arg)': use user@domain")
+                        continue
+                    }
+                    addresses.append(a)
+                }
+                guard !args.isEmpty else {
+                    error(lineNumber, "notify needs at least one address")
+                    continue
+                }
+                if current != nil {
+                    current?.notify = addresses
+                } else if once(key, lineNumber) {
+                    config.notify = addresses
+                }
+
+            case "on_refuse":
+                guard args.count == 1, let v = OnRefuse(rawValue: args[0]) else {
+                    error(lineNumber, "on_refuse takes 'reject' or 'hold'")
+                    continue
+                }
+                if current != nil {
+                    current?.onRefuse = v
+                } else if once(key, lineNumber) {
+                    config.onRefuse = v
                 }
 
             default:
@@ -218,6 +272,15 @@ public enum ConfigParser {
             }
         }
         return errors.isEmpty ? .success(config) : .failure(ConfigErrors(errors))
+    }
+
+    /// "after N refusals per hour|day".
+    static func parseFreeze(_ args: [String]) -> FreezeRule? {
+        guard args.count == 5, args[0] == "after", args[2] == "refusals" || args[2] == "refusal", args[3] == "per",
+            args[1].count <= 6, let n = Int(args[1]), (1...FreezeRule.maxLimit).contains(n),
+            let period = QuotaPeriod(rawValue: args[4]), period != .week
+        else { return nil }
+        return FreezeRule(limit: n, period: period)
     }
 
     static func resolve(_ word: String, _ users: UserResolver) -> (UInt32, String?)? {
@@ -291,6 +354,17 @@ public enum ConfigParser {
             }
             config.relayHost = host
             config.relayPort = port
+        case "frozen":
+            guard let v = one() else { return }
+            guard let action = FrozenAction(rawValue: v) else { return error(line, "frozen takes 'hold' or 'defer'") }
+            config.frozenAction = action
+        case "hold_relay":
+            guard let v = one() else { return }
+            guard case .tcp(let host, let port)? = parseListen(v) else {
+                return error(line, "bad hold_relay address '\(v)': use HOST:PORT or [IPV6]:PORT")
+            }
+            config.holdRelayHost = host
+            config.holdRelayPort = port
         case "clients":
             guard !args.isEmpty else { return error(line, "clients needs at least one user") }
             clientsSeen = true

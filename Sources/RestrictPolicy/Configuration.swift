@@ -43,10 +43,15 @@ public struct Setting: Sendable {
     /// Open connections to the policy listeners: Postfix keeps one per smtpd process.
     public static let policyMaxConnections = Setting("policy_max_connections", 200, 1...10_000, .count)
 
+    /// Notifications (`notify`): at most one per UID in this interval, and `notify_limit` an
+    /// hour in all.
+    public static let notifyInterval = Setting("notify_interval", 3600, 60...86400, .seconds)
+    public static let notifyLimit = Setting("notify_limit", 30, 1...10_000, .count)
+
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
         idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
-        policyReservationTimeout, policyMaxConnections,
+        policyReservationTimeout, policyMaxConnections, notifyInterval, notifyLimit,
     ]
 }
 
@@ -98,6 +103,16 @@ public enum OverQuota: String, Sendable, Equatable {
     case `defer`
     /// 550 5.7.1: the message bounces.
     case reject
+    /// The message goes to the hold relay and waits in Postfix's hold queue for the admin.
+    case hold
+}
+
+/// What happens to a message with a recipient outside the allow list (`on_refuse`).
+public enum OnRefuse: String, Sendable, Equatable {
+    /// 550 5.7.1: the message bounces (the default).
+    case reject
+    /// The message goes to the hold relay and waits in Postfix's hold queue for the admin.
+    case hold
 }
 
 /// What the SMTP door does with mail from a SASL-authenticated session.
@@ -150,6 +165,12 @@ public struct Rule: Sendable, Equatable {
     public var allow: [AllowPattern] = []
     public var quota: Quota? = nil
     public var overQuota: OverQuota? = nil
+    public var onRefuse: OnRefuse? = nil
+    public var freeze: FreezeRule? = nil
+    /// Where notifications about this rule's users go (`notify`); nil: the global list.
+    public var notify: [String]? = nil
+    /// `warn at N%`: this rule's share of the quota that warns; nil: the global one.
+    public var warnAt: Int? = nil
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.
@@ -178,6 +199,18 @@ public struct Configuration: Sendable, Equatable {
     public var statePath = "/var/lib/restrictpd/quota.db"
     public var recipientDelimiter = ""
     public var overQuota: OverQuota = .defer
+    public var onRefuse: OnRefuse = .reject
+    /// Postfix's smtpd that puts every message it accepts on hold (`hold_relay`).
+    public var holdRelayHost = "127.0.0.1"
+    public var holdRelayPort = 10029
+    /// `freeze after N refusals per hour|day`: none by default.
+    public var freeze: FreezeRule? = nil
+    public var frozenAction: FrozenAction = .hold
+    /// `notify ADDRESS...`: the admins told about refusals, holds and freezes; none by default.
+    public var notify: [String] = []
+    /// `warn at N%`: a notice (and a notification) once a UID has used this share of its
+    /// quota; none by default.
+    public var warnAt: Int? = nil
     /// Numeric settings by key; absent keys take the setting's default.
     public var values: [String: Int] = [:]
     public var rules: [Rule] = []

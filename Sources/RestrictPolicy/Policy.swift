@@ -158,12 +158,13 @@ public enum Evaluation: Sendable, Equatable {
     /// Some recipients need the quota; the store must be asked.
     /// `written`: each counted key with the recipient as the client wrote it, for replies.
     case needsQuota(addresses: [String], quota: Quota, overQuota: OverQuota, written: [String: String])
-    /// A recipient no rule allows: the message is refused (550 5.7.1).
-    case refused(recipient: String, reason: String)
+    /// A recipient no rule allows: the message is refused (550 5.7.1), or held with
+    /// `on_refuse hold` (`hold`).
+    case refused(recipient: String, reason: String, hold: Bool = false)
 }
 
 public struct Verdict: Sendable, Equatable {
-    public enum Kind: String, Sendable { case relay = "relayed", refuse = "refused", `defer` = "deferred" }
+    public enum Kind: String, Sendable { case relay = "relayed", refuse = "refused", `defer` = "deferred", hold = "held" }
     public let kind: Kind
     /// What the client is told when the message is not relayed (from `Replies`); when it is,
     /// the relay's own reply is passed on instead.
@@ -226,7 +227,8 @@ public struct Policy: Sendable {
             let key = AddressKey.normalize(recipient, delimiter: delimiter)
             if !rule.refuse, rule.allow.contains(where: { $0.matches(address: lower, key: key) }) { continue }
             guard let quota = rule.quota, quota.limit > 0, sender.uid != nil else {
-                return .refused(recipient: recipient, reason: rule.refuse ? "rule refuses all" : "not on the allow list")
+                let hold = (rule.onRefuse ?? self.configuration.onRefuse) == .hold && sender.uid != nil
+                return .refused(recipient: recipient, reason: rule.refuse ? "rule refuses all" : "not on the allow list", hold: hold)
             }
             if seen.insert(key).inserted {
                 needQuota.append(key)
@@ -265,8 +267,10 @@ public struct Policy: Sendable {
         switch evaluation {
         case .allowed:
             return .relay(reason: "allowed", quota: nil)
-        case .refused(let rcpt, let reason):
-            return Verdict(kind: .refuse, reply: Replies.notPermitted(rcpt, who: Self.who(sender)), reason: "<\(rcpt)> \(reason)", quota: nil)
+        case .refused(let rcpt, let reason, let hold):
+            // A held message's reply is the text the policy service's HOLD carries; the
+            // content filter passes the hold relay's own answer on instead.
+            return Verdict(kind: hold ? .hold : .refuse, reply: Replies.notPermitted(rcpt, who: Self.who(sender)), reason: "<\(rcpt)> \(reason)", quota: nil)
         case .needsQuota(let addresses, let quota, let overQuota, let written):
             guard sender.uid != nil, let outcome else {
                 return Verdict(kind: .refuse, reply: Replies.notPermitted(addresses.first ?? "", who: Self.who(sender)), reason: "no uid", quota: nil)
@@ -280,7 +284,8 @@ public struct Policy: Sendable {
                 let key = outcome.firstRefused ?? addresses.first ?? ""
                 let rcpt = written[key] ?? key
                 let reply = Replies.overQuota(rcpt, limit: quota.limit, period: quota.periodSuffix, who: sender.phrase, permanent: overQuota == .reject)
-                return Verdict(kind: overQuota == .reject ? .refuse : .defer, reply: reply, reason: "<\(rcpt)> over quota", quota: figure)
+                let kind: Verdict.Kind = overQuota == .reject ? .refuse : overQuota == .hold ? .hold : .defer
+                return Verdict(kind: kind, reply: reply, reason: "<\(rcpt)> over quota", quota: figure)
             }
         }
     }

@@ -152,6 +152,8 @@ public enum PolicyAction: Sendable, Equatable, CustomStringConvertible {
     case deferIfPermit(enhanced: String, text: String)
     /// "DEFER 4.3.0 text": temporary, at once.
     case `defer`(enhanced: String, text: String)
+    /// "HOLD 4.7.1 text": Postfix accepts the message and puts it on its hold queue.
+    case hold(enhanced: String, text: String)
 
     /// The action's text: what follows "action=". Newlines in texts are replaced, since one
     /// would end the answer early.
@@ -161,6 +163,7 @@ public enum PolicyAction: Sendable, Equatable, CustomStringConvertible {
         case .reply(let r): return "\(r.code) \(Self.flat(r.lines[0]))"
         case .deferIfPermit(let e, let t): return "DEFER_IF_PERMIT \(e) \(Self.flat(t))"
         case .defer(let e, let t): return "DEFER \(e) \(Self.flat(t))"
+        case .hold(let e, let t): return "HOLD \(e) \(Self.flat(t))"
         }
     }
 

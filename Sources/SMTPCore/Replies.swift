@@ -49,6 +49,9 @@ public enum Replies {
     public static let relayLost = SMTPReply(421, "4.4.2", "Relay connection lost, closing connection")
     public static let relayLostInData = SMTPReply(451, "4.4.2", "Relay connection lost during DATA, try again later")
     public static let relayConfused = SMTPReply(451, "4.4.2", "Relay protocol error, try again later")
+    /// A message to be held, when the hold relay cannot be reached or does not take it: it
+    /// stays in Postfix's deferred queue rather than going out.
+    public static let holdUnavailable = SMTPReply(451, "4.4.1", "Hold relay unavailable, message deferred")
 
     // MARK: the listener (before a session starts)
 
@@ -72,6 +75,10 @@ public enum Replies {
         return permanent ? SMTPReply(550, "5.7.1", text) : SMTPReply(451, "4.7.1", text)
     }
     public static let storeUnavailable = SMTPReply(451, "4.3.0", "Temporary failure: quota database unavailable")
+    /// Every message of a frozen UID with `frozen defer` (and the text a held one carries).
+    public static func frozen(who: String) -> SMTPReply {
+        SMTPReply(451, "4.7.1", "Mail from \(who) is frozen until the administrator releases it")
+    }
 
     // MARK: the policy service (answers after "action=")
 
@@ -85,6 +92,14 @@ public enum Replies {
     public static func policyAction(_ reply: SMTPReply) -> PolicyAction {
         guard reply.isTransient, let enhanced = reply.enhancedCode else { return .reply(reply) }
         return .deferIfPermit(enhanced: enhanced, text: String(reply.lines[0].dropFirst(enhanced.count + 1)))
+    }
+
+    /// A held message's answer at the SMTP door: Postfix puts the message on its hold queue;
+    /// the text (the refusal it stands for) goes to Postfix's log.
+    public static func policyHold(_ reply: SMTPReply) -> PolicyAction {
+        let enhanced = reply.enhancedCode ?? "4.7.1"
+        let text = String(reply.lines[0].dropFirst(reply.enhancedCode.map { $0.count + 1 } ?? 0))
+        return .hold(enhanced: enhanced.hasPrefix("5") ? "4" + enhanced.dropFirst() : enhanced, text: text)
     }
 
     /// The same at END-OF-MESSAGE, where nothing comes after to wait for: DEFER.
@@ -104,12 +119,12 @@ public enum Replies {
             ("unsupportedParameter", unsupportedParameter("X")), ("messageTooBig", messageTooBig(1)), ("headerTooBig", headerTooBig(1)),
             ("bareLFInData", bareLFInData), ("bareCRInData", bareCRInData), ("nulInData", nulInData),
             ("longLineInData", longLineInData(1)), ("relayUnavailable", relayUnavailable), ("relayLost", relayLost),
-            ("relayLostInData", relayLostInData), ("relayConfused", relayConfused), ("peerUnverified", peerUnverified),
+            ("relayLostInData", relayLostInData), ("relayConfused", relayConfused), ("holdUnavailable", holdUnavailable), ("peerUnverified", peerUnverified),
             ("peerUnknown", peerUnknown), ("notClient", notClient(uid: 1)), ("tooManySessions", tooManySessions),
             ("notPermitted", notPermitted("a@b", who: "uid 1")),
             ("overQuota", overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false)),
             ("overQuotaReject", overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: true)),
-            ("storeUnavailable", storeUnavailable),
+            ("storeUnavailable", storeUnavailable), ("frozen", frozen(who: "uid 1")),
         ]
     }
 
@@ -120,6 +135,7 @@ public enum Replies {
             ("policyStoreUnavailable", policyStoreUnavailable), ("policyBusy", policyBusy),
             ("policyOverQuota", policyAction(overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false))),
             ("policyOverQuotaAtEnd", policyActionAtEnd(overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false))),
+            ("policyHold", policyHold(overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false))),
         ]
     }
 }

@@ -38,6 +38,9 @@ struct Main: ParsableCommand {
     @Option(name: .customLong("reset-quota"), help: ArgumentHelp("Forget the counted destinations of a user.", valueName: "user"))
     var resetQuota: String?
 
+    @Option(name: .customLong("thaw"), help: ArgumentHelp("Thaw a frozen user: its mail flows again.", valueName: "user"))
+    var thaw: String?
+
     @Flag(help: "Check the live wiring (Postfix, restrictpd, firewall, what restricted users can reach), one line per check; exit 1 if any check fails. Root; changes nothing.")
     var audit = false
 
@@ -63,14 +66,14 @@ struct Main: ParsableCommand {
     var arguments: [String] = []
 
     func validate() throws {
-        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.audit].filter { $0 }.count
-        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --audit") }
+        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.thaw != nil, self.audit].filter { $0 }.count
+        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --thaw, --audit") }
         if !self.audit, self.json || self.probe != nil || self.postfixConfig != nil {
             throw ValidationError("--json, --probe and --postfix-config go with --audit")
         }
         if self.testUser != nil, self.arguments.isEmpty { throw ValidationError("--test needs at least one recipient") }
         if self.showQuota, self.arguments.count > 1 { throw ValidationError("--quota takes at most one user") }
-        if actions == 0 || self.checkConfig || self.resetQuota != nil || self.audit, !self.arguments.isEmpty {
+        if actions == 0 || self.checkConfig || self.resetQuota != nil || self.thaw != nil || self.audit, !self.arguments.isEmpty {
             throw ValidationError("unexpected arguments: \(self.arguments.joined(separator: " "))")
         }
         guard LogTarget(rawValue: self.log) != nil else { throw ValidationError("--log takes auto, journal, syslog or stderr") }
@@ -88,6 +91,8 @@ struct Main: ParsableCommand {
             output = Admin.showQuota(configPath: self.config, user: self.arguments.first, now: now)
         } else if let user = self.resetQuota {
             output = Admin.resetQuota(configPath: self.config, user: user)
+        } else if let user = self.thaw {
+            output = Admin.thaw(configPath: self.config, user: user)
         } else if self.audit {
             output = Admin.audit(AuditOptions(configPath: self.config, serviceUser: self.user, postfixConfig: self.postfixConfig, probe: self.probe, json: self.json))
         } else {

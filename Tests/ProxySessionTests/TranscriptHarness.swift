@@ -15,6 +15,10 @@ struct Transcript: Equatable {
     var aborts = 0
     var closed: Bool? = nil
     var decisions: [[String]] = []
+    /// What the hold relay received, and how each hold connection ended (true: aborted).
+    var holdRelay = ""
+    var holdEnds: [Bool] = []
+    var onHold = false
 }
 
 enum Chunking: CaseIterable { case whole, bytes, random }
@@ -51,6 +55,8 @@ struct Harness {
     var limits = SMTPLimits(commandLine: 512, dataLine: 1000, headerSection: 2048, recipients: 5, messageSize: 100_000)
     var relay = ScriptedRelay()
     var verdict: ([String]) -> Verdict = { _ in .relay(reason: "allowed", quota: nil) }
+    /// The hold relay; nil: it cannot be reached.
+    var hold: ScriptedRelay? = ScriptedRelay(end: SMTPReply(250, "2.0.0", "Ok: queued as H1"))
 
     /// Runs `turns`, each split as `chunking` says; `closeAtEnd`: the client closes after.
     func run(_ turns: [String], chunking: Chunking, closeAtEnd: Bool = false, seed: UInt64 = 1) -> Transcript {
@@ -75,8 +81,9 @@ struct Harness {
             case .sendClient(let b): out.client += String(buffer: b)
             case .sendRelay(let buffers, let count):
                 let texts = buffers.map { String(buffer: $0) }
-                out.relay += texts.joined()
-                guard let replies = self.relay.replies(to: texts, count: count) else {
+                let script = out.onHold ? (self.hold ?? self.relay) : self.relay
+                if out.onHold { out.holdRelay += texts.joined() } else { out.relay += texts.joined() }
+                guard let replies = script.replies(to: texts, count: count) else {
                     queue.append(contentsOf: machine.relayFailed("relay closed the connection"))
                     continue
                 }
@@ -87,6 +94,16 @@ struct Harness {
                 out.decisions.append(recipients)
                 queue.append(contentsOf: machine.decided(self.verdict(recipients)))
             case .abortRelay: out.aborts += 1
+            case .openHoldRelay:
+                guard let hold = self.hold else {
+                    queue.append(contentsOf: machine.holdRelayUnavailable("connection refused"))
+                    continue
+                }
+                out.onHold = true
+                queue.append(contentsOf: machine.holdRelayGreeted(hold.greeting))
+            case .endHoldRelay(let abort):
+                out.onHold = false
+                out.holdEnds.append(abort)
             case .record(let r): out.records.append(r)
             case .log(let level, let text): out.logs.append("\(level): \(text)")
             case .phase, .waitingForRelay: break
@@ -126,9 +143,14 @@ struct Harness {
     }
 
     static func normalized(_ t: Transcript) -> Transcript {
-        guard t.aborts > 0, let data = t.relay.firstRange(of: "\r\nDATA\r\n") else { return t }
         var n = t
-        n.relay = String(t.relay[..<data.upperBound])
+        if t.aborts > 0, let data = t.relay.firstRange(of: "\r\nDATA\r\n") {
+            n.relay = String(t.relay[..<data.upperBound])
+        }
+        // Likewise a hold relay connection dropped mid-message.
+        if t.holdEnds.contains(true), let data = t.holdRelay.firstRange(of: "\r\nDATA\r\n") {
+            n.holdRelay = String(t.holdRelay[..<data.upperBound])
+        }
         return n
     }
 }

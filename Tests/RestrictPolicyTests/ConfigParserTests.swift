@@ -238,7 +238,7 @@ func errors(_ text: String) -> [String] {
         #expect(c.overQuota == .reject)
         #expect(c.rule(for: .user(uid: 1000))?.overQuota == .defer)
         #expect(c.rule(for: .default)?.overQuota == nil)
-        #expect(errors("over_quota maybe") == ["t.conf:1: over_quota takes 'defer' or 'reject'"])
+        #expect(errors("over_quota maybe") == ["t.conf:1: over_quota takes 'defer', 'reject' or 'hold'"])
     }
 
     @Test func otherGlobalErrors() {

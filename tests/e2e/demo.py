@@ -9,7 +9,8 @@ filter; mail sent over SMTP to an smtpd on loopback (the stand-in for port 25, D
 mynetworks, wired as etc/postfix/main.cf.restrictpd says) is judged by restrictpd as Postfix's
 policy service, with the UID the kernel names as owner of the client's socket.
 
-It sends a handful of messages as root, www-data and nobody with sendmail, and two from
+It sends a handful of messages as root, www-data, nobody and mail with sendmail (mail's stranger
+is held in the hold queue, and the admin gets notifications), and two from
 www-data over SMTP, waits until each one reached a final state, prints a table (door, sender,
 recipient, verdict) built from the sink, Postfix's log and replies, and restrictpd's log, then
 stops everything and removes its files (--keep leaves the instance directory for inspection).
@@ -40,9 +41,14 @@ default                             # every other local user
     allow @localhost
     arbitrary 2 per day             # two other addresses a day; then 451 4.7.1 (Postfix retries)
 
+user mail                           # say, a cron job that an intruder took over
+    allow @localhost
+    on_refuse hold                  # strangers: held in Postfix's hold queue for the admin
+
 unknown                             # no pickup "from userid" header on top
     refuse
 """
+ADMIN = "admin@example.org"         # notify: gets one mail per uid and hour
 
 
 @dataclass
@@ -50,7 +56,7 @@ class Case:
     user: str
     rcpt: str
     what: str
-    expect: str            # relayed | refused | deferred
+    expect: str            # relayed | refused | deferred | held
     forged: bool = False
     door: str = "sendmail"     # sendmail (pickup, content filter) | smtp (policy service)
     message_id: str = ""
@@ -72,6 +78,7 @@ CASES = [
     Case("nobody", "friend1@example.com", "default rule: arbitrary address 1 of 2", "relayed"),
     Case("nobody", "friend2@example.com", "default rule: arbitrary address 2 of 2", "relayed"),
     Case("nobody", "friend3@example.com", "default rule: over quota (kept queued)", "deferred"),
+    Case("mail", "victim@example.com", "on_refuse hold: parked in the hold queue", "held"),
     Case("www-data", "webmaster@example.org", "over SMTP to 127.0.0.1: on the allow list", "relayed",
          door="smtp"),
     Case("www-data", "dave@example.com", "over SMTP to 127.0.0.1: not on the allow list", "refused",
@@ -112,6 +119,10 @@ def classify(case: Case, pf: harness.PostfixInstance, sink: harness.Sink,
         case.verdict = "refused"
     elif case.postfix.startswith("deferred") and case.restrictpd.startswith("deferred"):
         case.verdict = "deferred"
+    elif case.restrictpd.startswith("held") and rl and \
+            (h := re.search(r"held_as=(\w+)", rl[-1])) and \
+            any(q["queue_id"] == h.group(1) and q.get("queue_name") == "hold" for q in pf.queue()):
+        case.verdict = "held"
     else:
         return False
     return True
@@ -188,6 +199,8 @@ def main() -> int:
     try:
         sink = harness.Sink(slot.path / "sink").start()
         pf = harness.door_postfix(slot, sink.port)
+        hold_port = harness.free_port()
+        pf.extra_master_cf += "\n" + harness.shipped_hold_listener(hold_port)
         pf.configure()
         say(f"demo: private Postfix in {slot.path} (config {pf.etc})")
         say(f"      sendmail: pickup -> content_filter smtp:[127.0.0.1]:{pf.filter_port} (restrictpd) "
@@ -196,10 +209,14 @@ def main() -> int:
             f"{harness.DEBIAN_MYNETWORKS})")
         say(f"                smtpd_relay_restrictions = check_policy_service "
             f"inet:127.0.0.1:{pf.policy_port} (restrictpd), permit_mynetworks, ...")
+        say(f"      held:     restrictpd -> 127.0.0.1:{hold_port} (smtpd with check_client_access "
+            f"static:HOLD) -> Postfix's hold queue")
         pf.start()
         cfg = harness.restrictpd_config(port=pf.filter_port, relay_port=pf.relay_port,
                                         state=slot.path / "restrictpd" / "quota.db", rules=RULES,
-                                        extra_globals=f"policy_listen 127.0.0.1:{pf.policy_port}\n")
+                                        extra_globals=f"policy_listen 127.0.0.1:{pf.policy_port}\n"
+                                                      f"hold_relay 127.0.0.1:{hold_port}\n"
+                                                      f"notify {ADMIN}\n")
         rpd = harness.Restrictpd(slot.path / "restrictpd", cfg, pf.filter_port, binary)
         say(f"demo: restrictpd {binary} with this configuration:")
         say("      " + cfg.replace("\n", "\n      ").rstrip())
@@ -239,8 +256,15 @@ def main() -> int:
         for line in rpd.grep(r"verdict=", 0):
             say("  " + line)
         say()
-        say("Postfix's view (queue still holding the over-quota mail; it retries with back-off):")
+        say("Postfix's view (the over-quota mail deferred, retried with back-off; the held one marked !,")
+        say("waiting for postsuper -H ID to release it or postsuper -d ID to delete it):")
         say("  " + pf.mailq_text().strip().replace("\n", "\n  "))
+        say()
+        notes = harness.wait_until(lambda: (lambda n: n if len(n) >= 2 else None)(
+            [m for m in sink.messages() if ADMIN in m.rcpts]), 15, 0.3, "the admin's notifications")
+        say(f"What the admin ({ADMIN}) received (notify; one mail per uid and hour, the rest later):")
+        for m in notes:
+            say("  ---- " + m.body.decode(errors="replace").replace("\r\n", "\n").rstrip().replace("\n", "\n  "))
         ok = not pending and all(c.verdict == c.expect for c in CASES)
         say()
         say("demo: " + ("every verdict as expected" if ok else "SOME VERDICTS WERE NOT AS EXPECTED"))

@@ -780,6 +780,19 @@ def shipped_door_main_cf(policy_port: int) -> dict[str, str]:
             for k, v in params.items() if k.startswith("smtpd_")}
 
 
+def shipped_hold_listener(port: int) -> str:
+    """The hold listener's entry of etc/postfix/master.cf.restrictpd (127.0.0.1:10029, whose
+    smtpd puts every message on hold), moved to `port`."""
+    lines = (repo_root() / "etc" / "postfix" / "master.cf.restrictpd").read_text().splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("127.0.0.1:10029 "))
+    entry = [lines[start]]
+    for l in lines[start + 1:]:
+        if not l[:1].isspace():
+            break
+        entry.append(l)
+    return "\n".join(entry).replace("127.0.0.1:10029 ", f"127.0.0.1:{port} ", 1) + "\n"
+
+
 def shipped_reinjection_overrides() -> list[str]:
     """The `-o` options of the 10026 reinjection smtpd in etc/postfix/master.cf.restrictpd that
     keep it from asking the policy service (smtpd_relay_restrictions and

@@ -485,6 +485,38 @@ def test_over_quota_reject_is_550_at_rcpt(door, door_restrictpd):
     assert settle_count(door.sink) == 1
 
 
+def test_over_quota_hold_is_a_HOLD_at_rcpt(door, door_restrictpd):
+    """over_quota hold at the door: the policy service answers HOLD, Postfix's own smtpd
+    takes the message and parks it in the hold queue; nothing reaches the sink."""
+    rpd = door_restrictpd(rules(www_extra="    arbitrary 1 per day\n    over_quota hold\n"))
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, ["t1@example.com"])], user=WWW)
+    door.sink.wait_for(1, DELIVERY_TIMEOUT)
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, ["t2@example.com"])], user=WWW)
+    assert harness.reply_to(s, "RCPT")[0] == 250, s
+    rpd.wait_log(r"door=smtp .*to=<t2@example\.com> verdict=held reason=\"<t2@example\.com> over quota\"")
+    [held] = harness.wait_until(lambda: [q for q in door.pf.queue() if q.get("queue_name") == "hold"] or None,
+                                DELIVERY_TIMEOUT, 0.2, "a held message")
+    assert [r["address"] for r in held["recipients"]] == ["t2@example.com"]
+    assert settle_count(door.sink) == 1
+
+
+def test_a_frozen_uid_is_held_at_rcpt_even_for_allowed_recipients(door, door_restrictpd):
+    """freeze after 2 refusals per hour: two refused recipients over SMTP freeze www-data;
+    then mail to an address on its allow list is answered HOLD and parked in the hold queue."""
+    rpd = door_restrictpd(rules(), extra_globals="freeze after 2 refusals per hour\n")
+    for i in (1, 2):
+        [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, [f"dave{i}@example.com"])], user=WWW)
+        assert harness.reply_to(s, "RCPT")[0] == 550, s
+    rpd.wait_log(r"fatal: uid 33 \(www-data\) frozen: 2 refused, over-quota or held messages")
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, ["webmaster@example.org"])], user=WWW)
+    assert harness.reply_to(s, "RCPT")[0] == 250, s
+    rpd.wait_log(r'door=smtp .*to=<webmaster@example\.org> verdict=held reason="uid frozen since \d+ \(2 refusals per hour\)"')
+    [held] = harness.wait_until(lambda: [q for q in door.pf.queue() if q.get("queue_name") == "hold"] or None,
+                                DELIVERY_TIMEOUT, 0.2, "a held message")
+    assert [r["address"] for r in held["recipients"]] == ["webmaster@example.org"]
+    assert settle_count(door.sink) == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. RSET or a dropped connection after RCPT spends nothing
 

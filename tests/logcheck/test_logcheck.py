@@ -50,6 +50,9 @@ ROUTINE = [
     'verdict=relayed reason="within quota" quota="17/20 per day"',
     OLD + 'NOQUEUE: uid=unknown door=smtp client=127.0.0.1:40000 from=<alice@example.org> to=<x@example.net> '
     'verdict=relayed reason="SASL-authenticated session trusted (smtp_authenticated trust)" sasl="alice@example.org"',
+    # The X-PHP-Originating-Script hint on a relayed message is routine too.
+    OLD + '62F36F78196: uid=33 user=www-data door=pickup from=<www-data@lab.localdomain> to=<carol@example.com> '
+    'verdict=relayed reason="allowed" script="33:contact.php \\\"x\\\"" relay="250 2.0.0 Ok: queued as 6810AF781A5"',
     OLD + "listening on 127.0.0.1:10028 (policy service)",
     # Start-up, reload and stop (Sources/RestrictDaemon/Daemon.swift).
     OLD + "running as restrict (uid 103)",
@@ -77,6 +80,25 @@ VISIBLE = [
     'verdict=deferred reason="quota exhausted" quota="20/20 per day"',
     OLD + 'warning: NOQUEUE: uid=unknown from=<x@y> to=<a@example.com> verdict=refused '
     'reason="unidentified sender (no pickup header)"',
+    # Held mail and freezing must reach the admin: the held message waits for a human.
+    OLD + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<www-data@lab.localdomain> '
+    'to=<spam@example.net> verdict=held reason="<spam@example.net> over quota" quota="0/20 per day" '
+    'held_as=4dLk2X1a7Tz9 relay="250 2.0.0 Ok: queued as 4dLk2X1a7Tz9"',
+    RFC + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<www-data@lab.localdomain> '
+    'to=<friend@example.org> verdict=held reason="uid frozen since 1800000000 (3 refusals per hour)" '
+    'held_as=4dLk2X1a7Tz9 relay="250 2.0.0 Ok: queued as 4dLk2X1a7Tz9"',
+    OLD + 'warning: NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<w@lab> '
+    'to=<spam@example.net> verdict=held reason="<spam@example.net> not on the allow list"',
+    OLD + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<w@lab> to=<spam@example.net> '
+    'verdict=deferred reason="<spam@example.net> over quota; hold relay: cannot connect to 127.0.0.1:10029: '
+    'connection refused" quota="0/20 per day"',
+    OLD + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<w@lab> to=<spam@example.net> '
+    'verdict=refused reason="<spam@example.net> not on the allow list" script="33:contact.php"',
+    OLD + 'error: hold relay: cannot connect to 127.0.0.1:10029: connection refused; message deferred',
+    OLD + 'fatal: uid 33 (www-data) frozen: 3 refused, over-quota or held messages (freeze after 3 refusals '
+    'per hour); every message is held until restrictpd --thaw www-data',
+    RFC + 'uid 33 (www-data) thawed by restrictpd --thaw',
+    OLD + 'uid 33 (www-data) has used 16 of 20 per day arbitrary recipients (warn at 80%)',
     # The same without the prefix, should the level ever change: still visible.
     OLD + '62F36F78196: uid=33 user=www-data from=<w@lab> to=<s@example.net> '
     'verdict=refused reason="<s@example.net> not on the allow list"',

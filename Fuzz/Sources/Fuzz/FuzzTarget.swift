@@ -202,13 +202,15 @@ func fuzzPolicy(_ bytes: [UInt8]) {
     precondition(run([bytes[...]]) == run(chunks(bytes)), "policy decoder depends on segmentation")
 }
 
-/// The session machine with a relay that accepts everything and a policy that relays.
+/// The session machine with a relay that accepts everything and a policy that relays every
+/// other message and holds the rest (through a hold relay that accepts everything too).
 func fuzzSession(_ bytes: [UInt8]) {
     for parts in [[bytes[...]], chunks(bytes)] {
         let limits = SMTPLimits(commandLine: 512, dataLine: 1000, headerSection: 4096, recipients: 10, messageSize: 65536)
         var machine = ProxySession(limits: limits)
         var pending = machine.relayGreeted(SMTPReply(220, "2.0.0", "fuzz"))
         var closes = 0
+        var decisions = 0
         func drive(_ actions: [SessionAction]) {
             var queue = actions[...]
             var steps = 0
@@ -218,15 +220,22 @@ func fuzzSession(_ bytes: [UInt8]) {
                 switch action {
                 case .sendRelay(let buffers, let replies):
                     let last = buffers.last.map { String(buffer: $0) }
-                    for _ in 0..<replies {
+                    for i in 0..<replies {
+                        // A group that ends in DATA (the hold relay's replayed envelope) gets 354 last.
                         let reply = last == ".\r\n" ? SMTPReply(250, "2.0.0", "queued")
-                            : last == "DATA\r\n" ? SMTPReply(code: 354, lines: ["go"]) : SMTPReply(250, "2.0.0", "Ok")
+                            : last?.hasSuffix("DATA\r\n") == true && i == replies - 1 ? SMTPReply(code: 354, lines: ["go"]) : SMTPReply(250, "2.0.0", "Ok")
                         queue.append(contentsOf: machine.relayReplied(reply))
                     }
                 case .identify: queue.append(contentsOf: machine.identified(user: "u"))
-                case .decide: queue.append(contentsOf: machine.decided(.relay(reason: "fuzz", quota: nil)))
+                case .decide:
+                    decisions += 1
+                    let verdict = decisions % 2 == 0
+                        ? Verdict(kind: .hold, reply: SMTPReply(451, "4.7.1", "fuzz"), reason: "fuzz", quota: nil)
+                        : .relay(reason: "fuzz", quota: nil)
+                    queue.append(contentsOf: machine.decided(verdict))
+                case .openHoldRelay: queue.append(contentsOf: machine.holdRelayGreeted(SMTPReply(220, "2.0.0", "hold")))
                 case .close: closes += 1
-                case .sendClient, .rememberHello, .abortRelay, .record, .log, .phase, .waitingForRelay: break
+                case .sendClient, .rememberHello, .abortRelay, .endHoldRelay, .record, .log, .phase, .waitingForRelay: break
                 }
             }
         }

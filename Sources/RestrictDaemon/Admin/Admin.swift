@@ -142,10 +142,12 @@ public enum Admin {
         }
         guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
         let entries: [QuotaEntry]
+        let frozen: [FrozenState]
         do {
             let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
             defer { db.close() }
             entries = try db.entries(uid: only)
+            frozen = try db.frozenList(uid: only)
         } catch {
             out.stderr.append("restrictpd: \(error)")
             out.status = 1
@@ -168,7 +170,8 @@ public enum Admin {
                 out.stdout.append("  \(LogText.escape(e.address))  first=\(timestamp(e.firstSeen)) last=\(timestamp(e.lastSeen))")
             }
         }
-        if byUID.isEmpty { out.stdout.append("nothing counted") }
+        out.stdout.append(contentsOf: self.frozenLines(frozen))
+        if byUID.isEmpty, frozen.isEmpty { out.stdout.append("nothing counted") }
         return out
     }
 

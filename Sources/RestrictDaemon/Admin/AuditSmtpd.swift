@@ -40,11 +40,21 @@ extension PostfixAudit {
         return !items[..<at].contains { Self.localPermits.contains($0) }
     }
 
-    /// Guarded, relaying unguarded, or not relaying for local clients.
+    /// The hold listener (restrictpd.conf(5) hold_relay): an smtpd whose client restrictions
+    /// begin with "check_client_access static:HOLD" puts every message it accepts on hold, so
+    /// nothing a local user hands it goes out before the admin releases it.
+    func holdsEverything(_ smtpd: PostfixService) -> Bool {
+        let client = PostfixList.items(self.postfix.value("smtpd_client_restrictions", in: smtpd))
+        return client.count >= 2 && client[0] == "check_client_access" && client[1].lowercased() == "static:hold"
+    }
+
+    /// Guarded, relaying unguarded, or not relaying for local clients (a hold listener relays
+    /// nothing without the admin).
     func guardState(_ door: SMTPDoor) -> (guarded: Bool, relaysLocal: Bool, lists: String) {
         let relay = PostfixList.items(self.postfix.value("smtpd_relay_restrictions", in: door.smtpd))
         let recipient = PostfixList.items(self.postfix.value("smtpd_recipient_restrictions", in: door.smtpd))
         let guarded = self.asksPolicyFirst(relay) || self.asksPolicyFirst(recipient)
+        if self.holdsEverything(door.smtpd) { return (guarded, false, "smtpd_client_restrictions=check_client_access,static:HOLD: every message is held") }
         let relaysLocal = (relay + recipient).contains { Self.localPermits.contains($0) }
         let lists = "smtpd_relay_restrictions=\(relay.joined(separator: ",")) smtpd_recipient_restrictions=\(recipient.joined(separator: ","))"
         return (guarded, relaysLocal, lists)

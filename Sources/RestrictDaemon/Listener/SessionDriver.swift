@@ -3,7 +3,8 @@
 // connection's event loop. Writes are coalesced: each event's writes go out with one flush per
 // side. Back-pressure: the client is read only while the machine wants its bytes and the relay
 // takes what it is given, so at most one read's worth waits in memory, however fast the client
-// writes and however slow the relay is.
+// writes and however slow the relay is. For a held message the driver opens a connection to
+// the hold relay, makes it the session's relay until the machine ends it, and never pools it.
 
 import Logging
 import NIOCore
@@ -17,7 +18,14 @@ final class SessionDriver {
     let ruleset: Ruleset
     let logger: Logger
     let client: any Channel
+    /// The main relay connection (pooled); `hold` is the session's relay while a held
+    /// message goes to the hold relay.
     let relay: RelayConnection
+    private var hold: RelayConnection?
+    /// A relay connection whose events go to the machine from the end of the current event
+    /// on: attaching hands over replies that waited, and those must not overtake the
+    /// event's own actions.
+    private var pendingAttach: RelayConnection?
     let clock: SessionClock
     private var machine: ProxySession
     /// Succeeds with "the relay connection may serve another session" when the session ends.
@@ -94,6 +102,11 @@ final class SessionDriver {
         if self.relayFlush {
             self.relayFlush = false
             self.relay.channel.flush()
+            self.hold?.channel.flush()
+        }
+        if let attach = self.pendingAttach, !self.finished {
+            self.pendingAttach = nil
+            attach.attach { [weak self] event in self?.relayEvent(event) }
         }
         self.updateReading()
     }
@@ -106,7 +119,7 @@ final class SessionDriver {
             self.client.write(bytes, promise: nil)
             self.clientFlush = true
         case .sendRelay(let buffers, let replies):
-            self.relay.write(buffers, replies: replies)
+            (self.hold ?? self.relay).write(buffers, replies: replies)
             self.relayFlush = true
         case .rememberHello(let command, let reply):
             self.relay.hello.withLock { $0 = reply.isPositive ? (command, reply) : nil }
@@ -117,6 +130,10 @@ final class SessionDriver {
             return self.decide(sender, recipients)
         case .abortRelay:
             self.relay.abort()
+        case .openHoldRelay:
+            return self.openHold()
+        case .endHoldRelay(let abort):
+            self.endHold(abort: abort)
         case .record(let record):
             self.record(record)
         case .log(let level, let message):
@@ -132,13 +149,38 @@ final class SessionDriver {
         return []
     }
 
-    /// The policy: at once when no quota is involved, otherwise after the store answered.
+    /// A frozen sender's mail is held (or deferred) whatever its recipients; the store is
+    /// asked only where freezing is configured.
     private func decide(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
+        guard sender.uid != nil, self.ruleset.policy.freezes, self.runtime.freezes != nil else {
+            return self.judge(sender, recipients)
+        }
+        self.later { driver -> Result<FrozenState?, any Error> in
+            do {
+                return .success(try await driver.runtime.frozenState(sender, ruleset: driver.ruleset))
+            } catch {
+                return .failure(error)
+            }
+        } then: { driver, frozen in
+            switch frozen {
+            case .success(let state?):
+                return driver.machine.decided(Policy.frozenVerdict(state, sender: sender, action: driver.ruleset.configuration.frozenAction))
+            case .success(nil):
+                return driver.judge(sender, recipients)
+            case .failure(let error):
+                return driver.machine.decided(Verdict(kind: .defer, reply: Replies.storeUnavailable, reason: "quota store error: \(error)", quota: nil))
+            }
+        }
+        return []
+    }
+
+    /// The policy: at once when no quota is involved, otherwise after the store answered.
+    private func judge(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
         let policy = self.ruleset.policy
         let evaluation = policy.evaluate(sender: sender, recipients: recipients)
         let held = sender.uid.map { uid in self.runtime.reservations.withLock { $0.held(uid: uid) } } ?? []
         guard let request = Policy.quotaRequest(evaluation, sender: sender, now: self.runtime.clock(), held: held) else {
-            return self.machine.decided(Policy.verdict(evaluation, sender: sender, outcome: nil))
+            return self.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: nil))
         }
         self.later { driver -> Result<QuotaOutcome, any Error> in
             do {
@@ -147,9 +189,15 @@ final class SessionDriver {
                 return .failure(error)
             }
         } then: { driver, outcome in
-            driver.machine.decided(Policy.verdict(evaluation, sender: sender, outcome: outcome))
+            if case .success(let o) = outcome { driver.runtime.warnIfDue(sender, quota: request.quota, outcome: o, ruleset: driver.ruleset) }
+            return driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome))
         }
         return []
+    }
+
+    private func decided(_ evaluation: Evaluation, _ sender: Sender, _ verdict: Verdict) -> [SessionAction] {
+        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset)
+        return self.machine.decided(verdict)
     }
 
     /// Runs `work` off this call stack (on this loop's executor) and feeds its result back.
@@ -172,18 +220,76 @@ final class SessionDriver {
     private func record(_ r: MessageRecord) {
         let record = DecisionRecord(
             queueID: r.queueID, uid: r.uid, user: r.user, from: r.from, to: r.to, verdict: r.verdict,
-            reason: r.reason, quota: r.quota, relayReply: r.relayReply)
+            reason: r.reason, quota: r.quota, relayReply: r.relayReply, heldQueueID: r.heldQueueID, script: r.script)
         self.runtime.count { c in
             switch r.verdict {
             case .relay: c.relayed += 1
             case .defer: c.deferred += 1
             case .refuse: c.refused += 1
+            case .hold: c.held += 1
             }
         }
+        self.runtime.notifier.note(record, now: self.runtime.clock(), policy: self.ruleset.policy)
         // The fields are built only for a sink that keeps them (the journal).
         self.logger.log(
             level: r.verdict == .relay ? .info : .warning, "\(record.line)",
             metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
+    }
+
+    // MARK: the hold relay
+
+    /// A new connection to the hold relay (never pooled: it is needed rarely, and a pooled
+    /// one would hold one of its smtpd processes for nothing). The main relay's events wait
+    /// meanwhile.
+    private func openHold() -> [SessionAction] {
+        self.relay.detach()
+        self.clock.relay(nil)
+        let settings = self.ruleset.settings
+        guard let address = self.ruleset.holdRelayAddress else {
+            self.pendingAttach = self.relay
+            self.clock.relay(self.relay.channel)
+            return self.machine.holdRelayUnavailable("cannot resolve \(settings.holdRelayHost)")
+        }
+        let loop = self.client.eventLoop
+        let bound = NIOLoopBound(self, eventLoop: loop)
+        Task(executorPreference: LoopExecutor.of(loop)) {
+            let result: Result<RelayConnection, any Error>
+            do {
+                result = .success(try await RelayConnection.connect(
+                    to: address, on: loop, timeout: .seconds(settings.relayConnectTimeout),
+                    greetingTimeout: .seconds(settings.relayTimeout)))
+            } catch {
+                result = .failure(error)
+            }
+            loop.execute { bound.value.holdConnected(result) }
+        }
+        return []
+    }
+
+    private func holdConnected(_ result: Result<RelayConnection, any Error>) {
+        switch result {
+        case .success(let connection):
+            guard !self.finished else { return connection.abort() }
+            self.hold = connection
+            self.clock.relay(connection.channel)
+            self.pendingAttach = connection
+            self.feed(self.machine.holdRelayGreeted(connection.greeting))
+        case .failure(let error):
+            guard !self.finished else { return }
+            let settings = self.ruleset.settings
+            self.pendingAttach = self.relay
+            self.clock.relay(self.relay.channel)
+            self.feed(self.machine.holdRelayUnavailable("cannot connect to \(settings.holdRelayHost):\(settings.holdRelayPort): \(error)"))
+        }
+    }
+
+    private func endHold(abort: Bool) {
+        guard let hold = self.hold else { return }
+        self.hold = nil
+        hold.detach()
+        if abort { hold.abort() } else { hold.quit() }
+        self.clock.relay(self.relay.channel)
+        self.pendingAttach = self.relay
     }
 
     private func finish(reusable: Bool) {
@@ -196,6 +302,12 @@ final class SessionDriver {
         // The handler, its context and this driver hold one another: let go of the context
         // so that all three go with the channel.
         self.clientContext = nil
+        self.pendingAttach = nil
+        if let hold = self.hold {
+            self.hold = nil
+            hold.detach()
+            hold.abort()
+        }
         self.done.succeed(reusable)
     }
 
@@ -215,7 +327,7 @@ final class SessionDriver {
         return true
     }
 
-    private var readable: Bool { !self.finished && self.machine.wantsClientBytes && self.relay.channel.isWritable }
+    private var readable: Bool { !self.finished && self.machine.wantsClientBytes && (self.hold ?? self.relay).channel.isWritable }
 
     private func updateReading() {
         if self.heldRead, self.readable {

@@ -179,12 +179,12 @@ struct PolicyService: Sendable {
             logger.warning("policy request deferred: RCPT without a recipient")
             return Replies.policyMalformed
         }
-        let policy = ruleset.policy
-        let rule = policy.rule(for: sender)
+        if let frozen = await self.frozen(sender, ruleset: ruleset, record: record, logger: logger) { return frozen }
+        let rule = ruleset.policy.rule(for: sender)
         let overQuota = rule?.overQuota ?? ruleset.configuration.overQuota
         let now = self.runtime.clock()
         self.open(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now, logger: logger)
-        let evaluation = policy.evaluate(sender: sender, recipients: [recipient])
+        let evaluation = ruleset.policy.evaluate(sender: sender, recipients: [recipient])
         switch evaluation {
         case .allowed:
             self.runtime.reservations.withLock { $0.allow(instance: instance, recipient: recipient) }
@@ -192,7 +192,7 @@ struct PolicyService: Sendable {
             self.log(record, level: .info, logger: logger)
             return .dunno
         case .refused:
-            return self.refuse(Policy.verdict(evaluation, sender: sender, outcome: nil), record: record, atEnd: false, logger: logger)
+            return self.strike(evaluation, outcome: nil, sender: sender, ruleset: ruleset, record: record, logger: logger)
         case .needsQuota(let addresses, let quota, let overQuota, _):
             guard let key = addresses.first else { return .dunno }
             var sweptDead = false
@@ -215,7 +215,7 @@ struct PolicyService: Sendable {
                         sweptDead = true
                         continue
                     }
-                    return self.refuse(Policy.verdict(evaluation, sender: sender, outcome: .success(outcome)), record: record, atEnd: false, logger: logger)
+                    return self.strike(evaluation, outcome: .success(outcome), sender: sender, ruleset: ruleset, record: record, logger: logger)
                 }
                 let reserved = self.runtime.reservations.withLock { $0.reserve(instance: instance, address: key, written: recipient, ifVersion: version) }
                 if reserved {
@@ -227,6 +227,29 @@ struct PolicyService: Sendable {
             record.reason = "<\(recipient)> quota reservation contended"
             self.log(record, level: .warning, logger: logger)
             return Replies.policyBusy
+        }
+    }
+
+    /// A refusal at RCPT that counts towards freezing (each refused recipient counts).
+    private func strike(
+        _ evaluation: Evaluation, outcome: Result<QuotaOutcome, any Error>?, sender: Sender, ruleset: Ruleset,
+        record: DecisionRecord, logger: Logger
+    ) -> PolicyAction {
+        let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
+        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: ruleset)
+        return self.refuse(verdict, record: record, atEnd: false, logger: logger)
+    }
+
+    /// A frozen sender's answer at RCPT (HOLD, or DEFER_IF_PERMIT with `frozen defer`); nil
+    /// when it is not frozen.
+    private func frozen(_ sender: Sender, ruleset: Ruleset, record: DecisionRecord, logger: Logger) async -> PolicyAction? {
+        do {
+            guard let state = try await self.runtime.frozenState(sender, ruleset: ruleset) else { return nil }
+            let verdict = Policy.frozenVerdict(state, sender: sender, action: ruleset.configuration.frozenAction)
+            return self.refuse(verdict, record: record, atEnd: false, logger: logger)
+        } catch {
+            let verdict = Verdict(kind: .defer, reply: Replies.storeUnavailable, reason: "quota store error: \(error)", quota: nil)
+            return self.refuse(verdict, record: record, atEnd: false, logger: logger)
         }
     }
 
@@ -253,6 +276,7 @@ struct PolicyService: Sendable {
             outcome = .failure(error)
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
+        if case .success(let o) = outcome { self.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: self.runtime.ruleset) }
         guard verdict.kind == .relay else { return self.refuse(verdict, record: record, atEnd: true, logger: logger) }
         record.reason = verdict.reason
         record.quota = verdict.quota
@@ -270,6 +294,8 @@ struct PolicyService: Sendable {
         record.quota = verdict.quota
         self.log(record, level: verdict.reply == Replies.storeUnavailable ? .error : .warning, logger: logger)
         if verdict.reply == Replies.storeUnavailable { return Replies.policyStoreUnavailable }
+        // Held: Postfix takes the message and parks it on its own hold queue.
+        if verdict.kind == .hold { return Replies.policyHold(verdict.reply) }
         return atEnd ? Replies.policyActionAtEnd(verdict.reply) : Replies.policyAction(verdict.reply)
     }
 
@@ -330,8 +356,10 @@ struct PolicyService: Sendable {
             case .relay: c.relayed += 1
             case .defer: c.deferred += 1
             case .refuse: c.refused += 1
+            case .hold: c.held += 1
             }
         }
+        self.runtime.notifier.note(record, now: self.runtime.clock(), policy: self.runtime.ruleset.policy)
         logger.log(level: level, "\(record.line)", metadata: RestrictLogHandler.keepsMetadata ? record.metadata : nil)
     }
 }

@@ -117,7 +117,7 @@ final class RelayHandler: ChannelInboundHandler, RemovableChannelHandler {
 /// One connection to the relay, with the greeting and EHLO reply it got.
 final class RelayConnection: Sendable {
     let channel: any Channel
-    private let handler: NIOLoopBound<RelayHandler>
+    let handler: NIOLoopBound<RelayHandler>
     let greeting: SMTPReply
     /// The last HELO/EHLO sent on this connection and the relay's reply to it.
     let hello = Mutex<(command: SMTPCommand, reply: SMTPReply)?>(nil)
@@ -156,7 +156,7 @@ final class RelayConnection: Sendable {
         return RelayConnection(channel: channel, handler: handler, greeting: greeting)
     }
 
-    private static func next(channel: any Channel, handler: NIOLoopBound<RelayHandler>) async throws -> SMTPReply {
+    static func next(channel: any Channel, handler: NIOLoopBound<RelayHandler>) async throws -> SMTPReply {
         let el = channel.eventLoop
         if el.inEventLoop { return try await handler.value.nextReply(el).get() }
         return try await el.flatSubmit { handler.value.nextReply(el) }.get()

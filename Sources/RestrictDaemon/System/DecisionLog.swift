@@ -1,5 +1,6 @@
 // Log keys and the one decision line per message, in Postfix's key=value manner:
 //   QUEUEID: uid=33 user=www-data door=pickup from=<a@b> to=<c@d>,<e@f> verdict=refused reason="..." relay="..."
+//   QUEUEID: uid=33 user=www-data door=pickup from=<a@b> to=<c@d> verdict=held reason="..." held_as=HOLDID relay="..."
 //   NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<a@b> to=<c@d> verdict=refused reason="..."
 // Every value that came from outside is escaped and truncated by LogText first.
 
@@ -17,6 +18,10 @@ enum LogKey {
     static let reason = "reason"
     static let quota = "quota"
     static let relay = "relay"
+    static let heldQueueID = "held_queue_id"
+    /// freeze, thaw: events other than a message's decision.
+    static let event = "event"
+    static let script = "script"
     static let peer = "peer"
     static let peerUID = "peer_uid"
     static let door = "door"
@@ -48,6 +53,10 @@ struct DecisionRecord {
     var reason: String
     var quota: String?
     var relayReply: String?
+    /// A held message: the queue id it has in Postfix's hold queue.
+    var heldQueueID: String? = nil
+    /// The X-PHP-Originating-Script hint, already escaped and truncated (ScriptHint).
+    var script: String? = nil
     var door: Door = .pickup
     /// The SMTP door: the client's address and port.
     var client: String? = nil
@@ -65,6 +74,8 @@ struct DecisionRecord {
         s += " to=\(shown)\(self.to.count > Self.recipientsShown ? ",...(\(self.to.count) in all)" : "")"
         s += " verdict=\(self.verdict.rawValue) reason=\"\(LogText.escape(self.reason, limit: 512))\""
         if let quota { s += " quota=\"\(quota)\"" }
+        if let heldQueueID { s += " held_as=\(LogText.escape(heldQueueID, limit: 64))" }
+        if let script { s += " script=\"\(script)\"" }
         if let sasl { s += " sasl=\"\(LogText.escape(sasl, limit: 128))\"" }
         if let relayReply { s += " relay=\"\(LogText.escape(relayReply, limit: 512))\"" }
         return s
@@ -84,6 +95,8 @@ struct DecisionRecord {
         if let uid { m[LogKey.uid] = .string(String(uid)) }
         if let user { m[LogKey.user] = .string(LogText.escape(user, limit: 64)) }
         if let quota { m[LogKey.quota] = .string(quota) }
+        if let heldQueueID { m[LogKey.heldQueueID] = .string(LogText.escape(heldQueueID, limit: 64)) }
+        if let script { m[LogKey.script] = .string(script) }
         if let relayReply { m[LogKey.relay] = .string(LogText.escape(relayReply, limit: 512)) }
         return m
     }

@@ -1,0 +1,52 @@
+// The admin's side of freezing: --thaw USER, and the frozen lines of --quota.
+
+import Logging
+import QuotaStore
+import RestrictPolicy
+import SMTPCore
+
+extension Admin {
+    /// `restrictpd --thaw USER`: the UID's mail flows again and its counted refusals are
+    /// forgotten. Logged at notice, as the freeze was at crit, where the daemon logs.
+    public static func thaw(configPath: String, user: String) -> AdminOutput {
+        var out = AdminOutput()
+        guard let configuration = load(configPath, into: &out) else { return out }
+        guard let s = self.sender(user), let uid = s.uid else {
+            out.stderr.append("restrictpd: no such user: \(user)")
+            out.status = 1
+            return out
+        }
+        guard SystemFiles.exists(configuration.statePath) else {
+            out.stdout.append("\(s.phrase): not frozen (no quota database at \(configuration.statePath) yet)")
+            return out
+        }
+        guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
+        do {
+            let db = try QuotaDatabase(path: configuration.statePath)
+            defer { db.close() }
+            guard try db.thaw(uid: uid) else {
+                out.stdout.append("\(s.phrase): not frozen")
+                return out
+            }
+            out.stdout.append("\(s.phrase): thawed; its mail flows again")
+            let logger = Logger(label: "restrictpd") { RestrictLogHandler(label: $0, target: LogTarget.auto.resolved(), level: .info) }
+            logger.notice(
+                "\(s.phrase) thawed by restrictpd --thaw",
+                metadata: [LogKey.event: "thaw", LogKey.uid: .string(String(uid)), LogKey.user: .string(LogText.escape(user, limit: 64))])
+        } catch {
+            out.stderr.append("restrictpd: \(error)")
+            out.status = 1
+        }
+        return out
+    }
+
+    /// --quota's lines for frozen UIDs.
+    static func frozenLines(_ list: [FrozenState]) -> [String] {
+        list.map { state in
+            let name = Users.lookup(uid: state.uid)?.name
+            let phrase = Sender.user(uid: state.uid, name: name).phrase
+            return "\(phrase): FROZEN since \(timestamp(state.since)) (freeze after \(LogText.escape(state.reason))); "
+                + "its mail is held or deferred until restrictpd --thaw \(name ?? String(state.uid))"
+        }
+    }
+}

@@ -1,0 +1,163 @@
+// Sends the admin's notifications (restrictpd.conf(5): notify): events are noted at once
+// from sessions (a lock, no I/O), and a loop of its own turns what is due into mails and
+// sends them through the relay, from <> and past restrictpd's own rules (they never reach
+// the content filter). A send that fails is tried again with back-off; sessions never wait.
+
+import Logging
+import NIOCore
+import RestrictPolicy
+import SMTPCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+final class Notifier: Sendable {
+    struct Outgoing {
+        var notification: Notification
+        var attempts = 0
+        var next: Int64
+    }
+    private struct State {
+        var book: NotificationBook
+        var outbox: [Outgoing] = []
+    }
+    /// Tries of one message before it is given up (logged at error).
+    static let maxAttempts = 8
+    static let maxOutbox = 1000
+    private let state: Mutex<State>
+
+    init(_ configuration: Configuration) {
+        let book = NotificationBook(
+            interval: Int64(configuration.value(.notifyInterval)), limit: configuration.value(.notifyLimit))
+        self.state = Mutex(State(book: book))
+    }
+
+    /// A decision line's record, when it is one the admin hears of (refused or held, of a
+    /// known UID with someone to notify).
+    func note(_ record: DecisionRecord, now: Int64, policy: Policy) {
+        guard let uid = record.uid, record.verdict == .refuse || record.verdict == .hold else { return }
+        let kind: NotifyEvent.Kind = record.verdict == .hold ? .held : .refused
+        let event = NotifyEvent(
+            kind: kind, uid: uid, user: record.user, time: now, recipients: record.to,
+            queueID: record.heldQueueID ?? record.queueID, reason: record.reason, quota: record.quota, script: record.script)
+        self.add(event, policy: policy)
+    }
+
+    func add(_ event: NotifyEvent, policy: Policy) {
+        let addresses = policy.notifyAddresses(uid: event.uid)
+        guard !addresses.isEmpty else { return }
+        self.state.withLock { $0.book.add(event, to: addresses) }
+    }
+
+    /// Runs until cancelled: once a second, what is due goes out.
+    func run(runtime: Runtime, eventLoop: any EventLoop) async {
+        let host = Self.hostName()
+        while !Task.isCancelled {
+            await self.tick(runtime: runtime, eventLoop: eventLoop, host: host, now: runtime.clock())
+            do {
+                try await Task.sleep(nanoseconds: 1_000_000_000)
+            } catch {
+                return
+            }
+        }
+    }
+
+    func tick(runtime: Runtime, eventLoop: any EventLoop, host: String, now: Int64) async {
+        let ready = self.state.withLock { s -> [Outgoing] in
+            for n in s.book.due(now: now, host: host) where s.outbox.count < Self.maxOutbox {
+                s.outbox.append(Outgoing(notification: n, next: now))
+            }
+            let ready = s.outbox.filter { $0.next <= now }
+            s.outbox.removeAll { $0.next <= now }
+            return ready
+        }
+        for var item in ready {
+            do {
+                let reply = try await self.send(item.notification, runtime: runtime, eventLoop: eventLoop, host: host, now: now)
+                runtime.logger.info("notification about uid \(item.notification.uid) sent to \(item.notification.to.joined(separator: ",")): \(LogText.escape(reply.description))")
+            } catch {
+                item.attempts += 1
+                guard item.attempts < Self.maxAttempts else {
+                    runtime.logger.error("notification about uid \(item.notification.uid) given up after \(item.attempts) tries: \(error)")
+                    continue
+                }
+                // 60 s, 2, 4 ... minutes, at most an hour apart.
+                item.next = now + min(3600, Int64(60) << (item.attempts - 1))
+                runtime.logger.warning("notification about uid \(item.notification.uid) not sent (try \(item.attempts)), again in \(item.next - now) s: \(error)")
+                let retry = item
+                self.state.withLock { $0.outbox.append(retry) }
+            }
+        }
+    }
+
+    struct Refused: Error, CustomStringConvertible {
+        let step: String
+        let reply: SMTPReply
+        var description: String { "relay answered \(step) with \(LogText.escape(self.reply.description))" }
+    }
+
+    /// One SMTP dialogue with the relay, a new connection each time.
+    private func send(_ n: Notification, runtime: Runtime, eventLoop: any EventLoop, host: String, now: Int64) async throws -> SMTPReply {
+        let ruleset = runtime.ruleset
+        guard let address = ruleset.relayAddress else { throw SystemError("cannot resolve \(ruleset.settings.relayHost)", errno: 0) }
+        let timeout = TimeAmount.seconds(ruleset.settings.relayTimeout)
+        let relay = try await RelayConnection.connect(
+            to: address, on: eventLoop, timeout: .seconds(ruleset.settings.relayConnectTimeout), greetingTimeout: timeout)
+        defer { relay.quit() }
+        guard relay.greeting.code == 220 else { throw Refused(step: "the connection", reply: relay.greeting) }
+        let deadline = eventLoop.scheduleTask(in: timeout) { relay.abort() }
+        defer { deadline.cancel() }
+        let steps = ["EHLO \(host)", "MAIL FROM:<>"] + n.to.map { "RCPT TO:<\($0)>" } + ["DATA"]
+        for step in steps {
+            let reply = try await relay.exchange(step + "\r\n")
+            guard reply.isPositive || (step == "DATA" && reply.code == 354) else { throw Refused(step: step, reply: reply) }
+        }
+        let reply = try await relay.exchange(Self.message(n, host: host, now: now))
+        guard reply.code / 100 == 2 else { throw Refused(step: "the end of data", reply: reply) }
+        return reply
+    }
+
+    /// The message on the wire: headers, the dot-stuffed body in CRLF lines, the end of data.
+    static func message(_ n: Notification, host: String, now: Int64) -> String {
+        var text = "From: restrictpd <MAILER-DAEMON@\(host)>\r\n"
+        text += "To: \(n.to.joined(separator: ", "))\r\n"
+        text += "Subject: \(n.subject)\r\n"
+        text += "Date: \(Self.date(now))\r\n"
+        text += "Message-ID: <restrictpd.\(n.uid).\(now)@\(host)>\r\n"
+        text += "Auto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        for line in n.body.split(separator: "\n", omittingEmptySubsequences: false).dropLast() {
+            text += (line.hasPrefix(".") ? "." : "") + line + "\r\n"
+        }
+        return text + ".\r\n"
+    }
+
+    /// RFC 5322 date, in UTC.
+    static func date(_ t: Int64) -> String {
+        var time = time_t(t)
+        var tm = Glibc.tm()
+        gmtime_r(&time, &tm)
+        var buffer = [CChar](repeating: 0, count: 64)
+        let n = strftime(&buffer, buffer.count, "%a, %d %b %Y %H:%M:%S +0000", &tm)
+        return String(decoding: buffer.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    static func hostName() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count - 1) == 0 else { return "localhost" }
+        let name = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let ok = !name.isEmpty && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") }
+        return ok ? name : "localhost"
+    }
+}
+
+extension RelayConnection {
+    /// Writes `text` and waits for the one reply it asks for (the notifier's dialogue; no
+    /// session is attached to this connection).
+    func exchange(_ text: String) async throws -> SMTPReply {
+        var buffer = ByteBuffer()
+        buffer.writeString(text)
+        try await self.channel.writeAndFlush(buffer)
+        return try await Self.next(channel: self.channel, handler: self.handler)
+    }
+}

@@ -1,0 +1,178 @@
+// Notifications to the admin (restrictpd.conf(5): notify, notify_interval, notify_limit):
+// a UID's first refusal, hold or freeze in an interval is reported at once in one plain-text
+// mail; what follows in the interval waits for the next one, so an attack cannot mail-bomb
+// the admin: at most one message per UID per interval and `limit` messages an hour in all.
+// Pure: the clock is an argument, sending is the daemon's business.
+
+import SMTPCore
+
+/// One thing the admin hears about.
+public struct NotifyEvent: Sendable, Equatable {
+    public enum Kind: String, Sendable, CaseIterable { case refused, held, deferred, frozen, warning }
+    public var kind: Kind
+    public var uid: UInt32
+    public var user: String?
+    /// Seconds since the epoch.
+    public var time: Int64
+    public var recipients: [String]
+    /// The message's queue id (pickup's, or the hold queue's for a held message).
+    public var queueID: String?
+    public var reason: String
+    public var quota: String?
+    /// The X-PHP-Originating-Script hint, escaped and truncated; a sender can forge it.
+    public var script: String?
+
+    public init(kind: Kind, uid: UInt32, user: String?, time: Int64, recipients: [String], queueID: String?, reason: String, quota: String? = nil, script: String? = nil) {
+        self.kind = kind
+        self.uid = uid
+        self.user = user
+        self.time = time
+        self.recipients = recipients
+        self.queueID = queueID
+        self.reason = reason
+        self.quota = quota
+        self.script = script
+    }
+}
+
+/// One mail to the admin.
+public struct Notification: Sendable, Equatable {
+    public var uid: UInt32
+    public var to: [String]
+    public var subject: String
+    public var body: String
+}
+
+extension Policy {
+    /// The share of its quota (percent) at which `sender` is warned about, if any.
+    public func warnAt(for sender: Sender) -> Int? {
+        guard sender.uid != nil else { return nil }
+        return self.rule(for: sender)?.warnAt ?? self.configuration.warnAt
+    }
+
+    /// True when `outcome` has used `percent` of its limit or more (an admitted message only:
+    /// a refused one is reported as refused).
+    public static func warns(_ outcome: QuotaOutcome, percent: Int) -> Bool {
+        outcome.admitted && outcome.limit > 0 && outcome.used * 100 >= outcome.limit * percent
+    }
+
+    /// Where notifications about `uid` go: its rule's list, else the global one.
+    public func notifyAddresses(uid: UInt32) -> [String] {
+        self.rule(for: .user(uid: uid, name: nil))?.notify ?? self.configuration.notify
+    }
+}
+
+public struct NotificationBook: Sendable {
+    /// Sample recipients listed in one message.
+    public static let maxSamples = 20
+    public let interval: Int64
+    /// Messages an hour, over all UIDs.
+    public let limit: Int
+
+    struct Pending {
+        var addresses: [String]
+        var since: Int64
+        var counts: [NotifyEvent.Kind: Int] = [:]
+        var samples: [NotifyEvent] = []
+        var last: NotifyEvent
+    }
+    private var pending: [UInt32: Pending] = [:]
+    private var lastSent: [UInt32: Int64] = [:]
+    private var sent: [Int64] = []
+
+    public init(interval: Int64, limit: Int) {
+        self.interval = interval
+        self.limit = limit
+    }
+
+    /// Notes `event` for the admins at `addresses`.
+    public mutating func add(_ event: NotifyEvent, to addresses: [String]) {
+        guard !addresses.isEmpty else { return }
+        var p = self.pending[event.uid] ?? Pending(addresses: addresses, since: event.time, last: event)
+        p.addresses = addresses
+        p.counts[event.kind, default: 0] += 1
+        if p.samples.count < Self.maxSamples { p.samples.append(event) }
+        p.last = event
+        self.pending[event.uid] = p
+    }
+
+    /// The messages to send now: a UID's pending events when its last message is at least an
+    /// interval old, within the hourly limit (the rest waits for a later call).
+    public mutating func due(now: Int64, host: String) -> [Notification] {
+        self.sent.removeAll { now - $0 >= 3600 }
+        var out: [Notification] = []
+        for uid in self.pending.keys.sorted() {
+            guard let p = self.pending[uid], self.lastSent[uid].map({ now - $0 >= self.interval }) ?? true else { continue }
+            guard self.sent.count < self.limit else { break }
+            out.append(Self.render(p, host: host))
+            self.pending[uid] = nil
+            self.lastSent[uid] = now
+            self.sent.append(now)
+        }
+        return out
+    }
+
+    public var isEmpty: Bool { self.pending.isEmpty }
+}
+
+extension NotificationBook {
+    static func render(_ p: Pending, host: String) -> Notification {
+        let e = p.last
+        // Names, addresses and reasons came from outside: escaped and bounded, as in the log.
+        let user = e.user.map { LogText.escape($0, limit: 64) }
+        let who = user.map { "uid \(e.uid) (\($0))" } ?? "uid \(e.uid)"
+        let word = user ?? String(e.uid)
+        let counts = NotifyEvent.Kind.allCases.compactMap { k in p.counts[k].map { "\($0) \(k.rawValue)" } }.joined(separator: ", ")
+        var lines = [
+            "restrictpd on \(host) stopped mail from \(who).", "",
+            "What happened (since \(Self.utc(p.since))): \(counts).",
+        ]
+        if p.counts[.frozen] != nil {
+            lines.append("The user is FROZEN: every message of it is held or deferred until restrictpd --thaw \(word).")
+        }
+        if let quota = e.quota { lines.append("Quota left after the last message: \(quota).") }
+        lines += ["", "Messages (up to \(Self.maxSamples)):"]
+        for s in p.samples {
+            let rcpts = s.recipients.prefix(Self.maxSamples).map { "<\(LogText.escape($0))>" }.joined(separator: ", ")
+            lines.append("  \(s.kind.rawValue)  queue id \(LogText.escape(s.queueID ?? "none", limit: 64))  to \(rcpts)")
+            lines.append("      \(LogText.escape(s.reason, limit: 512))")
+            if let script = s.script { lines.append("      script (a hint the sender can forge): \(script)") }
+        }
+        lines += [
+            "", "What to do:",
+            "  postqueue -p                 list the queue; held mail is marked with !",
+            "  postcat -q ID                show a message",
+            "  postsuper -H ID              release a held message (delivered without restrictpd)",
+            "  postsuper -d ID              delete a message",
+            "  restrictpd --thaw \(word)".padding(31) + "let a frozen user's mail flow again",
+            "  restrictpd --quota \(word)".padding(31) + "show what its quota has counted",
+            "", "Further events within notify_interval come together in the next message.",
+        ]
+        let subject = "restrictpd: \(who): \(counts)"
+        return Notification(uid: e.uid, to: p.addresses, subject: subject, body: lines.joined(separator: "\n") + "\n")
+    }
+
+    /// "2026-11-29 22:43:57 UTC", by arithmetic (days to civil date, proleptic Gregorian).
+    static func utc(_ t: Int64) -> String {
+        let days = t >= 0 ? t / 86400 : (t - 86399) / 86400
+        let secs = t - days * 86400
+        let z = days + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        func two(_ n: Int64) -> String { n < 10 ? "0\(n)" : "\(n)" }
+        return "\(year)-\(two(month))-\(two(day)) \(two(secs / 3600)):\(two(secs % 3600 / 60)):\(two(secs % 60)) UTC"
+    }
+}
+
+extension String {
+    /// Padded with spaces to `width` characters (at least one space after).
+    fileprivate func padding(_ width: Int) -> String {
+        self + String(repeating: " ", count: max(1, width - self.count))
+    }
+}
