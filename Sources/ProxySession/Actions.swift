@@ -25,6 +25,9 @@ public struct MessageRecord: Sendable, Equatable {
     public var verdict: Verdict.Kind
     public var reason: String
     public var quota: String?
+    /// What is left of the rule's `messages` and `recipients` caps ("47/50 per hour").
+    public var messages: String?
+    public var recipients: String?
     public var relayReply: String?
 
     public init(queueID: String?, uid: UInt32?, user: String?, from: String, to: [String], verdict: Verdict.Kind, reason: String) {

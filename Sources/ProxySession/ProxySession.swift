@@ -295,6 +295,8 @@ public struct ProxySession: Sendable {
             return actions
         }
         m.record.quota = verdict.quota
+        m.record.messages = verdict.messages
+        m.record.recipients = verdict.recipients
         m.record.reason = verdict.reason
         if case .unidentified(let why) = m.identity { m.record.reason += " (unidentified: \(why))" }
         guard verdict.kind == .relay else {

@@ -182,17 +182,45 @@ final class QuotaConnection: @unchecked Sendable {
         if request.record, let start = request.windowStart {
             try self.run(Self.pruneExpired, [.integer(uid), .integer(start)], "pruning")
         }
-        let counted = try self.counted(uid: uid, since: request.windowStart)
-        let (outcome, record) = QuotaArithmetic.decide(request, counted: counted)
+        // Message rows are pruned the same way, before the longest counted cap's window.
+        if request.record, let start = request.caps.pruneBefore(now: request.now) {
+            try self.run(Self.pruneMessages, [.integer(uid), .integer(start)], "pruning messages")
+        }
+        let counted = request.quota == nil ? [] : try self.counted(uid: uid, since: request.windowStart)
+        let volume = try self.volume(request)
+        let (outcome, record, recordMessage) = QuotaArithmetic.decide(request, counted: counted, volume: volume)
         for address in record {
             try self.run(Self.upsert, [.integer(uid), .text(address), .integer(request.now)], "recording")
+        }
+        if recordMessage {
+            try self.run(Self.insertMessage, [.integer(uid), .integer(request.now), .integer(Int64(request.recipients))], "recording a message")
         }
         return outcome
     }
 
     func peek(_ request: QuotaRequest) throws -> QuotaOutcome {
-        let counted = try self.counted(uid: Int64(request.uid), since: request.windowStart)
-        return QuotaArithmetic.decide(request, counted: counted).0
+        let counted = request.quota == nil ? [] : try self.counted(uid: Int64(request.uid), since: request.windowStart)
+        return QuotaArithmetic.decide(request, counted: counted, volume: try self.volume(request)).0
+    }
+
+    private static let pruneMessages = "DELETE FROM quota_message WHERE uid = ?1 AND at < ?2"
+    private static let insertMessage = "INSERT INTO quota_message (uid, at, recipients) VALUES (?1, ?2, ?3)"
+    private static let selectVolume = "SELECT count(*), coalesce(sum(recipients), 0) FROM quota_message WHERE uid = ?1 AND at >= ?2"
+
+    /// Messages and recipients of the uid in each counted cap's window.
+    private func volume(_ request: QuotaRequest) throws -> [VolumeCap.Kind: Int] {
+        var result: [VolumeCap.Kind: Int] = [:]
+        for cap in request.caps.counted {
+            let start = request.now - cap.period.seconds
+            var messages: Int64 = 0
+            var recipients: Int64 = 0
+            try self.query(Self.selectVolume, [.integer(Int64(request.uid)), .integer(start)], "reading messages") {
+                messages = sqlite3_column_int64($0, 0)
+                recipients = sqlite3_column_int64($0, 1)
+            }
+            result[cap.kind] = Int(cap.kind == .messages ? messages : recipients)
+        }
+        return result
     }
 
     private func counted(uid: Int64, since start: Int64?) throws -> Set<String> {
@@ -236,7 +264,9 @@ final class QuotaConnection: @unchecked Sendable {
     func reset(uid: UInt32) throws -> Int {
         let db = try self.handle("resetting")
         try self.run("DELETE FROM quota_address WHERE uid = ?1", [.integer(Int64(uid))], "resetting")
-        return Int(sqlite3_changes64(db))
+        let addresses = Int(sqlite3_changes64(db))
+        try self.run("DELETE FROM quota_message WHERE uid = ?1", [.integer(Int64(uid))], "resetting")
+        return addresses + Int(sqlite3_changes64(db))
     }
 
     // MARK: statements

@@ -25,6 +25,18 @@ enum QuotaSchema {
         ) STRICT, WITHOUT ROWID;
         CREATE INDEX quota_address_by_last_seen ON quota_address (uid, last_seen);
         """,
+        // 1 -> 2: one row per message admitted under a rule with `messages` or `recipients`
+        // caps: when, and how many recipients it had. A cap's use is the count (or the sum of
+        // `recipients`) of the uid's rows in its window. The index serves the window read and
+        // the per-uid prune and covers `recipients`, so neither touches the table itself.
+        """
+        CREATE TABLE quota_message (
+            uid        INTEGER NOT NULL,
+            at         INTEGER NOT NULL,
+            recipients INTEGER NOT NULL
+        ) STRICT;
+        CREATE INDEX quota_message_by_time ON quota_message (uid, at, recipients);
+        """,
     ]
 
     static var currentVersion: Int32 { Int32(migrations.count) }

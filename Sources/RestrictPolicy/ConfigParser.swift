@@ -36,7 +36,7 @@ public enum ConfigParser {
         "recipient_delimiter", "over_quota", "smtp_authenticated",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse"] + capKeys
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -120,6 +120,14 @@ public enum ConfigParser {
                     }
                     rule = Rule(selector: key == "default" ? .default : .unknown, line: lineNumber)
                 }
+                current = rule
+
+            case _ where capKeys.contains(key):
+                guard var rule = current else {
+                    error(lineNumber, "\(key) outside a rule: start one with 'user NAME' or 'default'")
+                    continue
+                }
+                if let why = parseCap(key, args, into: &rule) { error(lineNumber, why) }
                 current = rule
 
             case "allow", "arbitrary", "refuse":
@@ -208,6 +216,9 @@ public enum ConfigParser {
         // A `refuse` rule may carry nothing else.
         for rule in config.rules where rule.refuse && (!rule.allow.isEmpty || rule.quota != nil) {
             error(rule.line, "a rule with 'refuse' cannot also allow or grant arbitrary destinations")
+        }
+        for rule in config.rules where rule.refuse && !rule.caps.isEmpty {
+            error(rule.line, "a rule with 'refuse' sends nothing: it takes no messages, recipients or max_recipients")
         }
         config.rules.removeAll { $0.selector == .user(uid: UInt32.max) }
         if !clientsSeen {

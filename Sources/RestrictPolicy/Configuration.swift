@@ -150,6 +150,8 @@ public struct Rule: Sendable, Equatable {
     public var allow: [AllowPattern] = []
     public var quota: Quota? = nil
     public var overQuota: OverQuota? = nil
+    /// `messages`, `recipients`, `max_recipients`.
+    public var caps = VolumeCaps.none
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.

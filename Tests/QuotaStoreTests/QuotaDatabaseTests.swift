@@ -249,13 +249,13 @@ private func openingOrUsingThrows(_ path: String) async -> Bool {
         let dir = try TempDir()
         let db = try QuotaDatabase(path: dir.file("quota.db"))
         #expect(try db.testingInteger("PRAGMA user_version") == Int64(QuotaDatabase.schemaVersion))
-        #expect(QuotaDatabase.schemaVersion == 1)
+        #expect(QuotaDatabase.schemaVersion == 2)
         #expect(try db.testingInteger("PRAGMA application_id") == Int64(QuotaSchema.applicationID))
         #expect(try db.testingInteger("SELECT count(*) FROM pragma_journal_mode WHERE journal_mode = 'wal'") == 1)
         // Reopening a current file changes nothing and keeps the rows.
         db.close()
         let again = try QuotaDatabase(path: dir.file("quota.db"))
-        #expect(try again.testingInteger("PRAGMA user_version") == 1)
+        #expect(try again.testingInteger("PRAGMA user_version") == 2)
     }
 
     @Test func newerSchemaVersionIsRefused() throws {
@@ -263,11 +263,11 @@ private func openingOrUsingThrows(_ path: String) async -> Bool {
         let path = dir.file("quota.db")
         do {
             let db = try QuotaDatabase(path: path)
-            try db.testingExecute("PRAGMA user_version = 2")
+            try db.testingExecute("PRAGMA user_version = 3")
         }
         for mode in [QuotaDatabase.Mode.readWrite, .readOnly] {
             let error = #expect(throws: QuotaDatabaseError.self) { try QuotaDatabase(path: path, mode: mode) }
-            #expect(error?.message == "quota database schema version 2 is newer than this restrictpd understands (1)")
+            #expect(error?.message == "quota database schema version 3 is newer than this restrictpd understands (2)")
             #expect(error?.description.contains(path) == true)
         }
     }

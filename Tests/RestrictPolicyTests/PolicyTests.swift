@@ -17,11 +17,21 @@ actor FakeQuotaStore: QuotaStore {
         if self.failing { throw Down() }
         var mine = self.rows[request.uid] ?? [:]
         let counted = Set(mine.filter { _, t in request.windowStart.map { t >= $0 } ?? true }.keys)
-        let (outcome, record) = QuotaArithmetic.decide(request, counted: counted)
+        let sent = self.sent[request.uid] ?? []
+        var volume: [VolumeCap.Kind: Int] = [:]
+        for cap in request.caps.counted {
+            let window = sent.filter { $0.at >= request.now - cap.period.seconds }
+            volume[cap.kind] = cap.kind == .messages ? window.count : window.reduce(0) { $0 + $1.recipients }
+        }
+        let (outcome, record, recordMessage) = QuotaArithmetic.decide(request, counted: counted, volume: volume)
         for address in record { mine[address] = request.now }
         self.rows[request.uid] = mine
+        if recordMessage { self.sent[request.uid, default: []].append((request.now, request.recipients)) }
         return outcome
     }
+
+    /// uid -> the messages counted for its volume caps.
+    private(set) var sent: [UInt32: [(at: Int64, recipients: Int)]] = [:]
 
     func counted(_ uid: UInt32) -> Set<String> { Set((self.rows[uid] ?? [:]).keys) }
 }

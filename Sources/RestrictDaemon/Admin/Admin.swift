@@ -98,8 +98,10 @@ public enum Admin {
         // The daemon's own functions: evaluate, the store's answer (a read-only peek), verdict.
         let evaluation = policy.evaluate(sender: sender, recipients: recipients)
         var outcome: Result<QuotaOutcome, any Error>? = nil
-        if let request = Policy.quotaRequest(evaluation, sender: sender, now: now, record: false) {
-            out.stdout.append("outside the allow list: \(request.addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(request.quota))")
+        if let request = Policy.quotaRequest(evaluation, sender: sender, now: now, record: false, recipients: recipients.count) {
+            if let quota = request.quota {
+                out.stdout.append("outside the allow list: \(request.addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(quota))")
+            }
             if SystemFiles.exists(configuration.statePath) {
                 guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
                 do {
@@ -112,12 +114,14 @@ public enum Admin {
                     return out
                 }
             } else {
-                outcome = .success(QuotaArithmetic.decide(request, counted: []).0)
+                outcome = .success(QuotaArithmetic.decide(request, counted: [], volume: [:]).0)
             }
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
         var line = "verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\""
         if let q = verdict.quota { line += " quota=\"\(q)\"" }
+        if let m = verdict.messages { line += " messages=\"\(m)\"" }
+        if let r = verdict.recipients { line += " recipients=\"\(r)\"" }
         if verdict.kind != .relay { line += " reply=\"\(verdict.reply.code) \(verdict.reply.lines[0])\"" }
         out.stdout.append(line)
         out.status = verdict.kind == .relay ? 0 : 2

@@ -131,8 +131,12 @@ final class SessionDriver {
     private func decide(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
         let policy = self.ruleset.policy
         let evaluation = policy.evaluate(sender: sender, recipients: recipients)
-        let held = sender.uid.map { uid in self.runtime.reservations.withLock { $0.held(uid: uid) } } ?? []
-        guard let request = Policy.quotaRequest(evaluation, sender: sender, now: self.runtime.clock(), held: held) else {
+        let (held, volume) = sender.uid.map { uid in
+            self.runtime.reservations.withLock { ($0.held(uid: uid), $0.heldVolume(uid: uid)) }
+        } ?? ([], .zero)
+        let request = Policy.quotaRequest(
+            evaluation, sender: sender, now: self.runtime.clock(), held: held, recipients: recipients.count, heldVolume: volume)
+        guard let request else {
             return self.machine.decided(Policy.verdict(evaluation, sender: sender, outcome: nil))
         }
         self.later { driver -> Result<QuotaOutcome, any Error> in
@@ -167,7 +171,7 @@ final class SessionDriver {
     private func record(_ r: MessageRecord) {
         let record = DecisionRecord(
             queueID: r.queueID, uid: r.uid, user: r.user, from: r.from, to: r.to, verdict: r.verdict,
-            reason: r.reason, quota: r.quota, relayReply: r.relayReply)
+            reason: r.reason, quota: r.quota, relayReply: r.relayReply, messages: r.messages, recipients: r.recipients)
         self.runtime.count { c in
             switch r.verdict {
             case .relay: c.relayed += 1

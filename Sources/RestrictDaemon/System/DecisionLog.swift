@@ -1,6 +1,8 @@
 // Log keys and the one decision line per message, in Postfix's key=value manner:
 //   QUEUEID: uid=33 user=www-data door=pickup from=<a@b> to=<c@d>,<e@f> verdict=refused reason="..." relay="..."
 //   NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<a@b> to=<c@d> verdict=refused reason="..."
+// followed, where the rule has them, by quota="17/20 per day" messages="47/50 per hour"
+// recipients="190/200 per day" (what is left of each).
 // Every value that came from outside is escaped and truncated by LogText first.
 
 import Logging
@@ -16,6 +18,8 @@ enum LogKey {
     static let verdict = "verdict"
     static let reason = "reason"
     static let quota = "quota"
+    static let messages = "messages"
+    static let recipients = "recipients"
     static let relay = "relay"
     static let peer = "peer"
     static let peerUID = "peer_uid"
@@ -42,6 +46,9 @@ struct DecisionRecord {
     var reason: String
     var quota: String?
     var relayReply: String?
+    /// What is left of the rule's `messages` and `recipients` caps ("47/50 per hour").
+    var messages: String? = nil
+    var recipients: String? = nil
     var door: Door = .pickup
     /// The SMTP door: the client's address and port.
     var client: String? = nil
@@ -59,6 +66,8 @@ struct DecisionRecord {
         s += " to=\(shown)\(self.to.count > 20 ? ",...(\(self.to.count) in all)" : "")"
         s += " verdict=\(self.verdict.rawValue) reason=\"\(LogText.escape(self.reason, limit: 512))\""
         if let quota { s += " quota=\"\(quota)\"" }
+        if let messages { s += " messages=\"\(messages)\"" }
+        if let recipients { s += " recipients=\"\(recipients)\"" }
         if let sasl { s += " sasl=\"\(LogText.escape(sasl, limit: 128))\"" }
         if let relayReply { s += " relay=\"\(LogText.escape(relayReply, limit: 512))\"" }
         return s
@@ -78,6 +87,8 @@ struct DecisionRecord {
         if let uid { m[LogKey.uid] = .string(String(uid)) }
         if let user { m[LogKey.user] = .string(LogText.escape(user, limit: 64)) }
         if let quota { m[LogKey.quota] = .string(quota) }
+        if let messages { m[LogKey.messages] = .string(messages) }
+        if let recipients { m[LogKey.recipients] = .string(recipients) }
         if let relayReply { m[LogKey.relay] = .string(LogText.escape(relayReply, limit: 512)) }
         return m
     }
