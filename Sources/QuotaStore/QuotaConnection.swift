@@ -167,7 +167,7 @@ final class QuotaConnection: @unchecked Sendable {
 
     /// The decision for one request and, when admitted, its record; inside a transaction.
     private func decideAndRecord(_ request: QuotaRequest) throws -> QuotaOutcome {
-        let uid = Int64(request.uid)
+        let uid = request.budget
         // Pruning happens here, per uid, with the window of the rule asking now: a row of
         // this uid with last_seen < windowStart is outside this window, and since `now`
         // only moves forward and last_seen is only ever raised, it is outside every later
@@ -199,7 +199,7 @@ final class QuotaConnection: @unchecked Sendable {
     }
 
     func peek(_ request: QuotaRequest) throws -> QuotaOutcome {
-        let counted = request.quota == nil ? [] : try self.counted(uid: Int64(request.uid), since: request.windowStart)
+        let counted = request.quota == nil ? [] : try self.counted(uid: request.budget, since: request.windowStart)
         return QuotaArithmetic.decide(request, counted: counted, volume: try self.volume(request)).0
     }
 
@@ -214,7 +214,7 @@ final class QuotaConnection: @unchecked Sendable {
             let start = request.now - cap.period.seconds
             var messages: Int64 = 0
             var recipients: Int64 = 0
-            try self.query(Self.selectVolume, [.integer(Int64(request.uid)), .integer(start)], "reading messages") {
+            try self.query(Self.selectVolume, [.integer(request.budget), .integer(start)], "reading messages") {
                 messages = sqlite3_column_int64($0, 0)
                 recipients = sqlite3_column_int64($0, 1)
             }
@@ -247,7 +247,8 @@ final class QuotaConnection: @unchecked Sendable {
         if let uid {
             try self.query(sql + " WHERE uid = ?1" + order, [.integer(Int64(uid))], operation, row)
         } else {
-            try self.query(sql + order, [], operation, row)
+            // Shared budgets count under keys above every uid (Rule.budget): not a user's rows.
+            try self.query(sql + " WHERE uid <= 4294967295" + order, [], operation, row)
         }
         return result
     }

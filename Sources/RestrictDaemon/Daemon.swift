@@ -33,7 +33,15 @@ public enum ConfigurationLoader {
         } catch {
             return .failure(ConfigErrors([ConfigError(file: path, line: 0, message: "\(error)")]))
         }
-        return ConfigParser.parse(text, file: path, users: UserResolver { Users.lookup(name: $0)?.uid })
+        let parsed = ConfigParser.parse(
+            text, file: path, users: UserResolver { Users.lookup(name: $0)?.uid }, groups: GroupResolver { Users.groupID(name: $0) })
+        guard case .success(let configuration) = parsed else { return parsed }
+        // Two group rules that both cover an existing user, with nothing more specific, would
+        // leave its rule to the order of the file: refused, naming both lines.
+        let groupRules = configuration.rules.count { if case .group = $0.selector { return true } else { return false } }
+        guard groupRules > 1 else { return parsed }
+        let ambiguous = ConfigParser.ambiguousGroups(configuration, members: Users.allMembers(), file: path)
+        return ambiguous.isEmpty ? parsed : .failure(ConfigErrors(ambiguous))
     }
 }
 
@@ -280,6 +288,7 @@ public enum Daemon {
             }
             runtime.replace(Ruleset(configuration))
             runtime.userNames.forget()
+            runtime.userGroups.forget()
             logger.info("reloaded \(options.configPath): \(configuration.rules.count) rules")
             Systemd.notify("READY=1\nSTATUS=reloaded; \(runtime.snapshot.status)")
         case .failure(let errors):

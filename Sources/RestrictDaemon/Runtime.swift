@@ -72,6 +72,7 @@ public final class Runtime: Sendable {
     let counters = Mutex(Counters())
     let draining = Mutex(false)
     let userNames = UserNames()
+    let userGroups = UserGroups()
     let clock: @Sendable () -> Int64
     /// Quota reserved by open SMTP transactions (the policy service), seen by both doors.
     let reservations: Mutex<Reservations>

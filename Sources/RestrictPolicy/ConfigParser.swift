@@ -35,8 +35,8 @@ public enum ConfigParser {
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
         "recipient_delimiter", "over_quota", "smtp_authenticated",
     ] + Setting.all.map(\.key)
-    public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse"] + capKeys
+    public static let ruleStarts: [String] = ["user", "uid", "group", "default", "unknown"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse", "shared"] + capKeys
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -46,7 +46,9 @@ public enum ConfigParser {
     public static let maxFileSize = 4 << 20
     public static let maxLineLength = 65536
 
-    public static func parse(_ text: String, file: String, users: UserResolver) -> Result<Configuration, ConfigErrors> {
+    public static func parse(
+        _ text: String, file: String, users: UserResolver, groups: GroupResolver = .numericOnly
+    ) -> Result<Configuration, ConfigErrors> {
         var config = Configuration()
         var errors: [ConfigError] = []
         var clientsSeen = false
@@ -120,6 +122,26 @@ public enum ConfigParser {
                     }
                     rule = Rule(selector: key == "default" ? .default : .unknown, line: lineNumber)
                 }
+                current = rule
+
+            case "group", "uid":
+                finish(current)
+                switch parseManyRule(key, args, line: lineNumber, groups: groups) {
+                case .success(let rule):
+                    current = rule
+                case .failure(let why):
+                    error(lineNumber, why.text)
+                    // Keep parsing the rule's body so its own errors are reported too.
+                    current = Rule(selector: .user(uid: UInt32.max), line: lineNumber)
+                    firstLine[.user(uid: UInt32.max)] = nil
+                }
+
+            case "shared":
+                guard var rule = current else {
+                    error(lineNumber, "shared outside a rule: start one with 'group NAME' or 'uid FROM-TO'")
+                    continue
+                }
+                if let why = parseShared(args, into: &rule) { error(lineNumber, why) }
                 current = rule
 
             case _ where capKeys.contains(key):
@@ -221,6 +243,7 @@ public enum ConfigParser {
             error(rule.line, "a rule with 'refuse' sends nothing: it takes no messages, recipients or max_recipients")
         }
         config.rules.removeAll { $0.selector == .user(uid: UInt32.max) }
+        errors += overlappingRanges(config.rules, file: file)
         if !clientsSeen {
             if let uid = users.uid("postfix") {
                 config.clients = [uid]

@@ -129,6 +129,11 @@ public enum AllowPattern: Sendable, Equatable, CustomStringConvertible {
 
 public enum RuleSelector: Sendable, Equatable, Hashable, CustomStringConvertible {
     case user(uid: UInt32)
+    /// `uid FROM-TO`: every uid in the range without a `user` rule.
+    case uidRange(from: UInt32, to: UInt32)
+    /// `group NAME|GID`: every member (primary or supplementary group) without a `user` rule
+    /// or a `uid` range.
+    case group(gid: UInt32)
     /// Every identified user without a rule of its own.
     case `default`
     /// A message whose first header is not pickup's.
@@ -137,6 +142,8 @@ public enum RuleSelector: Sendable, Equatable, Hashable, CustomStringConvertible
     public var description: String {
         switch self {
         case .user(let uid): return "user \(uid)"
+        case .uidRange(let from, let to): return "uid \(from)-\(to)"
+        case .group(let gid): return "group \(gid)"
         case .default: return "default"
         case .unknown: return "unknown"
         }
@@ -152,6 +159,11 @@ public struct Rule: Sendable, Equatable {
     public var overQuota: OverQuota? = nil
     /// `messages`, `recipients`, `max_recipients`.
     public var caps = VolumeCaps.none
+    /// `shared` (group and uid range rules): one budget for all the members, counted in
+    /// the store under `budget` instead of each uid.
+    public var shared = false
+    /// The group name the rule was written with, if any.
+    public var groupName: String? = nil
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.
@@ -161,6 +173,18 @@ public struct Rule: Sendable, Equatable {
         self.selector = selector
         self.userName = userName
         self.line = line
+    }
+
+    /// The store key a `shared` rule counts under: above every uid (which are 32-bit), so a
+    /// shared budget never mixes with one user's. Groups: 2^32 + gid; uid ranges: 2^33 + the
+    /// range's first uid. nil: each uid counts for itself.
+    public var budget: Int64? {
+        guard self.shared else { return nil }
+        switch self.selector {
+        case .group(let gid): return (Int64(1) << 32) + Int64(gid)
+        case .uidRange(let from, _): return (Int64(1) << 33) + Int64(from)
+        case .user, .default, .unknown: return nil
+        }
     }
 }
 

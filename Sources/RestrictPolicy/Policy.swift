@@ -100,11 +100,14 @@ public struct QuotaRequest: Sendable, Equatable {
     public let recipients: Int
     /// Messages and recipients open SMTP transactions of this uid have accepted at RCPT.
     public let heldVolume: HeldVolume
+    /// The key the store counts under: the uid, or a `shared` rule's budget (`Rule.budget`).
+    public let budget: Int64
 
     public init(
         uid: UInt32, addresses: [String], quota: Quota?, now: Int64, held: Set<String> = [], record: Bool = true,
-        caps: VolumeCaps = .none, recipients: Int = 0, heldVolume: HeldVolume = .zero
+        caps: VolumeCaps = .none, recipients: Int = 0, heldVolume: HeldVolume = .zero, budget: Int64? = nil
     ) {
+        self.budget = budget ?? Int64(uid)
         self.uid = uid
         self.addresses = addresses
         self.quota = quota
@@ -212,7 +215,10 @@ public enum Evaluation: Sendable, Equatable {
     /// Some recipients need the quota, or the rule has volume caps; the store must be asked.
     /// `quota` is nil when no recipient needs it (`addresses` is empty then).
     /// `written`: each counted key with the recipient as the client wrote it, for replies.
-    case needsQuota(addresses: [String], quota: Quota?, overQuota: OverQuota, written: [String: String], caps: VolumeCaps = .none)
+    /// `budget`: the store key of a `shared` rule (nil: the uid's own).
+    case needsQuota(
+        addresses: [String], quota: Quota?, overQuota: OverQuota, written: [String: String], caps: VolumeCaps = .none,
+        budget: Int64? = nil)
     /// A recipient no rule allows: the message is refused (550 5.7.1).
     case refused(recipient: String, reason: String)
 }
@@ -256,25 +262,50 @@ public struct Verdict: Sendable, Equatable {
 public struct Policy: Sendable {
     public let configuration: Configuration
     private let rules: [RuleSelector: Rule]
+    /// `uid` range rules, and `group` rules in file order.
+    private let ranges: [Rule]
+    private let groupRules: [Rule]
 
     public init(_ configuration: Configuration) {
         self.configuration = configuration
         self.rules = configuration.rulesBySelector
+        self.ranges = configuration.rules.filter { if case .uidRange = $0.selector { return true } else { return false } }
+        self.groupRules = configuration.rules.filter { if case .group = $0.selector { return true } else { return false } }
     }
 
-    public func rule(for sender: Sender) -> Rule? {
+    /// True when some rule is chosen by group: the daemon then looks the sender's groups up.
+    public var needsGroups: Bool { !self.groupRules.isEmpty }
+
+    /// The sender's rule, from most to least specific: `user`, `uid` range, `group` (the
+    /// first in the file among the sender's `groups`, primary and supplementary), `default`.
+    public func rule(for sender: Sender, groups: [UInt32] = []) -> Rule? {
         switch sender {
         case .user(let uid, _):
-            return self.rules[.user(uid: uid)] ?? self.rules[.default]
+            if let rule = self.ruleBeforeGroups(uid: uid) { return rule }
+            if !groups.isEmpty, let rule = self.groupRules.first(where: { rule in
+                if case .group(let gid) = rule.selector { return groups.contains(gid) } else { return false }
+            }) {
+                return rule
+            }
+            return self.rules[.default]
         case .unidentified:
             return self.rules[.unknown]
         }
     }
 
-    /// Checks every recipient against the sender's rule.
-    public func evaluate(sender: Sender, recipients: [String]) -> Evaluation {
+    /// The `user` rule or `uid` range of `uid`, if any.
+    public func ruleBeforeGroups(uid: UInt32) -> Rule? {
+        if let rule = self.rules[.user(uid: uid)] { return rule }
+        return self.ranges.first { rule in
+            if case .uidRange(let from, let to) = rule.selector { return (from...to).contains(uid) } else { return false }
+        }
+    }
+
+    /// Checks every recipient against the sender's rule (`groups`: the sender's groups, for
+    /// `group` rules).
+    public func evaluate(sender: Sender, recipients: [String], groups: [UInt32] = []) -> Evaluation {
         let delimiter = self.configuration.recipientDelimiter
-        guard let rule = self.rule(for: sender) else {
+        guard let rule = self.rule(for: sender, groups: groups) else {
             let why = sender.uid == nil ? "no unknown rule" : "no rule and no default rule"
             return .refused(recipient: recipients.first ?? "", reason: why)
         }
@@ -298,15 +329,17 @@ public struct Policy: Sendable {
         let quota = needQuota.isEmpty ? nil : rule.quota
         if quota == nil && caps.isEmpty { return .allowed }
         let overQuota = rule.overQuota ?? self.configuration.overQuota
-        return .needsQuota(addresses: needQuota, quota: quota, overQuota: overQuota, written: written, caps: caps)
+        return .needsQuota(addresses: needQuota, quota: quota, overQuota: overQuota, written: written, caps: caps, budget: rule.budget)
     }
 
     /// The whole decision, asking `store` when a quota is involved.
     /// The whole decision: what the rules say, the store asked once when a quota is
     /// involved (`held`: addresses the uid's open SMTP transactions reserved), and the
     /// verdict of the two. The daemon's one place that awaits the store.
-    public func decide(sender: Sender, recipients: [String], store: any QuotaStore, now: Int64, held: Set<String> = []) async -> Verdict {
-        let evaluation = self.evaluate(sender: sender, recipients: recipients)
+    public func decide(
+        sender: Sender, recipients: [String], store: any QuotaStore, now: Int64, held: Set<String> = [], groups: [UInt32] = []
+    ) async -> Verdict {
+        let evaluation = self.evaluate(sender: sender, recipients: recipients, groups: groups)
         let request = Self.quotaRequest(evaluation, sender: sender, now: now, held: held, recipients: recipients.count)
         guard let request else {
             return Self.verdict(evaluation, sender: sender, outcome: nil)
@@ -325,10 +358,10 @@ public struct Policy: Sendable {
         _ evaluation: Evaluation, sender: Sender, now: Int64, held: Set<String> = [], record: Bool = true,
         recipients: Int = 0, heldVolume: HeldVolume = .zero
     ) -> QuotaRequest? {
-        guard case .needsQuota(let addresses, let quota, _, _, let caps) = evaluation, let uid = sender.uid else { return nil }
+        guard case .needsQuota(let addresses, let quota, _, _, let caps, let budget) = evaluation, let uid = sender.uid else { return nil }
         return QuotaRequest(
             uid: uid, addresses: addresses, quota: quota, now: now, held: held, record: record,
-            caps: caps, recipients: recipients, heldVolume: heldVolume)
+            caps: caps, recipients: recipients, heldVolume: heldVolume, budget: budget)
     }
 
     /// The verdict of an evaluation and, where a quota was involved, the store's answer (nil:
@@ -339,7 +372,7 @@ public struct Policy: Sendable {
             return .relay(reason: "allowed", quota: nil)
         case .refused(let rcpt, let reason):
             return Verdict(kind: .refuse, reply: Replies.notPermitted(rcpt, who: Self.who(sender)), reason: "<\(rcpt)> \(reason)", quota: nil)
-        case .needsQuota(let addresses, let quota, let overQuota, let written, _):
+        case .needsQuota(let addresses, let quota, let overQuota, let written, _, _):
             guard sender.uid != nil, let outcome else {
                 return Verdict(kind: .refuse, reply: Replies.notPermitted(addresses.first ?? "", who: Self.who(sender)), reason: "no uid", quota: nil)
             }

@@ -47,6 +47,8 @@ public struct Reservations: Sendable {
         public var committing = false
         /// The rule's volume caps, spent at END-OF-MESSAGE.
         public var caps = VolumeCaps.none
+        /// A `shared` rule's store key (nil: the uid's own).
+        public var budget: Int64? = nil
 
         /// Recipients accepted so far (allowed and reserved): what the message spends of a
         /// `recipients` cap.
@@ -132,9 +134,10 @@ public struct Reservations: Sendable {
         return true
     }
 
-    /// Sets the caps the transaction spends at END-OF-MESSAGE.
-    public mutating func setCaps(instance: String, caps: VolumeCaps) {
+    /// Sets the caps the transaction spends at END-OF-MESSAGE, and the budget it counts under.
+    public mutating func setCaps(instance: String, caps: VolumeCaps, budget: Int64? = nil) {
         self.transactions[instance]?.caps = caps
+        self.transactions[instance]?.budget = budget
     }
 
     /// Holds `address` for `instance`, if nothing changed for its uid since `version` was

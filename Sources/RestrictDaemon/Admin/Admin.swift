@@ -81,9 +81,10 @@ public enum Admin {
             return out
         }
         let policy = Policy(configuration)
-        guard let rule = policy.rule(for: sender) else {
+        let groups = policy.needsGroups ? sender.uid.flatMap { Users.groups(uid: $0) } ?? [] : []
+        guard let rule = policy.rule(for: sender, groups: groups) else {
             out.stdout.append("\(sender.phrase): no rule applies (no \(sender.uid == nil ? "unknown" : "default") rule): refused")
-            let verdict = Policy.verdict(policy.evaluate(sender: sender, recipients: recipients), sender: sender, outcome: nil)
+            let verdict = Policy.verdict(policy.evaluate(sender: sender, recipients: recipients, groups: groups), sender: sender, outcome: nil)
             out.stdout.append("verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\" reply=\"\(verdict.reply.code) \(verdict.reply.lines[0])\"")
             out.status = 2
             return out
@@ -91,12 +92,14 @@ public enum Admin {
         let ruleName: String
         switch rule.selector {
         case .user: ruleName = "user \(rule.userName ?? String(sender.uid ?? 0))"
+        case .uidRange(let from, let to): ruleName = "uid \(from)-\(to)"
+        case .group(let gid): ruleName = "group \(rule.groupName ?? String(gid))"
         case .default: ruleName = "default"
         case .unknown: ruleName = "unknown"
         }
         out.stdout.append("\(sender.phrase): rule '\(ruleName)' at \(configPath):\(rule.line)")
         // The daemon's own functions: evaluate, the store's answer (a read-only peek), verdict.
-        let evaluation = policy.evaluate(sender: sender, recipients: recipients)
+        let evaluation = policy.evaluate(sender: sender, recipients: recipients, groups: groups)
         var outcome: Result<QuotaOutcome, any Error>? = nil
         if let request = Policy.quotaRequest(evaluation, sender: sender, now: now, record: false, recipients: recipients.count) {
             if let quota = request.quota {

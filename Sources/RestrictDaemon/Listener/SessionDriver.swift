@@ -129,8 +129,16 @@ final class SessionDriver {
 
     /// The policy: at once when no quota is involved, otherwise after the store answered.
     private func decide(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
+        // `group` rules need the sender's groups: from the cache, or looked up off the loop.
+        guard self.ruleset.policy.needsGroups, let uid = sender.uid else { return self.decide(sender, recipients, groups: []) }
+        if let groups = self.runtime.userGroups.cached(uid) { return self.decide(sender, recipients, groups: groups) }
+        self.later { await $0.runtime.userGroups.groups(uid) } then: { $0.decide(sender, recipients, groups: $1) }
+        return []
+    }
+
+    private func decide(_ sender: Sender, _ recipients: [String], groups: [UInt32]) -> [SessionAction] {
         let policy = self.ruleset.policy
-        let evaluation = policy.evaluate(sender: sender, recipients: recipients)
+        let evaluation = policy.evaluate(sender: sender, recipients: recipients, groups: groups)
         let (held, volume) = sender.uid.map { uid in
             self.runtime.reservations.withLock { ($0.held(uid: uid), $0.heldVolume(uid: uid)) }
         } ?? ([], .zero)

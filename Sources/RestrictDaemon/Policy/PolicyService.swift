@@ -163,12 +163,13 @@ struct PolicyService: Sendable {
             return Replies.policyMalformed
         }
         let policy = ruleset.policy
-        let rule = policy.rule(for: sender)
+        let groups = policy.needsGroups ? await self.runtime.userGroups.groups(uid) : []
+        let rule = policy.rule(for: sender, groups: groups)
         let overQuota = rule?.overQuota ?? ruleset.configuration.overQuota
         let now = self.runtime.clock()
         let opening = Opening(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now)
         self.open(opening, logger: logger)
-        let evaluation = policy.evaluate(sender: sender, recipients: [recipient])
+        let evaluation = policy.evaluate(sender: sender, recipients: [recipient], groups: groups)
         switch evaluation {
         case .allowed:
             self.runtime.reservations.withLock { $0.allow(instance: instance, recipient: recipient) }
@@ -177,8 +178,8 @@ struct PolicyService: Sendable {
             return .dunno
         case .refused:
             return self.refuse(Policy.verdict(evaluation, sender: sender, outcome: nil), record: record, atEnd: false, logger: logger)
-        case .needsQuota(let addresses, _, _, _, let caps):
-            self.runtime.reservations.withLock { $0.setCaps(instance: instance, caps: caps) }
+        case .needsQuota(let addresses, _, _, _, let caps, let budget):
+            self.runtime.reservations.withLock { $0.setCaps(instance: instance, caps: caps, budget: budget) }
             let reservation = Reservation(
                 opening: opening, sender: sender, recipient: recipient, key: addresses.first, evaluation: evaluation)
             return await self.reserve(reservation, record: record, logger: logger)
@@ -275,13 +276,14 @@ struct PolicyService: Sendable {
         let reserved = t.addresses.map { t.written[$0] ?? $0 }
         record.to = t.caps.isEmpty ? reserved : t.allowed + reserved
         let (held, volume) = self.runtime.reservations.withLock { ($0.held(uid: uid, excluding: instance), $0.heldVolume(uid: uid, excluding: instance)) }
-        let evaluation = Evaluation.needsQuota(addresses: t.addresses, quota: quota, overQuota: t.overQuota, written: t.written, caps: t.caps)
+        let evaluation = Evaluation.needsQuota(
+            addresses: t.addresses, quota: quota, overQuota: t.overQuota, written: t.written, caps: t.caps, budget: t.budget)
         let outcome: Result<QuotaOutcome, any Error>
         do {
             outcome = .success(try await self.runtime.store.admit(
                 QuotaRequest(
                     uid: uid, addresses: t.addresses, quota: quota, now: self.runtime.clock(), held: held,
-                    caps: t.caps, recipients: t.accepted, heldVolume: volume)))
+                    caps: t.caps, recipients: t.accepted, heldVolume: volume, budget: t.budget)))
         } catch {
             outcome = .failure(error)
         }
