@@ -181,7 +181,8 @@ public enum Daemon {
         } catch {
             logger.error("quota database \(configuration.statePath) unavailable (quota decisions will be deferred with 451 4.3.0 until it opens): \(error)")
         }
-        let runtime = Runtime(ruleset: Ruleset(configuration), store: store, logger: logger)
+        let localDomains = (try? await Offload.run { PostfixDomains.read(for: configuration, logger: logger) }) ?? []
+        let runtime = Runtime(ruleset: Ruleset(configuration, localDomains: localDomains), store: store, logger: logger)
         let registry = SessionRegistry()
         let handler = ConnectionHandler(runtime: runtime, registry: registry, group: group)
         let policyService = PolicyService(runtime: runtime)
@@ -286,7 +287,7 @@ public enum Daemon {
             if !configuration.peerCheck, old.peerCheck {
                 logger.warning("reload: peer_check is now off: any local user who can connect can claim any uid")
             }
-            runtime.replace(Ruleset(configuration))
+            runtime.replace(Ruleset(configuration, localDomains: PostfixDomains.read(for: configuration, logger: logger)))
             runtime.userNames.forget()
             runtime.userGroups.forget()
             logger.info("reloaded \(options.configPath): \(configuration.rules.count) rules")

@@ -44,9 +44,9 @@ public struct Ruleset: Sendable {
     /// The relay's address, resolved once per load rather than once per session.
     public let relayAddress: SocketAddress?
 
-    public init(_ configuration: Configuration) {
+    public init(_ configuration: Configuration, localDomains: Set<String> = []) {
         self.configuration = configuration
-        self.policy = Policy(configuration)
+        self.policy = Policy(configuration, localDomains: localDomains)
         self.settings = SessionSettings(configuration)
         self.clients = Set(configuration.clients)
         self.relayAddress = try? SocketAddress.makeAddressResolvingHost(configuration.relayHost, port: configuration.relayPort)

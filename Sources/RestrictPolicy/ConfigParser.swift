@@ -33,7 +33,7 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated",
+        "recipient_delimiter", "over_quota", "smtp_authenticated", "postconf_dir",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "uid", "group", "default", "unknown"]
     public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse", "shared"] + capKeys
@@ -267,6 +267,7 @@ public enum ConfigParser {
     static func parsePattern(_ arg: String) -> Result<AllowPattern, PatternError> {
         let lower = arg.lowercased()
         if lower == "*" { return .success(.any) }
+        if lower == "local" { return .success(.local) }
         if lower.hasPrefix("@.") {
             let d = String(lower.dropFirst(2))
             return isDomain(d) ? .success(.domainAndSubdomains(d)) : .failure(.init("bad domain"))
@@ -358,6 +359,10 @@ public enum ConfigParser {
             guard let v = one() else { return }
             guard v.hasPrefix("/") else { return error(line, "state must be an absolute path") }
             config.statePath = v
+        case "postconf_dir":
+            guard let v = one() else { return }
+            guard v.hasPrefix("/") else { return error(line, "postconf_dir must be an absolute path") }
+            config.postconfDir = v
         case "recipient_delimiter":
             guard let v = one() else { return }
             guard v.count <= 8, v.allSatisfy({ $0.isASCII && !$0.isLetter && !$0.isNumber && $0 != "@" }) else {

@@ -116,6 +116,8 @@ public enum AllowPattern: Sendable, Equatable, CustomStringConvertible {
     case domain(String)
     /// "@.example.org": that domain and every subdomain.
     case domainAndSubdomains(String)
+    /// "local": the domains Postfix delivers itself (`LocalDomains`).
+    case local
 
     public var description: String {
         switch self {
@@ -123,6 +125,7 @@ public enum AllowPattern: Sendable, Equatable, CustomStringConvertible {
         case .address(let a): return a
         case .domain(let d): return "@\(d)"
         case .domainAndSubdomains(let d): return "@.\(d)"
+        case .local: return "local"
         }
     }
 }
@@ -202,6 +205,9 @@ public struct Configuration: Sendable, Equatable {
     public var unixSocketMode: UInt32 = 0o660
     public var unixSocketGroup: String? = nil
     public var statePath = "/var/lib/restrictpd/quota.db"
+    /// `postconf_dir`: the Postfix instance whose local domains `allow local` matches
+    /// (postconf -c); nil: the default instance.
+    public var postconfDir: String? = nil
     public var recipientDelimiter = ""
     public var overQuota: OverQuota = .defer
     /// Numeric settings by key; absent keys take the setting's default.
@@ -211,6 +217,9 @@ public struct Configuration: Sendable, Equatable {
     public init() {}
 
     public func value(_ setting: Setting) -> Int { self.values[setting.key] ?? setting.defaultValue }
+
+    /// True when some rule says `allow local`: the daemon then reads Postfix's local domains.
+    public var usesLocalDomains: Bool { self.rules.contains { $0.allow.contains(.local) } }
 
     public func rule(for selector: RuleSelector) -> Rule? { self.rules.first { $0.selector == selector } }
 

@@ -53,14 +53,15 @@ public enum AddressKey {
 }
 
 extension AllowPattern {
-    /// `address` is lower-cased; `key` is its normalized form.
-    public func matches(address: String, key: String) -> Bool {
+    /// `address` is lower-cased; `key` is its normalized form; `local`: the domains Postfix
+    /// delivers itself, for `allow local`.
+    public func matches(address: String, key: String, local: Set<String> = []) -> Bool {
         if AddressKey.routesOnward(address) {
             // Only "*" or the very address may allow a routing local part (see routesOnward).
             switch self {
             case .any: return true
             case .address(let a): return a == address
-            case .domain, .domainAndSubdomains: return false
+            case .domain, .domainAndSubdomains, .local: return false
             }
         }
         switch self {
@@ -73,6 +74,8 @@ extension AllowPattern {
         case .domainAndSubdomains(let d):
             guard let domain = AddressKey.domain(of: key) else { return false }
             return domain == d || domain.hasSuffix("." + d)
+        case .local:
+            return AddressKey.domain(of: key).map { local.contains(String($0)) } ?? false
         }
     }
 }
@@ -265,9 +268,12 @@ public struct Policy: Sendable {
     /// `uid` range rules, and `group` rules in file order.
     private let ranges: [Rule]
     private let groupRules: [Rule]
+    /// The domains `allow local` matches (read from Postfix by the daemon).
+    public let localDomains: Set<String>
 
-    public init(_ configuration: Configuration) {
+    public init(_ configuration: Configuration, localDomains: Set<String> = []) {
         self.configuration = configuration
+        self.localDomains = localDomains
         self.rules = configuration.rulesBySelector
         self.ranges = configuration.rules.filter { if case .uidRange = $0.selector { return true } else { return false } }
         self.groupRules = configuration.rules.filter { if case .group = $0.selector { return true } else { return false } }
@@ -315,7 +321,7 @@ public struct Policy: Sendable {
         for recipient in recipients {
             let lower = recipient.lowercased()
             let key = AddressKey.normalize(recipient, delimiter: delimiter)
-            if !rule.refuse, rule.allow.contains(where: { $0.matches(address: lower, key: key) }) { continue }
+            if !rule.refuse, rule.allow.contains(where: { $0.matches(address: lower, key: key, local: self.localDomains) }) { continue }
             guard let quota = rule.quota, quota.limit > 0, sender.uid != nil else {
                 return .refused(recipient: recipient, reason: rule.refuse ? "rule refuses all" : "not on the allow list")
             }

@@ -3,6 +3,7 @@
 // (SQLite's busy timeout lets them run beside it). --test and --quota never write.
 
 import RestrictPolicy
+import Logging
 import QuotaStore
 import SMTPCore
 
@@ -80,7 +81,7 @@ public enum Admin {
             out.status = 1
             return out
         }
-        let policy = Policy(configuration)
+        let policy = Policy(configuration, localDomains: PostfixDomains.read(for: configuration, logger: Logger(label: "restrictpd")))
         let groups = policy.needsGroups ? sender.uid.flatMap { Users.groups(uid: $0) } ?? [] : []
         guard let rule = policy.rule(for: sender, groups: groups) else {
             out.stdout.append("\(sender.phrase): no rule applies (no \(sender.uid == nil ? "unknown" : "default") rule): refused")
