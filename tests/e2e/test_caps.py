@@ -2,6 +2,7 @@
 allowed address (the content filter door, sendmail -> pickup -> restrictpd)."""
 
 import re
+import subprocess
 import time
 
 import pytest
@@ -43,3 +44,77 @@ def test_messages_five_per_hour_sixth_waits(postfix, sink, restrictpd_factory, r
     [deferred] = rpd.grep(rf"user={rpdtest_user} .*verdict=deferred")
     assert 'reason="over the messages cap (5 messages per hour)"' in deferred
     assert 'messages="0/5 per hour"' in deferred
+
+
+# ----------------------------------------------------------------------------------------------
+# rules for many users: a group rule covers two new system users
+
+
+@pytest.fixture
+def group_users(e2e_environment):
+    """Two throw-away system users in a throw-away group (the first by primary group, the
+    second by supplementary group), removed afterwards."""
+    group, users = "rpdcapsgrp", ["rpdcaps1", "rpdcaps2"]
+    harness.run(["groupadd", "--system", group])
+    try:
+        harness.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-g", group, users[0]])
+        harness.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-G", group, users[1]])
+        yield group, users
+    finally:
+        for u in users:
+            harness.remove_user(u)
+        subprocess.run(["groupdel", group], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+
+
+def test_group_rule_covers_two_new_users(postfix, sink, restrictpd_factory, group_users):
+    group, users = group_users
+    rules = (f"group {group}\n"
+             f"    allow webmaster@example.org\n"
+             f"    messages 1 per hour\n\n" + harness.STANDARD_RULES)
+    rpd = restrictpd_factory(rules=rules)
+    for u in users:
+        for rcpt in ("webmaster@example.org", "stranger@example.com"):
+            msg, _ = make_message(sender=f"{u}@lab.localdomain", to=[rcpt], subject=f"group {u} {rcpt}", body="x\n")
+            postfix.sendmail([rcpt], msg, user=u)
+    sink.wait_for(2, DELIVERY_TIMEOUT)
+    for u in users:
+        rpd.wait_log(rf"user={u} .*to=<stranger@example\.com> verdict=refused")
+        [relayed] = rpd.wait_log(rf"user={u} .*to=<webmaster@example\.org> verdict=relayed")
+        # Each member has its own budget of one message an hour.
+        assert 'messages="0/1 per hour"' in relayed
+    time.sleep(SETTLE)
+    # The sink also gets the bounces of the refused messages (null sender).
+    sent = [m for m in sink.messages() if m.mail_from]
+    assert sorted(m.mail_from for m in sent) == sorted(f"{u}@lab.localdomain" for u in users)
+    assert all(m.rcpts == ["webmaster@example.org"] for m in sent)
+
+
+# ----------------------------------------------------------------------------------------------
+# allow local: the domains the instance delivers itself
+
+
+def test_allow_local_reaches_mydestination_refuses_another(postfix, sink, restrictpd_factory, rpdtest_user):
+    postconf = "/usr/sbin/postconf"
+    etc = str(postfix.etc)
+    # The instance delivers local.example itself, and hands its "local" mail to the sink.
+    harness.run([postconf, "-c", etc, "-e", "mydestination = local.example",
+                 f"local_transport = smtp:[127.0.0.1]:{postfix.sink_port}"])
+    postfix.reload()
+    try:
+        rules = (f"postconf_dir {etc}\n"
+                 f"user {rpdtest_user}\n"
+                 f"    allow local\n\n" + harness.STANDARD_RULES)
+        rpd = restrictpd_factory(rules=rules)
+        rpd.wait_log(r"allow local: 1 domains Postfix delivers itself: local\.example")
+        for rcpt in ("alice@local.example", "bob@example.com"):
+            msg, _ = make_message(sender=f"{rpdtest_user}@lab.localdomain", to=[rcpt], subject=f"local {rcpt}", body="x\n")
+            postfix.sendmail([rcpt], msg, user=rpdtest_user)
+        sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "alice@local.example" in m.rcpts)
+        rpd.wait_log(r"to=<alice@local\.example> verdict=relayed")
+        rpd.wait_log(r"to=<bob@example\.com> verdict=refused")
+        time.sleep(SETTLE)
+        assert [r for m in sink.messages() if m.mail_from for r in m.rcpts] == ["alice@local.example"]
+    finally:
+        harness.run([postconf, "-c", etc, "-e", "mydestination =",
+                     "local_transport = error:local delivery is disabled in this test instance"])
+        postfix.reload()
