@@ -28,6 +28,8 @@ public struct MessageRecord: Sendable, Equatable {
     /// What is left of the rule's `messages` and `recipients` caps ("47/50 per hour").
     public var messages: String?
     public var recipients: String?
+    /// The addresses outside the allow list the decision counted, for the statistics.
+    public var strangers: [String] = []
     public var relayReply: String?
 
     public init(queueID: String?, uid: UInt32?, user: String?, from: String, to: [String], verdict: Verdict.Kind, reason: String) {

@@ -297,6 +297,7 @@ public struct ProxySession: Sendable {
         m.record.quota = verdict.quota
         m.record.messages = verdict.messages
         m.record.recipients = verdict.recipients
+        m.record.strangers = verdict.strangers
         m.record.reason = verdict.reason
         if case .unidentified(let why) = m.identity { m.record.reason += " (unidentified: \(why))" }
         guard verdict.kind == .relay else {

@@ -203,6 +203,12 @@ final class QuotaConnection: @unchecked Sendable {
         return QuotaArithmetic.decide(request, counted: counted, volume: try self.volume(request)).0
     }
 
+    /// What the uid (or shared budget) has used of each counted cap in its window now.
+    func capStates(uid: UInt32, budget: Int64?, caps: VolumeCaps, now: Int64) throws -> [VolumeCapState] {
+        let request = QuotaRequest(uid: uid, addresses: [], quota: nil, now: now, caps: caps, budget: budget)
+        return QuotaArithmetic.decideCaps(request, counted: try self.volume(request)).states
+    }
+
     private static let pruneMessages = "DELETE FROM quota_message WHERE uid = ?1 AND at < ?2"
     private static let insertMessage = "INSERT INTO quota_message (uid, at, recipients) VALUES (?1, ?2, ?3)"
     private static let selectVolume = "SELECT count(*), coalesce(sum(recipients), 0) FROM quota_message WHERE uid = ?1 AND at >= ?2"
@@ -268,6 +274,48 @@ final class QuotaConnection: @unchecked Sendable {
         let addresses = Int(sqlite3_changes64(db))
         try self.run("DELETE FROM quota_message WHERE uid = ?1", [.integer(Int64(uid))], "resetting")
         return addresses + Int(sqlite3_changes64(db))
+    }
+
+    // MARK: statistics
+
+    private static let addStats = """
+        INSERT INTO stats_hour (uid, hour, relayed, refused, deferred, strangers) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        ON CONFLICT (uid, hour) DO UPDATE SET relayed = relayed + excluded.relayed, refused = refused + excluded.refused,
+            deferred = deferred + excluded.deferred, strangers = strangers + excluded.strangers
+        """
+
+    /// Adds `rows` and drops the hours before `keepFrom`, in one transaction: the table holds
+    /// at most the retention's hours for each uid that sent mail.
+    func addStats(_ rows: [StatsRow], keepFrom: Int64) throws {
+        try self.execute("BEGIN IMMEDIATE", "starting a write transaction")
+        do {
+            for r in rows {
+                let values: [Value] = [
+                    .integer(Int64(r.uid)), .integer(r.hour), .integer(Int64(r.relayed)), .integer(Int64(r.refused)),
+                    .integer(Int64(r.deferred)), .integer(Int64(r.strangers)),
+                ]
+                try self.run(Self.addStats, values, "adding statistics")
+            }
+            try self.run("DELETE FROM stats_hour WHERE hour < ?1", [.integer(keepFrom)], "pruning statistics")
+            try self.execute("COMMIT", "committing")
+        } catch {
+            self.rollback()
+            throw error
+        }
+    }
+
+    /// The rows of `uid` (all when nil) from hour `since` on, by uid and hour.
+    func stats(uid: UInt32?, since: Int64) throws -> [StatsRow] {
+        var rows: [StatsRow] = []
+        let sql = "SELECT uid, hour, relayed, refused, deferred, strangers FROM stats_hour WHERE hour >= ?1 AND (?2 < 0 OR uid = ?2) ORDER BY uid, hour"
+        try self.query(sql, [.integer(since), .integer(uid.map(Int64.init) ?? -1)], "reading statistics") { s in
+            guard let uid = UInt32(exactly: sqlite3_column_int64(s, 0)) else { return }
+            rows.append(StatsRow(
+                uid: uid, hour: sqlite3_column_int64(s, 1), relayed: Int(sqlite3_column_int64(s, 2)),
+                refused: Int(sqlite3_column_int64(s, 3)), deferred: Int(sqlite3_column_int64(s, 4)),
+                strangers: Int(sqlite3_column_int64(s, 5))))
+        }
+        return rows
     }
 
     // MARK: statements

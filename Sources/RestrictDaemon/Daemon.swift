@@ -242,6 +242,7 @@ public enum Daemon {
             }
             tasks.cancelAll()
         }
+        await runtime.flushStats()
         logger.info("stopped: \(runtime.snapshot.status)")
         return 0
     }
@@ -260,6 +261,8 @@ public enum Daemon {
                 await policy.sweep(logger: runtime.logger)
             }
             if sinceStatus >= statusEvery || lastStatus.isEmpty {
+                // Statistics reach the store every few seconds, not once per message.
+                await runtime.flushStats()
                 let status = runtime.snapshot.status
                 if status != lastStatus { Systemd.status(status) }
                 lastStatus = status

@@ -5,6 +5,7 @@ public import Logging
 public import NIOCore
 public import RestrictPolicy
 public import SMTPCore
+import QuotaStore
 
 /// The settings one session runs under, taken from the configuration when it starts.
 public struct SessionSettings: Sendable {
@@ -73,6 +74,8 @@ public final class Runtime: Sendable {
     let draining = Mutex(false)
     let userNames = UserNames()
     let userGroups = UserGroups()
+    /// Decisions not yet added to the store's statistics (`flushStats`).
+    let stats = Mutex(StatsAccumulator())
     let clock: @Sendable () -> Int64
     /// Quota reserved by open SMTP transactions (the policy service), seen by both doors.
     let reservations: Mutex<Reservations>
@@ -95,6 +98,22 @@ public final class Runtime: Sendable {
     public var isDraining: Bool { self.draining.withLock { $0 } }
 
     public func count(_ body: (inout Counters) -> Void) { self.counters.withLock(body) }
+
+    /// Notes one decision for the statistics.
+    func countStats(uid: UInt32?, verdict: Verdict.Kind, strangers: [String] = []) {
+        guard let uid else { return }
+        let now = self.clock()
+        self.stats.withLock { $0.add(uid: uid, at: now, verdict: verdict, strangers: strangers) }
+    }
+
+    /// Adds the decisions gathered since the last call to the store's statistics.
+    func flushStats() async {
+        guard let store = self.store as? LazyQuotaStore else { return }
+        let now = self.clock()
+        let rows = self.stats.withLock { $0.drain(now: now) }
+        let retention = Int64(self.ruleset.configuration.value(.statsRetentionDays)) * 24
+        await store.addStats(rows, keepFrom: now / 3600 - retention)
+    }
 
     public var snapshot: Counters { self.counters.withLock { $0 } }
 

@@ -42,11 +42,13 @@ public struct Setting: Sendable {
     public static let policyReservationTimeout = Setting("policy_reservation_timeout", 1200, 60...86400, .seconds)
     /// Open connections to the policy listeners: Postfix keeps one per smtpd process.
     public static let policyMaxConnections = Setting("policy_max_connections", 200, 1...10_000, .count)
+    /// How many days of hourly statistics (restrictpd --stats) the store keeps.
+    public static let statsRetentionDays = Setting("stats_retention_days", 35, 1...3660, .count)
 
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
         idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
-        policyReservationTimeout, policyMaxConnections,
+        policyReservationTimeout, policyMaxConnections, statsRetentionDays,
     ]
 }
 

@@ -239,6 +239,8 @@ public struct Verdict: Sendable, Equatable {
     /// For the log: what is left of the `messages` and `recipients` caps ("47/50 per hour").
     public let messages: String?
     public let recipients: String?
+    /// Relayed: the addresses outside the allow list it counted, for the statistics.
+    public var strangers: [String] = []
 
     public init(kind: Kind, reply: SMTPReply, reason: String, quota: String?, messages: String? = nil, recipients: String? = nil) {
         self.kind = kind
@@ -400,7 +402,9 @@ public struct Policy: Sendable {
         let messages = outcome.cap(.messages)?.description
         let recipients = outcome.cap(.recipients)?.description
         if outcome.admitted {
-            return .relay(reason: quota == nil ? "allowed" : "within quota", quota: figure, messages: messages, recipients: recipients)
+            var relay = Verdict.relay(reason: quota == nil ? "allowed" : "within quota", quota: figure, messages: messages, recipients: recipients)
+            relay.strangers = addresses
+            return relay
         }
         let kind: Verdict.Kind = overQuota == .reject ? .refuse : .defer
         let permanent = overQuota == .reject

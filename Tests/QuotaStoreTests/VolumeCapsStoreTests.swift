@@ -125,7 +125,7 @@ private func message(
             let db = try QuotaDatabase(path: path)
             _ = try await db.admit(QuotaRequest(uid: 33, addresses: ["a@x.org"], quota: Quota(limit: 5, period: nil), now: t0))
             // Back to what version 1 wrote.
-            try db.testingExecute("DROP TABLE quota_message; PRAGMA user_version = 1")
+            try db.testingExecute("DROP TABLE quota_message; DROP TABLE stats_hour; PRAGMA user_version = 1")
             db.close()
         }
         let db = try QuotaDatabase(path: path)
@@ -133,5 +133,25 @@ private func message(
         #expect(try db.entries(uid: 33).map(\.address) == ["a@x.org"])
         #expect(try await db.admit(message(33, t0)).admitted)
         #expect(try db.testingInteger("SELECT count(*) FROM quota_message") == 1)
+    }
+}
+
+@Suite struct StatisticsStoreTests {
+    @Test func addsUpAndStaysBoundedOverMonths() async throws {
+        let dir = try CapsTempDir()
+        let db = try QuotaDatabase(path: dir.file("quota.db"))
+        let retentionHours: Int64 = 35 * 24
+        let firstHour = t0 / 3600
+        // Three simulated months, a flush every hour for two users.
+        for hour in firstHour..<(firstHour + 90 * 24) {
+            let rows = [StatsRow(uid: 33, hour: hour, relayed: 2, refused: 1), StatsRow(uid: 34, hour: hour, deferred: 1, strangers: 1)]
+            try await db.addStats(rows, keepFrom: hour - retentionHours)
+        }
+        let last = firstHour + 90 * 24 - 1
+        #expect(try db.testingInteger("SELECT count(*) FROM stats_hour") == 2 * (retentionHours + 1))
+        try await db.addStats([StatsRow(uid: 33, hour: last, relayed: 5, strangers: 3)], keepFrom: last - retentionHours)
+        let recent = try db.stats(uid: 33, since: last)
+        #expect(recent == [StatsRow(uid: 33, hour: last, relayed: 7, refused: 1, strangers: 3)])
+        #expect(try db.stats(uid: nil, since: last).count == 2)
     }
 }

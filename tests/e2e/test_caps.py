@@ -1,6 +1,7 @@
 """Volume caps through the private Postfix: a `messages N per hour` cap on mail to an
 allowed address (the content filter door, sendmail -> pickup -> restrictpd)."""
 
+import json
 import re
 import subprocess
 import time
@@ -118,3 +119,45 @@ def test_allow_local_reaches_mydestination_refuses_another(postfix, sink, restri
         harness.run([postconf, "-c", etc, "-e", "mydestination =",
                      "local_transport = error:local delivery is disabled in this test instance"])
         postfix.reload()
+
+
+# ----------------------------------------------------------------------------------------------
+# restrictpd --stats --json against what the sink received
+
+
+def stats_json(rpd, user: str) -> dict:
+    argv = [str(rpd.binary), "--stats", user, "--since", "2h", "--json", "-c", str(rpd.config)]
+    return json.loads(harness.run(argv, timeout=30).stdout)
+
+
+def test_stats_json_matches_the_sink(postfix, sink, restrictpd_factory, rpdtest_user):
+    rules = (f"user {rpdtest_user}\n"
+             f"    allow webmaster@example.org\n"
+             f"    arbitrary 2 per day\n"
+             f"    messages 10 per hour\n\n" + harness.STANDARD_RULES)
+    rpd = restrictpd_factory(rules=rules)
+    rcpts = ["webmaster@example.org", "s1@example.com", "s2@example.com", "s3@example.com"]
+    for i, rcpt in enumerate(rcpts, 1):
+        msg, _ = make_message(sender=f"{rpdtest_user}@lab.localdomain", to=[rcpt], subject=f"stats {rcpt}", body="x\n")
+        postfix.sendmail([rcpt], msg, user=rpdtest_user)
+        harness.wait_until(lambda: len(rpd.grep(rf"user={rpdtest_user} .*verdict=")) >= i, DELIVERY_TIMEOUT, 0.2,
+                           f"decision {i}")
+    sink.wait_for(3, DELIVERY_TIMEOUT)
+    time.sleep(SETTLE)
+    delivered = [m for m in sink.messages() if m.mail_from]
+    assert len(delivered) == 3
+
+    # The daemon adds its statistics to the store every 5 seconds.
+    def settled():
+        s = stats_json(rpd, rpdtest_user)
+        return s if s["users"] and s["users"][0]["relayed"] == 3 and s["users"][0]["deferred"] >= 1 else None
+
+    stats = harness.wait_until(settled, 30, 1, "statistics of 3 relayed and 1 deferred")
+    [user] = stats["users"]
+    assert user["user"] == rpdtest_user
+    assert user["relayed"] == len(delivered)
+    assert user["refused"] == 0
+    assert user["strangers"] == 2
+    assert user["deferred"] == len(rpd.grep(rf"user={rpdtest_user} .*verdict=deferred"))
+    assert user["caps"]["messages"] == {"used": 3, "limit": 10, "remaining": 7, "period": "hour"}
+    assert sum(h["relayed"] for h in user["hours"]) == 3

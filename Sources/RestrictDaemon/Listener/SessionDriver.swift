@@ -180,6 +180,7 @@ final class SessionDriver {
         let record = DecisionRecord(
             queueID: r.queueID, uid: r.uid, user: r.user, from: r.from, to: r.to, verdict: r.verdict,
             reason: r.reason, quota: r.quota, relayReply: r.relayReply, messages: r.messages, recipients: r.recipients)
+        self.runtime.countStats(uid: r.uid, verdict: r.verdict, strangers: r.verdict == .relay ? r.strangers : [])
         self.runtime.count { c in
             switch r.verdict {
             case .relay: c.relayed += 1

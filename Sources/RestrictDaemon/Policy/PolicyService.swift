@@ -272,7 +272,11 @@ struct PolicyService: Sendable {
             return Replies.policyUnidentified
         }
         let quota = t.addresses.isEmpty ? nil : t.quota
-        guard quota != nil || (!t.caps.isEmpty && t.accepted > 0) else { return .dunno }
+        guard quota != nil || (!t.caps.isEmpty && t.accepted > 0) else {
+            // Statistics count the SMTP door's messages here, once each.
+            if t.accepted > 0 { self.runtime.countStats(uid: uid, verdict: .relay) }
+            return .dunno
+        }
         let reserved = t.addresses.map { t.written[$0] ?? $0 }
         record.to = t.caps.isEmpty ? reserved : t.allowed + reserved
         let (held, volume) = self.runtime.reservations.withLock { ($0.held(uid: uid, excluding: instance), $0.heldVolume(uid: uid, excluding: instance)) }
@@ -289,6 +293,7 @@ struct PolicyService: Sendable {
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
         guard verdict.kind == .relay else { return self.refuse(verdict, record: record, atEnd: true, logger: logger) }
+        self.runtime.countStats(uid: uid, verdict: .relay, strangers: verdict.strangers)
         (record.reason, record.quota) = (verdict.reason, verdict.quota)
         (record.messages, record.recipients) = (verdict.messages, verdict.recipients)
         self.log(record, level: .info, logger: logger)
@@ -304,6 +309,7 @@ struct PolicyService: Sendable {
         record.reason = verdict.reason
         record.quota = verdict.quota
         (record.messages, record.recipients) = (verdict.messages, verdict.recipients)
+        self.runtime.countStats(uid: record.uid, verdict: verdict.kind)
         self.log(record, level: verdict.reply == Replies.storeUnavailable ? .error : .warning, logger: logger)
         if verdict.reply == Replies.storeUnavailable { return Replies.policyStoreUnavailable }
         return atEnd ? Replies.policyActionAtEnd(verdict.reply) : Replies.policyAction(verdict.reply)
