@@ -182,7 +182,9 @@ public enum Daemon {
             logger.error("quota database \(configuration.statePath) unavailable (quota decisions will be deferred with 451 4.3.0 until it opens): \(error)")
         }
         let localDomains = (try? await Offload.run { PostfixDomains.read(for: configuration, logger: logger) }) ?? []
-        let runtime = Runtime(ruleset: Ruleset(configuration, localDomains: localDomains), store: store, logger: logger)
+        let runtime = Runtime(
+            ruleset: Ruleset(configuration, localDomains: localDomains), store: store, logger: logger,
+            metricsFile: configuration.metricsFile)
         let registry = SessionRegistry()
         let handler = ConnectionHandler(runtime: runtime, registry: registry, group: group)
         let policyService = PolicyService(runtime: runtime)
@@ -243,6 +245,7 @@ public enum Daemon {
             tasks.cancelAll()
         }
         await runtime.flushStats()
+        _ = try? await Offload.run { runtime.writeMetrics() }
         logger.info("stopped: \(runtime.snapshot.status)")
         return 0
     }
@@ -254,6 +257,7 @@ public enum Daemon {
         let statusEvery: UInt64 = 5_000_000_000
         let tick: UInt64 = watchdog.map { min(statusEvery, $0 * 1000 / 2) } ?? statusEvery
         var sinceStatus: UInt64 = 0
+        var sinceMetrics: UInt64 = 0
         var lastStatus = ""
         while !Task.isCancelled {
             if watchdog != nil { Systemd.notify("WATCHDOG=1") }
@@ -263,6 +267,12 @@ public enum Daemon {
             if sinceStatus >= statusEvery || lastStatus.isEmpty {
                 // Statistics reach the store every few seconds, not once per message.
                 await runtime.flushStats()
+                sinceMetrics += sinceStatus
+                if runtime.metrics != nil, sinceMetrics >= MetricsFile.interval * 1_000_000_000 || lastStatus.isEmpty {
+                    // File I/O: never on an event loop (the global executor runs on them).
+                    _ = try? await Offload.run { runtime.writeMetrics() }
+                    sinceMetrics = 0
+                }
                 let status = runtime.snapshot.status
                 if status != lastStatus { Systemd.status(status) }
                 lastStatus = status

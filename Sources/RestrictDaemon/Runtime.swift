@@ -80,7 +80,14 @@ public final class Runtime: Sendable {
     /// Quota reserved by open SMTP transactions (the policy service), seen by both doors.
     let reservations: Mutex<Reservations>
 
-    public init(ruleset: Ruleset, store: any QuotaStore, logger: Logger, clock: @escaping @Sendable () -> Int64 = Runtime.wallClock) {
+    /// metrics_file, when configured.
+    let metrics: MetricsFile?
+
+    public init(
+        ruleset: Ruleset, store: any QuotaStore, logger: Logger, clock: @escaping @Sendable () -> Int64 = Runtime.wallClock,
+        metricsFile: String? = nil
+    ) {
+        self.metrics = metricsFile.map { MetricsFile(path: $0) }
         self.current = Mutex(ruleset)
         self.reservations = Mutex(Reservations(timeout: Int64(ruleset.configuration.value(.policyReservationTimeout))))
         self.store = store
@@ -100,10 +107,30 @@ public final class Runtime: Sendable {
     public func count(_ body: (inout Counters) -> Void) { self.counters.withLock(body) }
 
     /// Notes one decision for the statistics.
-    func countStats(uid: UInt32?, verdict: Verdict.Kind, strangers: [String] = []) {
+    func countStats(uid: UInt32?, user: String?, verdict: Verdict.Kind, strangers: [String] = []) {
         guard let uid else { return }
         let now = self.clock()
         self.stats.withLock { $0.add(uid: uid, at: now, verdict: verdict, strangers: strangers) }
+        self.metrics?.message(uid: uid, user: user, verdict: verdict)
+    }
+
+    /// What is left of a uid's quota and caps after a decision, for the metrics file.
+    func observeRemaining(uid: UInt32?, user: String?, quota: String?, messages: String?, recipients: String?) {
+        guard let metrics = self.metrics, let uid else { return }
+        metrics.remaining(uid: uid, user: user, kind: "arbitrary", figure: quota)
+        metrics.remaining(uid: uid, user: user, kind: "messages", figure: messages)
+        metrics.remaining(uid: uid, user: user, kind: "recipients", figure: recipients)
+    }
+
+    /// Writes the metrics file, if there is one.
+    func writeMetrics() {
+        guard let metrics = self.metrics else { return }
+        metrics.gauges(self.snapshot, reservations: self.reservations.withLock { $0.count })
+        do {
+            try metrics.write()
+        } catch {
+            self.logger.warning("metrics_file \(metrics.path) not written: \(error)")
+        }
     }
 
     /// Adds the decisions gathered since the last call to the store's statistics.

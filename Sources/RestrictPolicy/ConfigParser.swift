@@ -33,7 +33,7 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated", "postconf_dir",
+        "recipient_delimiter", "over_quota", "smtp_authenticated", "postconf_dir", "metrics_file",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "uid", "group", "default", "unknown"]
     public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse", "shared"] + capKeys
@@ -359,6 +359,10 @@ public enum ConfigParser {
             guard let v = one() else { return }
             guard v.hasPrefix("/") else { return error(line, "state must be an absolute path") }
             config.statePath = v
+        case "metrics_file":
+            guard let v = one() else { return }
+            guard v.hasPrefix("/") else { return error(line, "metrics_file must be an absolute path") }
+            config.metricsFile = v
         case "postconf_dir":
             guard let v = one() else { return }
             guard v.hasPrefix("/") else { return error(line, "postconf_dir must be an absolute path") }

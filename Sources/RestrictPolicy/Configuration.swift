@@ -210,6 +210,8 @@ public struct Configuration: Sendable, Equatable {
     /// `postconf_dir`: the Postfix instance whose local domains `allow local` matches
     /// (postconf -c); nil: the default instance.
     public var postconfDir: String? = nil
+    /// `metrics_file`: where the Prometheus text exposition is written every 30 s.
+    public var metricsFile: String? = nil
     public var recipientDelimiter = ""
     public var overQuota: OverQuota = .defer
     /// Numeric settings by key; absent keys take the setting's default.

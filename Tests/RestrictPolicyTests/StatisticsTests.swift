@@ -22,3 +22,16 @@ import Testing
         #expect(s.drain(now: t0 + 70).isEmpty)
     }
 }
+
+@Suite struct StatisticsConfigTests {
+    @Test func metricsFileAndRetention() throws {
+        let c = try config("metrics_file /var/lib/node/restrictpd.prom\nstats_retention_days 90\n")
+        #expect(c.metricsFile == "/var/lib/node/restrictpd.prom")
+        #expect(c.value(.statsRetentionDays) == 90)
+        #expect(try config("").value(.statsRetentionDays) == 35)
+        #expect(errors("metrics_file restrictpd.prom\nstats_retention_days 0\n") == [
+            "t.conf:1: metrics_file must be an absolute path",
+            "t.conf:2: stats_retention_days 0 is out of range (1...3660)",
+        ])
+    }
+}

@@ -2,6 +2,8 @@
 allowed address (the content filter door, sendmail -> pickup -> restrictpd)."""
 
 import json
+import pwd
+import signal
 import re
 import subprocess
 import time
@@ -161,3 +163,39 @@ def test_stats_json_matches_the_sink(postfix, sink, restrictpd_factory, rpdtest_
     assert user["deferred"] == len(rpd.grep(rf"user={rpdtest_user} .*verdict=deferred"))
     assert user["caps"]["messages"] == {"used": 3, "limit": 10, "remaining": 7, "period": "hour"}
     assert sum(h["relayed"] for h in user["hours"]) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics_file: the Prometheus text format, parsed by prometheus_client
+
+
+def test_metrics_file_parses_and_counts_match(postfix, sink, restrictpd_factory, rpdtest_user, tmp_path):
+    parser = pytest.importorskip("prometheus_client.parser", reason="pip install prometheus_client (scripts/install-deps)")
+    metrics = tmp_path / "restrictpd.prom"
+    rules = (f"user {rpdtest_user}\n"
+             f"    allow webmaster@example.org\n"
+             f"    messages 3 per hour\n\n" + harness.STANDARD_RULES)
+    rpd = restrictpd_factory(rules=rules, extra_globals=f"metrics_file {metrics}\n")
+    for i, rcpt in enumerate(["webmaster@example.org", "webmaster@example.org", "x@example.com"], 1):
+        msg, _ = make_message(sender=f"{rpdtest_user}@lab.localdomain", to=[rcpt], subject=f"metrics {i}", body="x\n")
+        postfix.sendmail([rcpt], msg, user=rpdtest_user)
+        harness.wait_until(lambda: len(rpd.grep(rf"user={rpdtest_user} .*verdict=")) >= i, DELIVERY_TIMEOUT, 0.2,
+                           f"decision {i}")
+    sink.wait_for(2, DELIVERY_TIMEOUT, match=lambda m: bool(m.mail_from))
+    # The file is written at start, every 30 seconds and when the daemon stops.
+    assert rpd.stop(signal.SIGTERM) == 0
+    assert not (tmp_path / "restrictpd.prom.tmp").exists()
+    samples = {}
+    for family in parser.text_string_to_metric_families(metrics.read_text()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    uid = str(pwd.getpwnam(rpdtest_user).pw_uid)
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted({"user": rpdtest_user, "uid": uid, **labels}.items()))))
+
+    delivered = len([m for m in sink.messages() if m.mail_from])
+    assert value("restrictpd_messages_total", verdict="relayed") == delivered == 2
+    assert value("restrictpd_messages_total", verdict="refused") == 1
+    assert value("restrictpd_quota_remaining", kind="messages") == 1
+    assert samples[("restrictpd_sessions", ())] == 0

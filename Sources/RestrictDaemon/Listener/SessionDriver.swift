@@ -180,7 +180,8 @@ final class SessionDriver {
         let record = DecisionRecord(
             queueID: r.queueID, uid: r.uid, user: r.user, from: r.from, to: r.to, verdict: r.verdict,
             reason: r.reason, quota: r.quota, relayReply: r.relayReply, messages: r.messages, recipients: r.recipients)
-        self.runtime.countStats(uid: r.uid, verdict: r.verdict, strangers: r.verdict == .relay ? r.strangers : [])
+        self.runtime.countStats(uid: r.uid, user: r.user, verdict: r.verdict, strangers: r.verdict == .relay ? r.strangers : [])
+        self.runtime.observeRemaining(uid: r.uid, user: r.user, quota: r.quota, messages: r.messages, recipients: r.recipients)
         self.runtime.count { c in
             switch r.verdict {
             case .relay: c.relayed += 1

@@ -274,7 +274,7 @@ struct PolicyService: Sendable {
         let quota = t.addresses.isEmpty ? nil : t.quota
         guard quota != nil || (!t.caps.isEmpty && t.accepted > 0) else {
             // Statistics count the SMTP door's messages here, once each.
-            if t.accepted > 0 { self.runtime.countStats(uid: uid, verdict: .relay) }
+            if t.accepted > 0 { self.runtime.countStats(uid: uid, user: record.user, verdict: .relay) }
             return .dunno
         }
         let reserved = t.addresses.map { t.written[$0] ?? $0 }
@@ -293,7 +293,7 @@ struct PolicyService: Sendable {
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
         guard verdict.kind == .relay else { return self.refuse(verdict, record: record, atEnd: true, logger: logger) }
-        self.runtime.countStats(uid: uid, verdict: .relay, strangers: verdict.strangers)
+        self.runtime.countStats(uid: uid, user: record.user, verdict: .relay, strangers: verdict.strangers)
         (record.reason, record.quota) = (verdict.reason, verdict.quota)
         (record.messages, record.recipients) = (verdict.messages, verdict.recipients)
         self.log(record, level: .info, logger: logger)
@@ -309,7 +309,7 @@ struct PolicyService: Sendable {
         record.reason = verdict.reason
         record.quota = verdict.quota
         (record.messages, record.recipients) = (verdict.messages, verdict.recipients)
-        self.runtime.countStats(uid: record.uid, verdict: verdict.kind)
+        self.runtime.countStats(uid: record.uid, user: record.user, verdict: verdict.kind)
         self.log(record, level: verdict.reply == Replies.storeUnavailable ? .error : .warning, logger: logger)
         if verdict.reply == Replies.storeUnavailable { return Replies.policyStoreUnavailable }
         return atEnd ? Replies.policyActionAtEnd(verdict.reply) : Replies.policyAction(verdict.reply)
@@ -364,6 +364,8 @@ struct PolicyService: Sendable {
     }
 
     func log(_ record: DecisionRecord, level: Logger.Level, logger: Logger) {
+        self.runtime.observeRemaining(
+            uid: record.uid, user: record.user, quota: record.quota, messages: record.messages, recipients: record.recipients)
         self.runtime.count { c in
             switch record.verdict {
             case .relay: c.relayed += 1
