@@ -1,6 +1,7 @@
 """Volume caps through the private Postfix: a `messages N per hour` cap on mail to an
 allowed address (the content filter door, sendmail -> pickup -> restrictpd)."""
 
+import grp
 import json
 import pwd
 import signal
@@ -199,3 +200,21 @@ def test_metrics_file_parses_and_counts_match(postfix, sink, restrictpd_factory,
     assert value("restrictpd_messages_total", verdict="refused") == 1
     assert value("restrictpd_quota_remaining", kind="messages") == 1
     assert samples[("restrictpd_sessions", ())] == 0
+
+
+def test_check_config_refuses_ambiguous_group_rules(restrictpd_binary, group_users, tmp_path):
+    group, users = group_users
+    second = grp.getgrgid(pwd.getpwnam(users[1]).pw_gid).gr_name   # rpdcaps2's own primary group
+    conf = tmp_path / "restrictpd.conf"
+    conf.write_text(f"group {group}\n    allow *\n\ngroup {second}\n    allow @localhost\n")
+    proc = subprocess.run([str(restrictpd_binary), "--check-config", "-c", str(conf)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+    assert proc.returncode == 1
+    uid = pwd.getpwnam(users[1]).pw_uid
+    gid1, gid2 = grp.getgrnam(group).gr_gid, grp.getgrnam(second).gr_gid
+    assert proc.stderr.decode().strip() == (
+        f"{conf}:4: ambiguous group rules: user {users[1]} (uid {uid}) is in group {gid1} (line 1) "
+        f"and group {gid2} (line 4); give it a 'user' rule")
+    # A user rule decides for it: accepted.
+    conf.write_text(conf.read_text() + f"\nuser {users[1]}\n    allow *\n")
+    assert subprocess.run([str(restrictpd_binary), "--check-config", "-c", str(conf)], timeout=30).returncode == 0
