@@ -171,7 +171,20 @@ public enum QuotaArithmetic {
     /// Returns the outcome and the addresses to record (all requested ones when admitted: a
     /// repeat refreshes its time, so "distinct addresses in any window" stays exact).
     /// Addresses in `request.held` count as if counted; recording them is their holder's job.
+    /// A store that calls this form has not counted the volume caps: a request with counted
+    /// caps is then refused (the caps taken as full), never admitted unchecked; such a store
+    /// must use `decide(_:counted:volume:)`.
     public static func decide(_ request: QuotaRequest, counted: Set<String>) -> (QuotaOutcome, record: [String]) {
+        if !request.caps.isEmpty {
+            let unknown = Dictionary(uniqueKeysWithValues: request.caps.counted.map { ($0.kind, Int.max / 4) })
+            let (outcome, record, _) = decide(request, counted: counted, volume: unknown)
+            return (outcome, record)
+        }
+        return decideArbitrary(request, counted: counted)
+    }
+
+    /// The arbitrary quota alone.
+    static func decideArbitrary(_ request: QuotaRequest, counted: Set<String>) -> (QuotaOutcome, record: [String]) {
         guard let quota = request.quota else {
             return (QuotaOutcome(admitted: true, used: 0, limit: 0, firstRefused: nil), [])
         }
@@ -192,7 +205,7 @@ public enum QuotaArithmetic {
     public static func decide(
         _ request: QuotaRequest, counted: Set<String>, volume: [VolumeCap.Kind: Int]
     ) -> (QuotaOutcome, record: [String], recordMessage: Bool) {
-        let (arbitrary, record) = decide(request, counted: counted)
+        let (arbitrary, record) = decideArbitrary(request, counted: counted)
         let (states, refused) = decideCaps(request, counted: volume)
         let admitted = arbitrary.admitted && refused == nil
         // Refused: the arbitrary figure and the caps as they stand, without this message.

@@ -127,3 +127,15 @@ private func policy(_ body: String) throws -> Policy {
         #expect(QuotaArithmetic.decideCaps(more, counted: [.messages: 1, .recipients: 1]).refused == .cap(VolumeCap(kind: .recipients, limit: 10, period: .hour)))
     }
 }
+
+@Suite struct CapsFailClosedTests {
+    @Test func aStoreThatDoesNotCountVolumeRefusesInsteadOfAdmitting() {
+        let caps = VolumeCaps(messages: VolumeCap(kind: .messages, limit: 100, period: .hour))
+        let request = QuotaRequest(uid: 33, addresses: ["a@x"], quota: Quota(limit: 5, period: .day), now: 0, caps: caps, recipients: 1)
+        let (outcome, record) = QuotaArithmetic.decide(request, counted: [])
+        #expect(!outcome.admitted && record.isEmpty)
+        #expect(outcome.refusedCap == .cap(VolumeCap(kind: .messages, limit: 100, period: .hour)))
+        let plain = QuotaRequest(uid: 33, addresses: ["a@x"], quota: Quota(limit: 5, period: .day), now: 0)
+        #expect(QuotaArithmetic.decide(plain, counted: []).0.admitted)
+    }
+}
