@@ -178,7 +178,9 @@ public struct Reservations: Sendable {
     private mutating func remove(_ instance: String) -> Transaction? {
         guard let t = self.transactions.removeValue(forKey: instance) else { return nil }
         if self.byConnection[t.connection] == instance { self.byConnection[t.connection] = nil }
-        if t.accepted > 0 { self.versions[t.uid, default: 0] &+= 1 }
+        // What it held is released: a reservation read before must be asked again. Allowed
+        // recipients are held only where the rule counts volume caps.
+        if !t.addresses.isEmpty || (!t.caps.counted.isEmpty && t.accepted > 0) { self.versions[t.uid, default: 0] &+= 1 }
         return t
     }
 }
