@@ -213,18 +213,22 @@ final class QuotaConnection: @unchecked Sendable {
     private static let insertMessage = "INSERT INTO quota_message (uid, at, recipients) VALUES (?1, ?2, ?3)"
     private static let selectVolume = "SELECT count(*), coalesce(sum(recipients), 0) FROM quota_message WHERE uid = ?1 AND at >= ?2"
 
-    /// Messages and recipients of the uid in each counted cap's window.
+    /// Messages and recipients of the uid in each counted cap's window (one read when both
+    /// caps have the same period: the read gives both).
     private func volume(_ request: QuotaRequest) throws -> [VolumeCap.Kind: Int] {
         var result: [VolumeCap.Kind: Int] = [:]
+        var read: [QuotaPeriod: (messages: Int, recipients: Int)] = [:]
         for cap in request.caps.counted {
-            let start = request.now - cap.period.seconds
-            var messages: Int64 = 0
-            var recipients: Int64 = 0
-            try self.query(Self.selectVolume, [.integer(request.budget), .integer(start)], "reading messages") {
-                messages = sqlite3_column_int64($0, 0)
-                recipients = sqlite3_column_int64($0, 1)
+            if read[cap.period] == nil {
+                var counts = (messages: 0, recipients: 0)
+                let start = request.now - cap.period.seconds
+                try self.query(Self.selectVolume, [.integer(request.budget), .integer(start)], "reading messages") {
+                    counts = (Int(sqlite3_column_int64($0, 0)), Int(sqlite3_column_int64($0, 1)))
+                }
+                read[cap.period] = counts
             }
-            result[cap.kind] = Int(cap.kind == .messages ? messages : recipients)
+            let counts = read[cap.period] ?? (0, 0)
+            result[cap.kind] = cap.kind == .messages ? counts.messages : counts.recipients
         }
         return result
     }

@@ -85,6 +85,21 @@ private func message(
         #expect(try await db.admit(message(34, t0 + 3601, caps: caps, recipients: 5)).admitted)
     }
 
+    @Test func bothCapsInOneWindowOrTwo() async throws {
+        let dir = try CapsTempDir()
+        let db = try QuotaDatabase(path: dir.file("quota.db"))
+        let same = VolumeCaps(
+            messages: VolumeCap(kind: .messages, limit: 3, period: .hour), recipients: VolumeCap(kind: .recipients, limit: 4, period: .hour))
+        let first = try await db.admit(message(33, t0, caps: same, recipients: 3))
+        #expect(first.admitted && first.caps.map(\.used) == [1, 3])
+        let over = try await db.admit(message(33, t0 + 1, caps: same, recipients: 2))
+        #expect(!over.admitted && over.refusedCap == .cap(VolumeCap(kind: .recipients, limit: 4, period: .hour)))
+        let two = VolumeCaps(
+            messages: VolumeCap(kind: .messages, limit: 1, period: .hour), recipients: VolumeCap(kind: .recipients, limit: 10, period: .week))
+        let later = try await db.admit(message(33, t0 + 3601, caps: two, recipients: 2))
+        #expect(later.admitted && later.caps.map(\.used) == [1, 5])
+    }
+
     @Test func refusedByEitherNothingRecorded() async throws {
         let dir = try CapsTempDir()
         let db = try QuotaDatabase(path: dir.file("quota.db"))
