@@ -4,9 +4,10 @@
 Measures, side by side and in one run:
   direct:    smtp-source -> smtp-sink
   allow-all: smtp-source -> restrictpd (`default` rule, `allow *`) -> smtp-sink
-  quota:     smtp-source -> restrictpd (1000 `user UID` rules, each an allow list and
-             `arbitrary 50 per day`; every recipient is outside the allow list, so every
-             message is decided by the SQLite quota store) -> smtp-sink
+  quota:     smtp-source -> restrictpd (1000 `user UID` rules, each an allow list,
+             `arbitrary 50 per day` and volume caps `messages` and `recipients` high enough
+             never to refuse; every recipient is outside the allow list, so every message is
+             decided by the SQLite quota store, which also counts it against the caps) -> smtp-sink
 for 20 sessions x 10 KB and 1 session x 1 KB, one TCP connection per message (smtp-source's
 default), medians of 3; and restrictpd's peak RSS (VmHWM) while relaying one 1 GiB message and
 while holding 200 concurrent sessions mid-DATA.
@@ -38,6 +39,7 @@ Environment overrides:
   BENCH_BIG_MIB          size of the big message in MiB (1024)
   BENCH_CONCURRENT       concurrent sessions of the memory test (200)
   BENCH_SKIP_THROUGHPUT=1, BENCH_SKIP_MEMORY=1
+  BENCH_QUOTA_CAPS=0     the quota rule without the volume caps (for comparison)
   BENCH_MODES            comma list of modes to run (direct,allow-all,quota)
   BENCH_OUT              where to write the table (bench/results/latest.md; a dated copy too)
   BENCH_SKIP_POLICY=1, BENCH_SKIP_SMTPD=1, BENCH_POLICY_SECONDS, BENCH_POLICY_RATE,
@@ -60,6 +62,8 @@ import time
 UID_BASE = 20000
 UID_COUNT = 1000
 QUOTA = 50
+# The quota rule's volume caps: counted for every message, never reached.
+QUOTA_CAPS = os.environ.get("BENCH_QUOTA_CAPS", "1") != "0"
 TARGETS = {"multi": 0.6, "single": 0.5}
 MEM_TARGET_BIG_MIB = 48
 MEM_TARGET_CONCURRENT_MIB = 96
@@ -185,6 +189,7 @@ def config_quota(listen_port, sink_port, state, extra=""):
             f"user {uid}\n"
             f"    allow webmaster@example.org @lists.example.org u{uid}@example.net\n"
             f"    arbitrary {QUOTA} per day\n"
+            + ("    messages 10000000 per day\n    recipients 10000000 per day\n" if QUOTA_CAPS else "")
         )
     return "".join(parts)
 

@@ -25,6 +25,11 @@ public struct MessageRecord: Sendable, Equatable {
     public var verdict: Verdict.Kind
     public var reason: String
     public var quota: String?
+    /// What is left of the rule's `messages` and `recipients` caps ("47/50 per hour").
+    public var messages: String?
+    public var recipients: String?
+    /// The addresses outside the allow list the decision counted, for the statistics.
+    public var strangers: [String] = []
     public var relayReply: String?
     /// The queue id the hold relay gave a held message ("queued as ID").
     public var heldQueueID: String?

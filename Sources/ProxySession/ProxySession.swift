@@ -339,6 +339,9 @@ public struct ProxySession: Sendable {
             return actions
         }
         m.record.quota = verdict.quota
+        m.record.messages = verdict.messages
+        m.record.recipients = verdict.recipients
+        m.record.strangers = verdict.strangers
         m.record.reason = verdict.reason
         if case .unidentified(let why) = m.identity { m.record.reason += " (unidentified: \(why))" }
         if verdict.kind == .hold, !self.relayAborted {

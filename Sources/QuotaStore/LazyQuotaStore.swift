@@ -51,6 +51,17 @@ public final class LazyQuotaStore: QuotaStore, Sendable {
         }
     }
 
+    /// Adds statistics when the database is open; otherwise they are dropped (statistics
+    /// never hold a decision up or open the file themselves).
+    public func addStats(_ rows: [StatsRow], keepFrom: Int64) async {
+        guard !rows.isEmpty, let db = try? self.ready() else { return }
+        do {
+            try await db.addStats(rows, keepFrom: keepFrom)
+        } catch {
+            self.logger.warning("statistics not recorded: \(error)")
+        }
+    }
+
     /// The open database; opening (file I/O, perhaps a recovery) happens off the event loop,
     /// one at a time.
     func database() async throws -> QuotaDatabase {

@@ -167,7 +167,7 @@ final class QuotaConnection: @unchecked Sendable {
 
     /// The decision for one request and, when admitted, its record; inside a transaction.
     private func decideAndRecord(_ request: QuotaRequest) throws -> QuotaOutcome {
-        let uid = Int64(request.uid)
+        let uid = request.budget
         // Pruning happens here, per uid, with the window of the rule asking now: a row of
         // this uid with last_seen < windowStart is outside this window, and since `now`
         // only moves forward and last_seen is only ever raised, it is outside every later
@@ -182,17 +182,55 @@ final class QuotaConnection: @unchecked Sendable {
         if request.record, let start = request.windowStart {
             try self.run(Self.pruneExpired, [.integer(uid), .integer(start)], "pruning")
         }
-        let counted = try self.counted(uid: uid, since: request.windowStart)
-        let (outcome, record) = QuotaArithmetic.decide(request, counted: counted)
+        // Message rows are pruned the same way, before the longest counted cap's window.
+        if request.record, let start = request.caps.pruneBefore(now: request.now) {
+            try self.run(Self.pruneMessages, [.integer(uid), .integer(start)], "pruning messages")
+        }
+        let counted = request.quota == nil ? [] : try self.counted(uid: uid, since: request.windowStart)
+        let volume = try self.volume(request)
+        let (outcome, record, recordMessage) = QuotaArithmetic.decide(request, counted: counted, volume: volume)
         for address in record {
             try self.run(Self.upsert, [.integer(uid), .text(address), .integer(request.now)], "recording")
+        }
+        if recordMessage {
+            try self.run(Self.insertMessage, [.integer(uid), .integer(request.now), .integer(Int64(request.recipients))], "recording a message")
         }
         return outcome
     }
 
     func peek(_ request: QuotaRequest) throws -> QuotaOutcome {
-        let counted = try self.counted(uid: Int64(request.uid), since: request.windowStart)
-        return QuotaArithmetic.decide(request, counted: counted).0
+        let counted = request.quota == nil ? [] : try self.counted(uid: request.budget, since: request.windowStart)
+        return QuotaArithmetic.decide(request, counted: counted, volume: try self.volume(request)).0
+    }
+
+    /// What the uid (or shared budget) has used of each counted cap in its window now.
+    func capStates(uid: UInt32, budget: Int64?, caps: VolumeCaps, now: Int64) throws -> [VolumeCapState] {
+        let request = QuotaRequest(uid: uid, addresses: [], quota: nil, now: now, caps: caps, budget: budget)
+        return QuotaArithmetic.decideCaps(request, counted: try self.volume(request)).states
+    }
+
+    private static let pruneMessages = "DELETE FROM quota_message WHERE uid = ?1 AND at < ?2"
+    private static let insertMessage = "INSERT INTO quota_message (uid, at, recipients) VALUES (?1, ?2, ?3)"
+    private static let selectVolume = "SELECT count(*), coalesce(sum(recipients), 0) FROM quota_message WHERE uid = ?1 AND at >= ?2"
+
+    /// Messages and recipients of the uid in each counted cap's window (one read when both
+    /// caps have the same period: the read gives both).
+    private func volume(_ request: QuotaRequest) throws -> [VolumeCap.Kind: Int] {
+        var result: [VolumeCap.Kind: Int] = [:]
+        var read: [QuotaPeriod: (messages: Int, recipients: Int)] = [:]
+        for cap in request.caps.counted {
+            if read[cap.period] == nil {
+                var counts = (messages: 0, recipients: 0)
+                let start = request.now - cap.period.seconds
+                try self.query(Self.selectVolume, [.integer(request.budget), .integer(start)], "reading messages") {
+                    counts = (Int(sqlite3_column_int64($0, 0)), Int(sqlite3_column_int64($0, 1)))
+                }
+                read[cap.period] = counts
+            }
+            let counts = read[cap.period] ?? (0, 0)
+            result[cap.kind] = cap.kind == .messages ? counts.messages : counts.recipients
+        }
+        return result
     }
 
     private func counted(uid: Int64, since start: Int64?) throws -> Set<String> {
@@ -219,7 +257,8 @@ final class QuotaConnection: @unchecked Sendable {
         if let uid {
             try self.query(sql + " WHERE uid = ?1" + order, [.integer(Int64(uid))], operation, row)
         } else {
-            try self.query(sql + order, [], operation, row)
+            // Shared budgets count under keys above every uid (Rule.budget): not a user's rows.
+            try self.query(sql + " WHERE uid <= 4294967295" + order, [], operation, row)
         }
         return result
     }
@@ -236,7 +275,51 @@ final class QuotaConnection: @unchecked Sendable {
     func reset(uid: UInt32) throws -> Int {
         let db = try self.handle("resetting")
         try self.run("DELETE FROM quota_address WHERE uid = ?1", [.integer(Int64(uid))], "resetting")
-        return Int(sqlite3_changes64(db))
+        let addresses = Int(sqlite3_changes64(db))
+        try self.run("DELETE FROM quota_message WHERE uid = ?1", [.integer(Int64(uid))], "resetting")
+        return addresses + Int(sqlite3_changes64(db))
+    }
+
+    // MARK: statistics
+
+    private static let addStats = """
+        INSERT INTO stats_hour (uid, hour, relayed, refused, deferred, held, strangers) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        ON CONFLICT (uid, hour) DO UPDATE SET relayed = relayed + excluded.relayed, refused = refused + excluded.refused,
+            deferred = deferred + excluded.deferred, held = held + excluded.held, strangers = strangers + excluded.strangers
+        """
+
+    /// Adds `rows` and drops the hours before `keepFrom`, in one transaction: the table holds
+    /// at most the retention's hours for each uid that sent mail.
+    func addStats(_ rows: [StatsRow], keepFrom: Int64) throws {
+        try self.execute("BEGIN IMMEDIATE", "starting a write transaction")
+        do {
+            for r in rows {
+                let values: [Value] = [
+                    .integer(Int64(r.uid)), .integer(r.hour), .integer(Int64(r.relayed)), .integer(Int64(r.refused)),
+                    .integer(Int64(r.deferred)), .integer(Int64(r.held)), .integer(Int64(r.strangers)),
+                ]
+                try self.run(Self.addStats, values, "adding statistics")
+            }
+            try self.run("DELETE FROM stats_hour WHERE hour < ?1", [.integer(keepFrom)], "pruning statistics")
+            try self.execute("COMMIT", "committing")
+        } catch {
+            self.rollback()
+            throw error
+        }
+    }
+
+    /// The rows of `uid` (all when nil) from hour `since` on, by uid and hour.
+    func stats(uid: UInt32?, since: Int64) throws -> [StatsRow] {
+        var rows: [StatsRow] = []
+        let sql = "SELECT uid, hour, relayed, refused, deferred, held, strangers FROM stats_hour WHERE hour >= ?1 AND (?2 < 0 OR uid = ?2) ORDER BY uid, hour"
+        try self.query(sql, [.integer(since), .integer(uid.map(Int64.init) ?? -1)], "reading statistics") { s in
+            guard let uid = UInt32(exactly: sqlite3_column_int64(s, 0)) else { return }
+            rows.append(StatsRow(
+                uid: uid, hour: sqlite3_column_int64(s, 1), relayed: Int(sqlite3_column_int64(s, 2)),
+                refused: Int(sqlite3_column_int64(s, 3)), deferred: Int(sqlite3_column_int64(s, 4)),
+                held: Int(sqlite3_column_int64(s, 5)), strangers: Int(sqlite3_column_int64(s, 6))))
+        }
+        return rows
     }
 
     // MARK: statements

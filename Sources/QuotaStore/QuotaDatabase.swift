@@ -147,6 +147,23 @@ public final class QuotaDatabase: QuotaStore, Sendable {
         try self.queue.sync { try self.connection.count(uid: uid, windowStart: windowStart) }
     }
 
+    /// Adds decisions to the statistics and drops the hours before `keepFrom` (epoch hours).
+    public func addStats(_ rows: [StatsRow], keepFrom: Int64) async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            self.queue.async { continuation.resume(with: Result { try self.connection.addStats(rows, keepFrom: keepFrom) }) }
+        }
+    }
+
+    /// What `uid` (or the shared `budget`) has used of each counted cap of `caps` now.
+    public func capStates(uid: UInt32, budget: Int64?, caps: VolumeCaps, now: Int64) throws -> [VolumeCapState] {
+        try self.queue.sync { try self.connection.capStates(uid: uid, budget: budget, caps: caps, now: now) }
+    }
+
+    /// The statistics of `uid` (every uid when nil) from epoch hour `since` on.
+    public func stats(uid: UInt32?, since: Int64) throws -> [StatsRow] {
+        try self.queue.sync { try self.connection.stats(uid: uid, since: since) }
+    }
+
     /// Forgets every counted destination of `uid`; returns how many rows were deleted.
     @discardableResult
     public func reset(uid: UInt32) throws -> Int {

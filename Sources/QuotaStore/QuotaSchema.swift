@@ -40,6 +40,31 @@ enum QuotaSchema {
             reason TEXT    NOT NULL
         ) STRICT;
         """,
+        // 2 -> 3: one row per message admitted under a rule with `messages` or `recipients`
+        // caps: when, and how many recipients it had. A cap's use is the count (or the sum of
+        // `recipients`) of the uid's rows in its window. The index serves the window read and
+        // the per-uid prune and covers `recipients`, so neither touches the table itself.
+        // And the statistics (`restrictpd --stats`): one row per uid and hour (hour = epoch
+        // seconds / 3600) with that hour's decisions, pruned after stats_retention_days.
+        """
+        CREATE TABLE quota_message (
+            uid        INTEGER NOT NULL,
+            at         INTEGER NOT NULL,
+            recipients INTEGER NOT NULL
+        ) STRICT;
+        CREATE INDEX quota_message_by_time ON quota_message (uid, at, recipients);
+        CREATE TABLE stats_hour (
+            uid       INTEGER NOT NULL,
+            hour      INTEGER NOT NULL,
+            relayed   INTEGER NOT NULL DEFAULT 0,
+            refused   INTEGER NOT NULL DEFAULT 0,
+            deferred  INTEGER NOT NULL DEFAULT 0,
+            held      INTEGER NOT NULL DEFAULT 0,
+            strangers INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (uid, hour)
+        ) STRICT, WITHOUT ROWID;
+        CREATE INDEX stats_hour_by_hour ON stats_hour (hour);
+        """,
     ]
 
     static var currentVersion: Int32 { Int32(migrations.count) }

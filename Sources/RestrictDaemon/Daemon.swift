@@ -33,7 +33,15 @@ public enum ConfigurationLoader {
         } catch {
             return .failure(ConfigErrors([ConfigError(file: path, line: 0, message: "\(error)")]))
         }
-        return ConfigParser.parse(text, file: path, users: UserResolver { Users.lookup(name: $0)?.uid })
+        let parsed = ConfigParser.parse(
+            text, file: path, users: UserResolver { Users.lookup(name: $0)?.uid }, groups: GroupResolver { Users.groupID(name: $0) })
+        guard case .success(let configuration) = parsed else { return parsed }
+        // Two group rules that both cover an existing user, with nothing more specific, would
+        // leave its rule to the order of the file: refused, naming both lines.
+        let groupRules = configuration.rules.count { if case .group = $0.selector { return true } else { return false } }
+        guard groupRules > 1 else { return parsed }
+        let ambiguous = ConfigParser.ambiguousGroups(configuration, members: Users.allMembers(), file: path)
+        return ambiguous.isEmpty ? parsed : .failure(ConfigErrors(ambiguous))
     }
 }
 
@@ -194,7 +202,10 @@ public enum Daemon {
         } catch {
             logger.error("quota database \(configuration.statePath) unavailable (quota decisions will be deferred with 451 4.3.0 until it opens): \(error)")
         }
-        let runtime = Runtime(ruleset: Ruleset(configuration), store: store, logger: logger)
+        let localDomains = (try? await Offload.run { PostfixDomains.read(for: configuration, logger: logger) }) ?? []
+        let runtime = Runtime(
+            ruleset: Ruleset(configuration, localDomains: localDomains), store: store, logger: logger,
+            metricsFile: configuration.metricsFile)
         let registry = SessionRegistry()
         let handler = ConnectionHandler(runtime: runtime, registry: registry, group: group)
         let policyService = PolicyService(runtime: runtime)
@@ -256,6 +267,8 @@ public enum Daemon {
             }
             tasks.cancelAll()
         }
+        await runtime.flushStats()
+        _ = try? await Offload.run { runtime.writeMetrics() }
         logger.info("stopped: \(runtime.snapshot.status)")
         return 0
     }
@@ -267,6 +280,7 @@ public enum Daemon {
         let statusEvery: UInt64 = 5_000_000_000
         let tick: UInt64 = watchdog.map { min(statusEvery, $0 * 1000 / 2) } ?? statusEvery
         var sinceStatus: UInt64 = 0
+        var sinceMetrics: UInt64 = 0
         var lastStatus = ""
         while !Task.isCancelled {
             if watchdog != nil { Systemd.notify("WATCHDOG=1") }
@@ -274,6 +288,14 @@ public enum Daemon {
                 await policy.sweep(logger: runtime.logger)
             }
             if sinceStatus >= statusEvery || lastStatus.isEmpty {
+                // Statistics reach the store every few seconds, not once per message.
+                await runtime.flushStats()
+                sinceMetrics += sinceStatus
+                if runtime.metrics != nil, sinceMetrics >= MetricsFile.interval * 1_000_000_000 || lastStatus.isEmpty {
+                    // File I/O: never on an event loop (the global executor runs on them).
+                    _ = try? await Offload.run { runtime.writeMetrics() }
+                    sinceMetrics = 0
+                }
                 let status = runtime.snapshot.status
                 if status != lastStatus { Systemd.status(status) }
                 lastStatus = status
@@ -301,8 +323,9 @@ public enum Daemon {
             if !configuration.peerCheck, old.peerCheck {
                 logger.warning("reload: peer_check is now off: any local user who can connect can claim any uid")
             }
-            runtime.replace(Ruleset(configuration))
+            runtime.replace(Ruleset(configuration, localDomains: PostfixDomains.read(for: configuration, logger: logger)))
             runtime.userNames.forget()
+            runtime.userGroups.forget()
             logger.info("reloaded \(options.configPath): \(configuration.rules.count) rules")
             Systemd.notify("READY=1\nSTATUS=reloaded; \(runtime.snapshot.status)")
         case .failure(let errors):

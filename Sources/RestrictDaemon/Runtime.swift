@@ -5,6 +5,7 @@ public import Logging
 public import NIOCore
 public import RestrictPolicy
 public import SMTPCore
+import QuotaStore
 
 /// The settings one session runs under, taken from the configuration when it starts.
 public struct SessionSettings: Sendable {
@@ -50,9 +51,9 @@ public struct Ruleset: Sendable {
     /// The hold relay's (hold_relay), likewise.
     public let holdRelayAddress: SocketAddress?
 
-    public init(_ configuration: Configuration) {
+    public init(_ configuration: Configuration, localDomains: Set<String> = []) {
         self.configuration = configuration
-        self.policy = Policy(configuration)
+        self.policy = Policy(configuration, localDomains: localDomains)
         self.settings = SessionSettings(configuration)
         self.clients = Set(configuration.clients)
         self.relayAddress = try? SocketAddress.makeAddressResolvingHost(configuration.relayHost, port: configuration.relayPort)
@@ -86,11 +87,21 @@ public final class Runtime: Sendable {
     let counters = Mutex(Counters())
     let draining = Mutex(false)
     let userNames = UserNames()
+    let userGroups = UserGroups()
+    /// Decisions not yet added to the store's statistics (`flushStats`).
+    let stats = Mutex(StatsAccumulator())
     let clock: @Sendable () -> Int64
     /// Quota reserved by open SMTP transactions (the policy service), seen by both doors.
     let reservations: Mutex<Reservations>
 
-    public init(ruleset: Ruleset, store: any QuotaStore, logger: Logger, clock: @escaping @Sendable () -> Int64 = Runtime.wallClock) {
+    /// metrics_file, when configured.
+    let metrics: MetricsFile?
+
+    public init(
+        ruleset: Ruleset, store: any QuotaStore, logger: Logger, clock: @escaping @Sendable () -> Int64 = Runtime.wallClock,
+        metricsFile: String? = nil
+    ) {
+        self.metrics = metricsFile.map { MetricsFile(path: $0) }
         self.current = Mutex(ruleset)
         self.reservations = Mutex(Reservations(timeout: Int64(ruleset.configuration.value(.policyReservationTimeout))))
         self.store = store
@@ -110,6 +121,42 @@ public final class Runtime: Sendable {
     public var isDraining: Bool { self.draining.withLock { $0 } }
 
     public func count(_ body: (inout Counters) -> Void) { self.counters.withLock(body) }
+
+    /// Notes one decision for the statistics.
+    func countStats(uid: UInt32?, user: String?, verdict: Verdict.Kind, strangers: [String] = []) {
+        guard let uid else { return }
+        let now = self.clock()
+        self.stats.withLock { $0.add(uid: uid, at: now, verdict: verdict, strangers: strangers) }
+        self.metrics?.message(uid: uid, user: user, verdict: verdict)
+    }
+
+    /// What is left of a uid's quota and caps after a decision, for the metrics file.
+    func observeRemaining(uid: UInt32?, user: String?, quota: String?, messages: String?, recipients: String?) {
+        guard let metrics = self.metrics, let uid else { return }
+        metrics.remaining(uid: uid, user: user, kind: "arbitrary", figure: quota)
+        metrics.remaining(uid: uid, user: user, kind: "messages", figure: messages)
+        metrics.remaining(uid: uid, user: user, kind: "recipients", figure: recipients)
+    }
+
+    /// Writes the metrics file, if there is one.
+    func writeMetrics() {
+        guard let metrics = self.metrics else { return }
+        metrics.gauges(self.snapshot, reservations: self.reservations.withLock { $0.count })
+        do {
+            try metrics.write()
+        } catch {
+            self.logger.warning("metrics_file \(metrics.path) not written: \(error)")
+        }
+    }
+
+    /// Adds the decisions gathered since the last call to the store's statistics.
+    func flushStats() async {
+        guard let store = self.store as? LazyQuotaStore else { return }
+        let now = self.clock()
+        let rows = self.stats.withLock { $0.drain(now: now) }
+        let retention = Int64(self.ruleset.configuration.value(.statsRetentionDays)) * 24
+        await store.addStats(rows, keepFrom: now / 3600 - retention)
+    }
 
     public var snapshot: Counters { self.counters.withLock { $0 } }
 

@@ -34,9 +34,10 @@ public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
         "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen", "notify", "warn",
+        "postconf_dir", "metrics_file",
     ] + Setting.all.map(\.key)
-    public static let ruleStarts: [String] = ["user", "default", "unknown"]
-    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "notify", "warn", "refuse"]
+    public static let ruleStarts: [String] = ["user", "uid", "group", "default", "unknown"]
+    public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "notify", "warn", "refuse", "shared"] + capKeys
     /// Every word restrictpd.conf(5) must document.
     public static var allKeys: [String] {
         var seen = Set<String>()
@@ -46,7 +47,9 @@ public enum ConfigParser {
     public static let maxFileSize = 4 << 20
     public static let maxLineLength = 65536
 
-    public static func parse(_ text: String, file: String, users: UserResolver) -> Result<Configuration, ConfigErrors> {
+    public static func parse(
+        _ text: String, file: String, users: UserResolver, groups: GroupResolver = .numericOnly
+    ) -> Result<Configuration, ConfigErrors> {
         var config = Configuration()
         var errors: [ConfigError] = []
         var clientsSeen = false
@@ -120,6 +123,34 @@ public enum ConfigParser {
                     }
                     rule = Rule(selector: key == "default" ? .default : .unknown, line: lineNumber)
                 }
+                current = rule
+
+            case "group", "uid":
+                finish(current)
+                switch parseManyRule(key, args, line: lineNumber, groups: groups) {
+                case .success(let rule):
+                    current = rule
+                case .failure(let why):
+                    error(lineNumber, why.text)
+                    // Keep parsing the rule's body so its own errors are reported too.
+                    current = Rule(selector: .user(uid: UInt32.max), line: lineNumber)
+                    firstLine[.user(uid: UInt32.max)] = nil
+                }
+
+            case "shared":
+                guard var rule = current else {
+                    error(lineNumber, "shared outside a rule: start one with 'group NAME' or 'uid FROM-TO'")
+                    continue
+                }
+                if let why = parseShared(args, into: &rule) { error(lineNumber, why) }
+                current = rule
+
+            case _ where capKeys.contains(key):
+                guard var rule = current else {
+                    error(lineNumber, "\(key) outside a rule: start one with 'user NAME' or 'default'")
+                    continue
+                }
+                if let why = parseCap(key, args, into: &rule) { error(lineNumber, why) }
                 current = rule
 
             case "allow", "arbitrary", "refuse":
@@ -263,7 +294,11 @@ public enum ConfigParser {
         for rule in config.rules where rule.refuse && (!rule.allow.isEmpty || rule.quota != nil) {
             error(rule.line, "a rule with 'refuse' cannot also allow or grant arbitrary destinations")
         }
+        for rule in config.rules where rule.refuse && !rule.caps.isEmpty {
+            error(rule.line, "a rule with 'refuse' sends nothing: it takes no messages, recipients or max_recipients")
+        }
         config.rules.removeAll { $0.selector == .user(uid: UInt32.max) }
+        errors += overlappingRanges(config.rules, file: file)
         if !clientsSeen {
             if let uid = users.uid("postfix") {
                 config.clients = [uid]
@@ -296,6 +331,7 @@ public enum ConfigParser {
     static func parsePattern(_ arg: String) -> Result<AllowPattern, PatternError> {
         let lower = arg.lowercased()
         if lower == "*" { return .success(.any) }
+        if lower == "local" { return .success(.local) }
         if lower.hasPrefix("@.") {
             let d = String(lower.dropFirst(2))
             return isDomain(d) ? .success(.domainAndSubdomains(d)) : .failure(.init("bad domain"))
@@ -398,6 +434,14 @@ public enum ConfigParser {
             guard let v = one() else { return }
             guard v.hasPrefix("/") else { return error(line, "state must be an absolute path") }
             config.statePath = v
+        case "metrics_file":
+            guard let v = one() else { return }
+            guard v.hasPrefix("/") else { return error(line, "metrics_file must be an absolute path") }
+            config.metricsFile = v
+        case "postconf_dir":
+            guard let v = one() else { return }
+            guard v.hasPrefix("/") else { return error(line, "postconf_dir must be an absolute path") }
+            config.postconfDir = v
         case "recipient_delimiter":
             guard let v = one() else { return }
             guard v.count <= 8, v.allSatisfy({ $0.isASCII && !$0.isLetter && !$0.isNumber && $0 != "@" }) else {

@@ -42,6 +42,8 @@ public struct Setting: Sendable {
     public static let policyReservationTimeout = Setting("policy_reservation_timeout", 1200, 60...86400, .seconds)
     /// Open connections to the policy listeners: Postfix keeps one per smtpd process.
     public static let policyMaxConnections = Setting("policy_max_connections", 200, 1...10_000, .count)
+    /// How many days of hourly statistics (restrictpd --stats) the store keeps.
+    public static let statsRetentionDays = Setting("stats_retention_days", 35, 1...3660, .count)
 
     /// Notifications (`notify`): at most one per UID in this interval, and `notify_limit` an
     /// hour in all.
@@ -51,7 +53,7 @@ public struct Setting: Sendable {
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
         idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
-        policyReservationTimeout, policyMaxConnections, notifyInterval, notifyLimit,
+        policyReservationTimeout, policyMaxConnections, notifyInterval, notifyLimit, statsRetentionDays,
     ]
 }
 
@@ -131,6 +133,8 @@ public enum AllowPattern: Sendable, Equatable, CustomStringConvertible {
     case domain(String)
     /// "@.example.org": that domain and every subdomain.
     case domainAndSubdomains(String)
+    /// "local": the domains Postfix delivers itself (`LocalDomains`).
+    case local
 
     public var description: String {
         switch self {
@@ -138,12 +142,18 @@ public enum AllowPattern: Sendable, Equatable, CustomStringConvertible {
         case .address(let a): return a
         case .domain(let d): return "@\(d)"
         case .domainAndSubdomains(let d): return "@.\(d)"
+        case .local: return "local"
         }
     }
 }
 
 public enum RuleSelector: Sendable, Equatable, Hashable, CustomStringConvertible {
     case user(uid: UInt32)
+    /// `uid FROM-TO`: every uid in the range without a `user` rule.
+    case uidRange(from: UInt32, to: UInt32)
+    /// `group NAME|GID`: every member (primary or supplementary group) without a `user` rule
+    /// or a `uid` range.
+    case group(gid: UInt32)
     /// Every identified user without a rule of its own.
     case `default`
     /// A message whose first header is not pickup's.
@@ -152,6 +162,8 @@ public enum RuleSelector: Sendable, Equatable, Hashable, CustomStringConvertible
     public var description: String {
         switch self {
         case .user(let uid): return "user \(uid)"
+        case .uidRange(let from, let to): return "uid \(from)-\(to)"
+        case .group(let gid): return "group \(gid)"
         case .default: return "default"
         case .unknown: return "unknown"
         }
@@ -171,6 +183,13 @@ public struct Rule: Sendable, Equatable {
     public var notify: [String]? = nil
     /// `warn at N%`: this rule's share of the quota that warns; nil: the global one.
     public var warnAt: Int? = nil
+    /// `messages`, `recipients`, `max_recipients`.
+    public var caps = VolumeCaps.none
+    /// `shared` (group and uid range rules): one budget for all the members, counted in
+    /// the store under `budget` instead of each uid.
+    public var shared = false
+    /// The group name the rule was written with, if any.
+    public var groupName: String? = nil
     /// `refuse`: nothing is allowed (the same as a rule with no allow and no arbitrary line).
     public var refuse = false
     /// The line the rule starts on, for messages.
@@ -180,6 +199,18 @@ public struct Rule: Sendable, Equatable {
         self.selector = selector
         self.userName = userName
         self.line = line
+    }
+
+    /// The store key a `shared` rule counts under: above every uid (which are 32-bit), so a
+    /// shared budget never mixes with one user's. Groups: 2^32 + gid; uid ranges: 2^33 + the
+    /// range's first uid. nil: each uid counts for itself.
+    public var budget: Int64? {
+        guard self.shared else { return nil }
+        switch self.selector {
+        case .group(let gid): return (Int64(1) << 32) + Int64(gid)
+        case .uidRange(let from, _): return (Int64(1) << 33) + Int64(from)
+        case .user, .default, .unknown: return nil
+        }
     }
 }
 
@@ -197,6 +228,11 @@ public struct Configuration: Sendable, Equatable {
     public var unixSocketMode: UInt32 = 0o660
     public var unixSocketGroup: String? = nil
     public var statePath = "/var/lib/restrictpd/quota.db"
+    /// `postconf_dir`: the Postfix instance whose local domains `allow local` matches
+    /// (postconf -c); nil: the default instance.
+    public var postconfDir: String? = nil
+    /// `metrics_file`: where the Prometheus text exposition is written every 30 s.
+    public var metricsFile: String? = nil
     public var recipientDelimiter = ""
     public var overQuota: OverQuota = .defer
     public var onRefuse: OnRefuse = .reject
@@ -218,6 +254,9 @@ public struct Configuration: Sendable, Equatable {
     public init() {}
 
     public func value(_ setting: Setting) -> Int { self.values[setting.key] ?? setting.defaultValue }
+
+    /// True when some rule says `allow local`: the daemon then reads Postfix's local domains.
+    public var usesLocalDomains: Bool { self.rules.contains { $0.allow.contains(.local) } }
 
     public func rule(for selector: RuleSelector) -> Rule? { self.rules.first { $0.selector == selector } }
 

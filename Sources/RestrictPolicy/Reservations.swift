@@ -45,6 +45,14 @@ public struct Reservations: Sendable {
         public var expires: Int64
         /// Set at END-OF-MESSAGE while the store records the addresses: they stay held.
         public var committing = false
+        /// The rule's volume caps, spent at END-OF-MESSAGE.
+        public var caps = VolumeCaps.none
+        /// A `shared` rule's store key (nil: the uid's own).
+        public var budget: Int64? = nil
+
+        /// Recipients accepted so far (allowed and reserved): what the message spends of a
+        /// `recipients` cap.
+        public var accepted: Int { self.allowed.count + self.addresses.count }
     }
 
     private var transactions: [String: Transaction] = [:]
@@ -61,6 +69,17 @@ public struct Reservations: Sendable {
 
     /// Changes whenever the addresses held for `uid` change.
     public func version(_ uid: UInt32) -> UInt64 { self.versions[uid] ?? 0 }
+
+    /// Messages and recipients held for `uid` by open transactions other than `excluding`
+    /// (a transaction holds a message once it has accepted a recipient).
+    public func heldVolume(uid: UInt32, excluding instance: String? = nil) -> HeldVolume {
+        var held = HeldVolume()
+        for t in self.transactions.values where t.uid == uid && t.instance != instance && t.accepted > 0 {
+            held.messages += 1
+            held.recipients += t.accepted
+        }
+        return held
+    }
 
     /// Every address held for `uid` by open transactions other than `excluding`.
     public func held(uid: UInt32, excluding instance: String? = nil) -> Set<String> {
@@ -105,6 +124,22 @@ public struct Reservations: Sendable {
         self.transactions[instance]?.allowed.append(recipient)
     }
 
+    /// Notes an allowed recipient that counts against the uid's volume caps, if nothing
+    /// changed for its uid since `version` was read. False: ask the store again.
+    public mutating func accept(instance: String, recipient: String, ifVersion version: UInt64) -> Bool {
+        guard var t = self.transactions[instance], self.version(t.uid) == version else { return false }
+        t.allowed.append(recipient)
+        self.versions[t.uid, default: 0] &+= 1
+        self.transactions[instance] = t
+        return true
+    }
+
+    /// Sets the caps the transaction spends at END-OF-MESSAGE, and the budget it counts under.
+    public mutating func setCaps(instance: String, caps: VolumeCaps, budget: Int64? = nil) {
+        self.transactions[instance]?.caps = caps
+        self.transactions[instance]?.budget = budget
+    }
+
     /// Holds `address` for `instance`, if nothing changed for its uid since `version` was
     /// read. False: ask the store again.
     public mutating func reserve(instance: String, address: String, written: String, ifVersion version: UInt64) -> Bool {
@@ -143,7 +178,9 @@ public struct Reservations: Sendable {
     private mutating func remove(_ instance: String) -> Transaction? {
         guard let t = self.transactions.removeValue(forKey: instance) else { return nil }
         if self.byConnection[t.connection] == instance { self.byConnection[t.connection] = nil }
-        if !t.addresses.isEmpty { self.versions[t.uid, default: 0] &+= 1 }
+        // What it held is released: a reservation read before must be asked again. Allowed
+        // recipients are held only where the rule counts volume caps.
+        if !t.addresses.isEmpty || (!t.caps.counted.isEmpty && t.accepted > 0) { self.versions[t.uid, default: 0] &+= 1 }
         return t
     }
 }

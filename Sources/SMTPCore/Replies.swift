@@ -74,6 +74,12 @@ public enum Replies {
         let text = "<\(recipient)>: quota of \(limit) arbitrary recipients\(period) exhausted for \(who)"
         return permanent ? SMTPReply(550, "5.7.1", text) : SMTPReply(451, "4.7.1", text)
     }
+    /// A volume cap is reached (`cap`: "50 messages per hour", "10 recipients per message"):
+    /// 451 or, with `over_quota reject`, 550, as for the quota.
+    public static func overCap(_ cap: String, who: String, permanent: Bool) -> SMTPReply {
+        let text = "cap of \(cap) reached for \(who)"
+        return permanent ? SMTPReply(550, "5.7.1", text) : SMTPReply(451, "4.7.1", text)
+    }
     public static let storeUnavailable = SMTPReply(451, "4.3.0", "Temporary failure: quota database unavailable")
     /// Every message of a frozen UID with `frozen defer` (and the text a held one carries).
     public static func frozen(who: String) -> SMTPReply {
@@ -124,6 +130,8 @@ public enum Replies {
             ("notPermitted", notPermitted("a@b", who: "uid 1")),
             ("overQuota", overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false)),
             ("overQuotaReject", overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: true)),
+            ("overCap", overCap("1 messages per hour", who: "uid 1", permanent: false)),
+            ("overCapReject", overCap("1 messages per hour", who: "uid 1", permanent: true)),
             ("storeUnavailable", storeUnavailable), ("frozen", frozen(who: "uid 1")),
         ]
     }

@@ -41,10 +41,16 @@ struct Main: ParsableCommand {
     @Option(name: .customLong("thaw"), help: ArgumentHelp("Thaw a frozen user: its mail flows again.", valueName: "user"))
     var thaw: String?
 
+    @Flag(help: "Show per user the messages relayed, refused and deferred, the distinct strangers and the volume caps, in total and per hour (of USER, given as the argument, or of all).")
+    var stats = false
+
+    @Option(help: ArgumentHelp("With --stats: the period to show, such as 24h, 7d or 90m.", valueName: "period"))
+    var since: String?
+
     @Flag(help: "Check the live wiring (Postfix, restrictpd, firewall, what restricted users can reach), one line per check; exit 1 if any check fails. Root; changes nothing.")
     var audit = false
 
-    @Flag(help: "With --audit: print the checks as one JSON object.")
+    @Flag(help: "With --audit or --stats: print one JSON object.")
     var json = false
 
     @Option(help: ArgumentHelp("With --audit: also check that restricted users cannot connect to this remote mail server (port 25 unless given).", valueName: "host[:port]"))
@@ -66,11 +72,15 @@ struct Main: ParsableCommand {
     var arguments: [String] = []
 
     func validate() throws {
-        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.thaw != nil, self.audit].filter { $0 }.count
-        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --thaw, --audit") }
-        if !self.audit, self.json || self.probe != nil || self.postfixConfig != nil {
-            throw ValidationError("--json, --probe and --postfix-config go with --audit")
+        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.thaw != nil, self.audit, self.stats].filter { $0 }.count
+        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --thaw, --audit, --stats") }
+        if !self.audit, self.probe != nil || self.postfixConfig != nil {
+            throw ValidationError("--probe and --postfix-config go with --audit")
         }
+        if !self.audit, !self.stats, self.json { throw ValidationError("--json goes with --audit or --stats") }
+        if !self.stats, self.since != nil { throw ValidationError("--since goes with --stats") }
+        if let since = self.since, Admin.parseSince(since) == nil { throw ValidationError("--since takes a period such as 24h, 7d or 90m") }
+        if self.stats, self.arguments.count > 1 { throw ValidationError("--stats takes at most one user") }
         if self.testUser != nil, self.arguments.isEmpty { throw ValidationError("--test needs at least one recipient") }
         if self.showQuota, self.arguments.count > 1 { throw ValidationError("--quota takes at most one user") }
         if actions == 0 || self.checkConfig || self.resetQuota != nil || self.thaw != nil || self.audit, !self.arguments.isEmpty {
@@ -93,6 +103,9 @@ struct Main: ParsableCommand {
             output = Admin.resetQuota(configPath: self.config, user: user)
         } else if let user = self.thaw {
             output = Admin.thaw(configPath: self.config, user: user)
+        } else if self.stats {
+            let since = self.since.flatMap(Admin.parseSince) ?? 86400
+            output = Admin.stats(configPath: self.config, user: self.arguments.first, since: since, json: self.json, now: now)
         } else if self.audit {
             output = Admin.audit(AuditOptions(configPath: self.config, serviceUser: self.user, postfixConfig: self.postfixConfig, probe: self.probe, json: self.json))
         } else {

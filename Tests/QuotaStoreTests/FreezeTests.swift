@@ -65,11 +65,13 @@ private let threePerHour = FreezeRule(limit: 3, period: .hour)
         do {
             let db = try QuotaDatabase(path: path)
             _ = try await db.admit(QuotaRequest(uid: 33, addresses: ["a@b.test"], quota: Quota(limit: 5, period: .day), now: t0))
-            try db.testingExecute("DROP TABLE refusal_event; DROP TABLE frozen_uid; PRAGMA user_version = 1")
+            // Back to what version 1 wrote.
+            try db.testingExecute(
+                "DROP TABLE refusal_event; DROP TABLE frozen_uid; DROP TABLE quota_message; DROP TABLE stats_hour; PRAGMA user_version = 1")
             db.close()
         }
         let db = try QuotaDatabase(path: path)
-        #expect(try db.testingInteger("PRAGMA user_version") == 2)
+        #expect(try db.testingInteger("PRAGMA user_version") == Int64(QuotaDatabase.schemaVersion))
         #expect(try db.entries(uid: 33).map(\.address) == ["a@b.test"])
         #expect(try await db.strike(uid: 33, rule: FreezeRule(limit: 1, period: .day), now: t0).froze)
     }

@@ -487,10 +487,17 @@ actor FakeQuotaStore: QuotaStore {
     func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
         self.requests.append(request)
         if self.failing { throw Failure() }
-        let (outcome, record) = QuotaArithmetic.decide(request, counted: self.counted[request.uid] ?? [])
+        // Volume caps: the messages counted so far, whatever their time (tests run within a window).
+        let sent = self.sent[request.uid] ?? []
+        let volume: [VolumeCap.Kind: Int] = [.messages: sent.count, .recipients: sent.reduce(0, +)]
+        let (outcome, record, recordMessage) = QuotaArithmetic.decide(request, counted: self.counted[request.uid] ?? [], volume: volume)
         self.counted[request.uid, default: []].formUnion(record)
+        if recordMessage { self.sent[request.uid, default: []].append(request.recipients) }
         return outcome
     }
+
+    /// uid -> the recipients of each message counted for its volume caps.
+    private var sent: [UInt32: [Int]] = [:]
 }
 
 // MARK: - The daemon under test

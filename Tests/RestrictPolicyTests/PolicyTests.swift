@@ -6,7 +6,7 @@ import Testing
 actor FakeQuotaStore: QuotaStore {
     struct Down: Error {}
     /// uid -> address -> last time counted.
-    private(set) var rows: [UInt32: [String: Int64]] = [:]
+    private(set) var rows: [Int64: [String: Int64]] = [:]
     private(set) var requests: [QuotaRequest] = []
     var failing = false
 
@@ -15,15 +15,25 @@ actor FakeQuotaStore: QuotaStore {
     func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
         self.requests.append(request)
         if self.failing { throw Down() }
-        var mine = self.rows[request.uid] ?? [:]
+        var mine = self.rows[request.budget] ?? [:]
         let counted = Set(mine.filter { _, t in request.windowStart.map { t >= $0 } ?? true }.keys)
-        let (outcome, record) = QuotaArithmetic.decide(request, counted: counted)
+        let sent = self.sent[request.budget] ?? []
+        var volume: [VolumeCap.Kind: Int] = [:]
+        for cap in request.caps.counted {
+            let window = sent.filter { $0.at >= request.now - cap.period.seconds }
+            volume[cap.kind] = cap.kind == .messages ? window.count : window.reduce(0) { $0 + $1.recipients }
+        }
+        let (outcome, record, recordMessage) = QuotaArithmetic.decide(request, counted: counted, volume: volume)
         for address in record { mine[address] = request.now }
-        self.rows[request.uid] = mine
+        self.rows[request.budget] = mine
+        if recordMessage { self.sent[request.budget, default: []].append((request.now, request.recipients)) }
         return outcome
     }
 
-    func counted(_ uid: UInt32) -> Set<String> { Set((self.rows[uid] ?? [:]).keys) }
+    /// uid -> the messages counted for its volume caps.
+    private(set) var sent: [Int64: [(at: Int64, recipients: Int)]] = [:]
+
+    func counted(_ uid: UInt32) -> Set<String> { Set((self.rows[Int64(uid)] ?? [:]).keys) }
 }
 
 private func policy(_ text: String) throws -> Policy { Policy(try config(text)) }

@@ -756,3 +756,31 @@ def test_client_in_another_network_namespace_gets_dunno(door, door_restrictpd, n
     door.pf.wait_log(rf"door-veth/smtpd\[\d+\]: .*client=unknown\[{re.escape(NS_ADDR)}\]|"
                      rf"door-veth/smtpd\[\d+\]: connect from .*\[{re.escape(NS_ADDR)}\]", door.mark)
     assert settle_count(door.sink) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# volume caps over SMTP: checked at RCPT with what open transactions hold, spent at the end
+
+
+def test_volume_caps_over_smtp(door, door_restrictpd):
+    rpd = door_restrictpd(rules(www_extra="    messages 2 per hour\n    max_recipients 2\n"))
+    mark = rpd.log_mark()
+    lists = ["a@lists.example.org", "b@lists.example.org", "c@lists.example.org"]
+    # Three recipients in one message: the third is over max_recipients at RCPT.
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, lists)], user=WWW)
+    rcpts = [(code, text) for step, code, text in s if step.startswith("RCPT")]
+    assert [c for c, _ in rcpts] == [250, 250, 450], s
+    assert rcpts[2][1].startswith("450 4.7.1 ") and "cap of 2 recipients per message reached for uid 33 (www-data)" in rcpts[2][1], rcpts
+    door.sink.wait_for(1, DELIVERY_TIMEOUT)
+    rpd.wait_log(r'door=smtp .*to=<a@lists\.example\.org>,<b@lists\.example\.org> verdict=relayed reason="allowed" '
+                 r'messages="1/2 per hour"', mark)
+    # The second message fits; the third waits with 4.7.1 naming the cap.
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, [ALLOWED])], user=WWW)
+    assert harness.reply_to(s, "RCPT")[0] == 250, s
+    door.sink.wait_for(2, DELIVERY_TIMEOUT)
+    [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, [ALLOWED])], user=WWW)
+    code, text = harness.reply_to(s, "RCPT")
+    assert code == 450 and "cap of 2 messages per hour reached" in text, s
+    rpd.wait_log(r'door=smtp .*verdict=deferred reason="over the messages cap \(2 messages per hour\)" '
+                 r'messages="0/2 per hour"', mark)
+    assert settle_count(door.sink) == 2

@@ -3,6 +3,7 @@
 // (SQLite's busy timeout lets them run beside it). --test and --quota never write.
 
 import RestrictPolicy
+import Logging
 import QuotaStore
 import SMTPCore
 
@@ -80,10 +81,11 @@ public enum Admin {
             out.status = 1
             return out
         }
-        let policy = Policy(configuration)
-        guard let rule = policy.rule(for: sender) else {
+        let policy = Policy(configuration, localDomains: PostfixDomains.read(for: configuration, logger: Logger(label: "restrictpd")))
+        let groups = policy.needsGroups ? sender.uid.flatMap { Users.groups(uid: $0) } ?? [] : []
+        guard let rule = policy.rule(for: sender, groups: groups) else {
             out.stdout.append("\(sender.phrase): no rule applies (no \(sender.uid == nil ? "unknown" : "default") rule): refused")
-            let verdict = Policy.verdict(policy.evaluate(sender: sender, recipients: recipients), sender: sender, outcome: nil)
+            let verdict = Policy.verdict(policy.evaluate(sender: sender, recipients: recipients, groups: groups), sender: sender, outcome: nil)
             out.stdout.append("verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\" reply=\"\(verdict.reply.code) \(verdict.reply.lines[0])\"")
             out.status = 2
             return out
@@ -91,15 +93,19 @@ public enum Admin {
         let ruleName: String
         switch rule.selector {
         case .user: ruleName = "user \(rule.userName ?? String(sender.uid ?? 0))"
+        case .uidRange(let from, let to): ruleName = "uid \(from)-\(to)"
+        case .group(let gid): ruleName = "group \(rule.groupName ?? String(gid))"
         case .default: ruleName = "default"
         case .unknown: ruleName = "unknown"
         }
         out.stdout.append("\(sender.phrase): rule '\(ruleName)' at \(configPath):\(rule.line)")
         // The daemon's own functions: evaluate, the store's answer (a read-only peek), verdict.
-        let evaluation = policy.evaluate(sender: sender, recipients: recipients)
+        let evaluation = policy.evaluate(sender: sender, recipients: recipients, groups: groups)
         var outcome: Result<QuotaOutcome, any Error>? = nil
-        if let request = Policy.quotaRequest(evaluation, sender: sender, now: now, record: false) {
-            out.stdout.append("outside the allow list: \(request.addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(request.quota))")
+        if let request = Policy.quotaRequest(evaluation, sender: sender, now: now, record: false, recipients: recipients.count) {
+            if let quota = request.quota {
+                out.stdout.append("outside the allow list: \(request.addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(quota))")
+            }
             if SystemFiles.exists(configuration.statePath) {
                 guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
                 do {
@@ -112,12 +118,14 @@ public enum Admin {
                     return out
                 }
             } else {
-                outcome = .success(QuotaArithmetic.decide(request, counted: []).0)
+                outcome = .success(QuotaArithmetic.decide(request, counted: [], volume: [:]).0)
             }
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
         var line = "verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\""
         if let q = verdict.quota { line += " quota=\"\(q)\"" }
+        if let m = verdict.messages { line += " messages=\"\(m)\"" }
+        if let r = verdict.recipients { line += " recipients=\"\(r)\"" }
         if verdict.kind != .relay { line += " reply=\"\(verdict.reply.code) \(verdict.reply.lines[0])\"" }
         out.stdout.append(line)
         out.status = verdict.kind == .relay ? 0 : 2

@@ -23,7 +23,8 @@ struct ReachAudit {
             switch rule.selector {
             case .user(let uid): if uid != 0, let u = Users.lookup(uid: uid) { users.append(u) }
             case .default: if let u = Users.lookup(name: "nobody") { users.append(u) }
-            case .unknown: break
+            case .uidRange(let from, _): if from != 0, let u = Users.lookup(uid: from) { users.append(u) }
+            case .group, .unknown: break
             }
         }
         if self.configuration.rule(for: .default) == nil, let u = Users.lookup(name: "nobody") { users.append(u) }

@@ -153,7 +153,7 @@ final class SessionDriver {
     /// asked only where freezing is configured.
     private func decide(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
         guard sender.uid != nil, self.ruleset.policy.freezes, self.runtime.freezes != nil else {
-            return self.judge(sender, recipients)
+            return self.withGroups(sender, recipients)
         }
         self.later { driver -> Result<FrozenState?, any Error> in
             do {
@@ -166,7 +166,7 @@ final class SessionDriver {
             case .success(let state?):
                 return driver.machine.decided(Policy.frozenVerdict(state, sender: sender, action: driver.ruleset.configuration.frozenAction))
             case .success(nil):
-                return driver.judge(sender, recipients)
+                return driver.withGroups(sender, recipients)
             case .failure(let error):
                 return driver.machine.decided(Verdict(kind: .defer, reply: Replies.storeUnavailable, reason: "quota store error: \(error)", quota: nil))
             }
@@ -174,12 +174,24 @@ final class SessionDriver {
         return []
     }
 
+    /// `group` rules need the sender's groups: from the cache, or looked up off the loop.
+    private func withGroups(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
+        guard self.ruleset.policy.needsGroups, let uid = sender.uid else { return self.judge(sender, recipients, groups: []) }
+        if let groups = self.runtime.userGroups.cached(uid) { return self.judge(sender, recipients, groups: groups) }
+        self.later { await $0.runtime.userGroups.groups(uid) } then: { $0.judge(sender, recipients, groups: $1) }
+        return []
+    }
+
     /// The policy: at once when no quota is involved, otherwise after the store answered.
-    private func judge(_ sender: Sender, _ recipients: [String]) -> [SessionAction] {
+    private func judge(_ sender: Sender, _ recipients: [String], groups: [UInt32]) -> [SessionAction] {
         let policy = self.ruleset.policy
-        let evaluation = policy.evaluate(sender: sender, recipients: recipients)
-        let held = sender.uid.map { uid in self.runtime.reservations.withLock { $0.held(uid: uid) } } ?? []
-        guard let request = Policy.quotaRequest(evaluation, sender: sender, now: self.runtime.clock(), held: held) else {
+        let evaluation = policy.evaluate(sender: sender, recipients: recipients, groups: groups)
+        let (held, volume) = sender.uid.map { uid in
+            self.runtime.reservations.withLock { ($0.held(uid: uid), $0.heldVolume(uid: uid)) }
+        } ?? ([], .zero)
+        let request = Policy.quotaRequest(
+            evaluation, sender: sender, now: self.runtime.clock(), held: held, recipients: recipients.count, heldVolume: volume)
+        guard let request else {
             return self.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: nil))
         }
         self.later { driver -> Result<QuotaOutcome, any Error> in
@@ -189,7 +201,9 @@ final class SessionDriver {
                 return .failure(error)
             }
         } then: { driver, outcome in
-            if case .success(let o) = outcome { driver.runtime.warnIfDue(sender, quota: request.quota, outcome: o, ruleset: driver.ruleset) }
+            if case .success(let o) = outcome, let quota = request.quota {
+                driver.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: driver.ruleset)
+            }
             return driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome))
         }
         return []
@@ -220,7 +234,10 @@ final class SessionDriver {
     private func record(_ r: MessageRecord) {
         let record = DecisionRecord(
             queueID: r.queueID, uid: r.uid, user: r.user, from: r.from, to: r.to, verdict: r.verdict,
-            reason: r.reason, quota: r.quota, relayReply: r.relayReply, heldQueueID: r.heldQueueID, script: r.script)
+            reason: r.reason, quota: r.quota, relayReply: r.relayReply, messages: r.messages, recipients: r.recipients,
+            heldQueueID: r.heldQueueID, script: r.script)
+        self.runtime.countStats(uid: r.uid, user: r.user, verdict: r.verdict, strangers: r.verdict == .relay ? r.strangers : [])
+        self.runtime.observeRemaining(uid: r.uid, user: r.user, quota: r.quota, messages: r.messages, recipients: r.recipients)
         self.runtime.count { c in
             switch r.verdict {
             case .relay: c.relayed += 1

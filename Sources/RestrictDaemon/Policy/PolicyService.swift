@@ -180,11 +180,14 @@ struct PolicyService: Sendable {
             return Replies.policyMalformed
         }
         if let frozen = await self.frozen(sender, ruleset: ruleset, record: record, logger: logger) { return frozen }
-        let rule = ruleset.policy.rule(for: sender)
+        let policy = ruleset.policy
+        let groups = policy.needsGroups ? await self.runtime.userGroups.groups(uid) : []
+        let rule = policy.rule(for: sender, groups: groups)
         let overQuota = rule?.overQuota ?? ruleset.configuration.overQuota
         let now = self.runtime.clock()
-        self.open(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now, logger: logger)
-        let evaluation = ruleset.policy.evaluate(sender: sender, recipients: [recipient])
+        let opening = Opening(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now)
+        self.open(opening, logger: logger)
+        let evaluation = policy.evaluate(sender: sender, recipients: [recipient], groups: groups)
         switch evaluation {
         case .allowed:
             self.runtime.reservations.withLock { $0.allow(instance: instance, recipient: recipient) }
@@ -193,40 +196,11 @@ struct PolicyService: Sendable {
             return .dunno
         case .refused:
             return self.strike(evaluation, outcome: nil, sender: sender, ruleset: ruleset, record: record, logger: logger)
-        case .needsQuota(let addresses, let quota, let overQuota, _):
-            guard let key = addresses.first else { return .dunno }
-            var sweptDead = false
-            for _ in 0..<Self.reserveAttempts {
-                self.open(instance: instance, uid: uid, connection: connection, rule: rule, overQuota: overQuota, now: now, logger: logger)
-                let (version, held, mine) = self.runtime.reservations.withLock { r in
-                    (r.version(uid), r.held(uid: uid), r.transaction(instance)?.addresses.contains(key) ?? false)
-                }
-                if mine { return .dunno }
-                let outcome: QuotaOutcome
-                do {
-                    outcome = try await self.runtime.store.admit(
-                        QuotaRequest(uid: uid, addresses: [key], quota: quota, now: now, held: held, record: false))
-                } catch {
-                    return self.refuse(Policy.verdict(evaluation, sender: sender, outcome: .failure(error)), record: record, atEnd: false, logger: logger)
-                }
-                if !outcome.admitted {
-                    // Reservations of clients that are gone must not keep the quota: look once.
-                    if !held.isEmpty, !sweptDead, await self.releaseDead(uid: uid, logger: logger) > 0 {
-                        sweptDead = true
-                        continue
-                    }
-                    return self.strike(evaluation, outcome: .success(outcome), sender: sender, ruleset: ruleset, record: record, logger: logger)
-                }
-                let reserved = self.runtime.reservations.withLock { $0.reserve(instance: instance, address: key, written: recipient, ifVersion: version) }
-                if reserved {
-                    logger.debug("policy: \(instance): reserved <\(LogText.escape(recipient))> for uid \(uid) (\(outcome.used)/\(outcome.limit) with those held)")
-                    return .dunno
-                }
-            }
-            record.verdict = .defer
-            record.reason = "<\(recipient)> quota reservation contended"
-            self.log(record, level: .warning, logger: logger)
-            return Replies.policyBusy
+        case .needsQuota(let addresses, _, _, _, let caps, let budget):
+            self.runtime.reservations.withLock { $0.setCaps(instance: instance, caps: caps, budget: budget) }
+            let reservation = Reservation(
+                opening: opening, sender: sender, recipient: recipient, key: addresses.first, evaluation: evaluation)
+            return await self.reserve(reservation, record: record, logger: logger)
         }
     }
 
@@ -253,8 +227,83 @@ struct PolicyService: Sendable {
         }
     }
 
-    /// END-OF-MESSAGE: the transaction's reserved addresses are spent, in one store
-    /// transaction; the store has the last word, so the two doors together never exceed N.
+    /// A transaction as the RCPT that opens or refreshes it sees it.
+    struct Opening {
+        let instance: String
+        let uid: UInt32
+        let connection: Reservations.Connection
+        let rule: Rule?
+        let overQuota: OverQuota
+        let now: Int64
+    }
+
+    /// One recipient that needs the store: an address outside the allow list (`key`), or an
+    /// allowed one that counts against the rule's volume caps (`key` nil).
+    struct Reservation {
+        let opening: Opening
+        let sender: Sender
+        let recipient: String
+        let key: String?
+        let evaluation: Evaluation
+    }
+
+    /// Asks the store whether the recipient fits (the arbitrary quota and the caps, with what
+    /// the uid's open transactions hold), then holds it for the transaction. Nothing is spent.
+    private func reserve(_ r: Reservation, record: DecisionRecord, logger: Logger) async -> PolicyAction {
+        let (uid, instance) = (r.opening.uid, r.opening.instance)
+        var sweptDead = false
+        for _ in 0..<Self.reserveAttempts {
+            self.open(r.opening, logger: logger)
+            let (version, held, volume, mine, accepted) = self.runtime.reservations.withLock { res in
+                let t = res.transaction(instance)
+                let mine = r.key.map { t?.addresses.contains($0) ?? false } ?? false
+                return (res.version(uid), res.held(uid: uid), res.heldVolume(uid: uid, excluding: instance), mine, t?.accepted ?? 0)
+            }
+            if mine { return .dunno }
+            guard let request = Policy.quotaRequest(
+                r.evaluation, sender: r.sender, now: r.opening.now, held: held, record: false,
+                recipients: accepted + 1, heldVolume: volume)
+            else { return .dunno }
+            let outcome: QuotaOutcome
+            do {
+                outcome = try await self.runtime.store.admit(request)
+            } catch {
+                return self.refuse(Policy.verdict(r.evaluation, sender: r.sender, outcome: .failure(error)), record: record, atEnd: false, logger: logger)
+            }
+            let verdict = Policy.verdict(r.evaluation, sender: r.sender, outcome: .success(outcome))
+            if !outcome.admitted {
+                // Reservations of clients that are gone must not keep the quota: look once.
+                if !held.isEmpty || volume.messages > 0, !sweptDead, await self.releaseDead(uid: uid, logger: logger) > 0 {
+                    sweptDead = true
+                    continue
+                }
+                self.runtime.strike(r.sender, evaluation: r.evaluation, verdict: verdict, ruleset: self.runtime.ruleset)
+                return self.refuse(verdict, record: record, atEnd: false, logger: logger)
+            }
+            let reserved = self.runtime.reservations.withLock { res in
+                guard let key = r.key else { return res.accept(instance: instance, recipient: r.recipient, ifVersion: version) }
+                return res.reserve(instance: instance, address: key, written: r.recipient, ifVersion: version)
+            }
+            guard reserved else { continue }
+            if r.key == nil {
+                var record = record
+                (record.reason, record.messages, record.recipients) = (verdict.reason, verdict.messages, verdict.recipients)
+                self.log(record, level: .info, logger: logger)
+            } else {
+                logger.debug("policy: \(instance): reserved <\(LogText.escape(r.recipient))> for uid \(uid) (\(outcome.used)/\(outcome.limit) with those held)")
+            }
+            return .dunno
+        }
+        var record = record
+        record.verdict = .defer
+        record.reason = "<\(r.recipient)> quota reservation contended"
+        self.log(record, level: .warning, logger: logger)
+        return Replies.policyBusy
+    }
+
+    /// END-OF-MESSAGE: the transaction's reserved addresses and its volume are spent, in one
+    /// store transaction; the store has the last word, so the two doors together never
+    /// exceed a limit.
     private func endOfMessage(sender: Sender, instance: String, record: DecisionRecord, logger: Logger) async -> PolicyAction {
         var record = record
         guard let uid = sender.uid else { return Replies.policyUnidentified }
@@ -264,22 +313,32 @@ struct PolicyService: Sendable {
             logger.error("policy: \(instance): END-OF-MESSAGE from uid \(uid), but the transaction was opened by uid \(t.uid)")
             return Replies.policyUnidentified
         }
-        guard !t.addresses.isEmpty, let quota = t.quota else { return .dunno }
-        record.to = t.addresses.map { t.written[$0] ?? $0 }
-        let held = self.runtime.reservations.withLock { $0.held(uid: uid, excluding: instance) }
-        let evaluation = Evaluation.needsQuota(addresses: t.addresses, quota: quota, overQuota: t.overQuota, written: t.written)
+        let quota = t.addresses.isEmpty ? nil : t.quota
+        guard quota != nil || (!t.caps.isEmpty && t.accepted > 0) else {
+            // Statistics count the SMTP door's messages here, once each.
+            if t.accepted > 0 { self.runtime.countStats(uid: uid, user: record.user, verdict: .relay) }
+            return .dunno
+        }
+        let reserved = t.addresses.map { t.written[$0] ?? $0 }
+        record.to = t.caps.isEmpty ? reserved : t.allowed + reserved
+        let (held, volume) = self.runtime.reservations.withLock { ($0.held(uid: uid, excluding: instance), $0.heldVolume(uid: uid, excluding: instance)) }
+        let evaluation = Evaluation.needsQuota(
+            addresses: t.addresses, quota: quota, overQuota: t.overQuota, written: t.written, caps: t.caps, budget: t.budget)
         let outcome: Result<QuotaOutcome, any Error>
         do {
             outcome = .success(try await self.runtime.store.admit(
-                QuotaRequest(uid: uid, addresses: t.addresses, quota: quota, now: self.runtime.clock(), held: held)))
+                QuotaRequest(
+                    uid: uid, addresses: t.addresses, quota: quota, now: self.runtime.clock(), held: held,
+                    caps: t.caps, recipients: t.accepted, heldVolume: volume, budget: t.budget)))
         } catch {
             outcome = .failure(error)
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
-        if case .success(let o) = outcome { self.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: self.runtime.ruleset) }
+        if case .success(let o) = outcome, let quota { self.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: self.runtime.ruleset) }
         guard verdict.kind == .relay else { return self.refuse(verdict, record: record, atEnd: true, logger: logger) }
-        record.reason = verdict.reason
-        record.quota = verdict.quota
+        self.runtime.countStats(uid: uid, user: record.user, verdict: .relay, strangers: verdict.strangers)
+        (record.reason, record.quota) = (verdict.reason, verdict.quota)
+        (record.messages, record.recipients) = (verdict.messages, verdict.recipients)
         self.log(record, level: .info, logger: logger)
         return .dunno
     }
@@ -292,6 +351,8 @@ struct PolicyService: Sendable {
         record.verdict = verdict.kind
         record.reason = verdict.reason
         record.quota = verdict.quota
+        (record.messages, record.recipients) = (verdict.messages, verdict.recipients)
+        self.runtime.countStats(uid: record.uid, user: record.user, verdict: verdict.kind)
         self.log(record, level: verdict.reply == Replies.storeUnavailable ? .error : .warning, logger: logger)
         if verdict.reply == Replies.storeUnavailable { return Replies.policyStoreUnavailable }
         // Held: Postfix takes the message and parks it on its own hold queue.
@@ -299,14 +360,11 @@ struct PolicyService: Sendable {
         return atEnd ? Replies.policyActionAtEnd(verdict.reply) : Replies.policyAction(verdict.reply)
     }
 
-    private func open(
-        instance: String, uid: UInt32, connection: Reservations.Connection, rule: Rule?, overQuota: OverQuota, now: Int64,
-        logger: Logger
-    ) {
+    private func open(_ o: Opening, logger: Logger) {
         let ended = self.runtime.reservations.withLock {
-            $0.open(instance: instance, uid: uid, connection: connection, quota: rule?.quota, overQuota: overQuota, now: now)
+            $0.open(instance: o.instance, uid: o.uid, connection: o.connection, quota: o.rule?.quota, overQuota: o.overQuota, now: o.now)
         }
-        for t in ended where !t.addresses.isEmpty {
+        for t in ended where t.accepted > 0 {
             logger.debug("policy: \(t.instance): released \(t.addresses.count) reserved recipients (a new transaction on \(t.connection))")
         }
     }
@@ -351,6 +409,8 @@ struct PolicyService: Sendable {
     }
 
     func log(_ record: DecisionRecord, level: Logger.Level, logger: Logger) {
+        self.runtime.observeRemaining(
+            uid: record.uid, user: record.user, quota: record.quota, messages: record.messages, recipients: record.recipients)
         self.runtime.count { c in
             switch record.verdict {
             case .relay: c.relayed += 1

@@ -2,6 +2,8 @@
 //   QUEUEID: uid=33 user=www-data door=pickup from=<a@b> to=<c@d>,<e@f> verdict=refused reason="..." relay="..."
 //   QUEUEID: uid=33 user=www-data door=pickup from=<a@b> to=<c@d> verdict=held reason="..." held_as=HOLDID relay="..."
 //   NOQUEUE: uid=33 user=www-data door=smtp client=127.0.0.1:40000 from=<a@b> to=<c@d> verdict=refused reason="..."
+// followed, where the rule has them, by quota="17/20 per day" messages="47/50 per hour"
+// recipients="190/200 per day" (what is left of each).
 // Every value that came from outside is escaped and truncated by LogText first.
 
 import Logging
@@ -17,6 +19,8 @@ enum LogKey {
     static let verdict = "verdict"
     static let reason = "reason"
     static let quota = "quota"
+    static let messages = "messages"
+    static let recipients = "recipients"
     static let relay = "relay"
     static let heldQueueID = "held_queue_id"
     /// freeze, thaw: events other than a message's decision.
@@ -53,6 +57,9 @@ struct DecisionRecord {
     var reason: String
     var quota: String?
     var relayReply: String?
+    /// What is left of the rule's `messages` and `recipients` caps ("47/50 per hour").
+    var messages: String? = nil
+    var recipients: String? = nil
     /// A held message: the queue id it has in Postfix's hold queue.
     var heldQueueID: String? = nil
     /// The X-PHP-Originating-Script hint, already escaped and truncated (ScriptHint).
@@ -74,6 +81,8 @@ struct DecisionRecord {
         s += " to=\(shown)\(self.to.count > Self.recipientsShown ? ",...(\(self.to.count) in all)" : "")"
         s += " verdict=\(self.verdict.rawValue) reason=\"\(LogText.escape(self.reason, limit: 512))\""
         if let quota { s += " quota=\"\(quota)\"" }
+        if let messages { s += " messages=\"\(messages)\"" }
+        if let recipients { s += " recipients=\"\(recipients)\"" }
         if let heldQueueID { s += " held_as=\(LogText.escape(heldQueueID, limit: 64))" }
         if let script { s += " script=\"\(script)\"" }
         if let sasl { s += " sasl=\"\(LogText.escape(sasl, limit: 128))\"" }
@@ -95,6 +104,8 @@ struct DecisionRecord {
         if let uid { m[LogKey.uid] = .string(String(uid)) }
         if let user { m[LogKey.user] = .string(LogText.escape(user, limit: 64)) }
         if let quota { m[LogKey.quota] = .string(quota) }
+        if let messages { m[LogKey.messages] = .string(messages) }
+        if let recipients { m[LogKey.recipients] = .string(recipients) }
         if let heldQueueID { m[LogKey.heldQueueID] = .string(LogText.escape(heldQueueID, limit: 64)) }
         if let script { m[LogKey.script] = .string(script) }
         if let relayReply { m[LogKey.relay] = .string(LogText.escape(relayReply, limit: 512)) }

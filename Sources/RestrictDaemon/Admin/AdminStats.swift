@@ -1,0 +1,115 @@
+// restrictpd --stats [USER] [--since 24h] [--json]: per uid, the messages relayed, refused
+// and deferred and the distinct strangers, in total and per hour, from the store's hourly
+// statistics; and what is used of each volume cap now. Read-only.
+
+import Glibc
+import QuotaStore
+import RestrictPolicy
+import SMTPCore
+
+/// One uid's statistics over the period asked.
+struct UserStats {
+    let uid: UInt32
+    let name: String?
+    let hours: [StatsRow]
+    let caps: [VolumeCapState]
+
+    func total(_ field: KeyPath<StatsRow, Int>) -> Int { self.hours.reduce(0) { $0 + $1[keyPath: field] } }
+}
+
+extension Admin {
+    /// "24h", "7d", "30m", "90s" or plain seconds; nil when malformed or not positive.
+    public static func parseSince(_ text: String) -> Int64? {
+        let units: [Character: Int64] = ["s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400]
+        var digits = Substring(text)
+        var factor: Int64 = 1
+        if let last = text.last, let unit = units[last] {
+            digits = text.dropLast()
+            factor = unit
+        }
+        guard !digits.isEmpty, digits.count <= 9, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int64(digits), n > 0
+        else { return nil }
+        return n * factor
+    }
+
+    public static func stats(configPath: String, user: String?, since: Int64, json: Bool, now: Int64) -> AdminOutput {
+        var out = AdminOutput()
+        guard let configuration = load(configPath, into: &out) else { return out }
+        var only: UInt32? = nil
+        if let user {
+            guard let s = self.sender(user), let uid = s.uid else {
+                out.stderr.append("restrictpd: no such user: \(user)")
+                out.status = 1
+                return out
+            }
+            only = uid
+        }
+        let firstHour = (now - since) / 3600
+        var users: [UserStats] = []
+        if SystemFiles.exists(configuration.statePath) {
+            guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
+            do {
+                let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
+                defer { db.close() }
+                users = try self.userStats(db, configuration: configuration, only: only, firstHour: firstHour, now: now)
+            } catch {
+                out.stderr.append("restrictpd: \(error)")
+                out.status = 1
+                return out
+            }
+        }
+        out.stdout = json ? [self.statsJSON(users, since: now - since, now: now)] : self.statsText(users, since: now - since)
+        return out
+    }
+
+    static func userStats(_ db: QuotaDatabase, configuration: Configuration, only: UInt32?, firstHour: Int64, now: Int64) throws -> [UserStats] {
+        let rows = try db.stats(uid: only, since: firstHour)
+        let policy = Policy(configuration)
+        var result: [UserStats] = []
+        for (uid, hours) in Dictionary(grouping: rows, by: \.uid).sorted(by: { $0.key < $1.key }) {
+            let name = Users.lookup(uid: uid)?.name
+            let groups = policy.needsGroups ? Users.groups(uid: uid) ?? [] : []
+            let rule = policy.rule(for: .user(uid: uid, name: name), groups: groups)
+            var caps: [VolumeCapState] = []
+            if let rule, !rule.caps.counted.isEmpty {
+                caps = try db.capStates(uid: uid, budget: rule.budget, caps: rule.caps, now: now)
+            }
+            result.append(UserStats(uid: uid, name: name, hours: hours, caps: caps))
+        }
+        return result
+    }
+
+    static func statsText(_ users: [UserStats], since: Int64) -> [String] {
+        guard !users.isEmpty else { return ["no statistics since \(timestamp(since))"] }
+        var lines: [String] = []
+        for u in users {
+            let who = Sender.user(uid: u.uid, name: u.name).phrase
+            var line = "\(who): relayed \(u.total(\.relayed)), refused \(u.total(\.refused)), deferred \(u.total(\.deferred)), held \(u.total(\.held)), strangers \(u.total(\.strangers))"
+            for state in u.caps { line += "; \(state.cap.kind.rawValue)=\"\(state)\"" }
+            lines.append(line)
+            for h in u.hours {
+                lines.append("  \(timestamp(h.hour * 3600))  relayed \(h.relayed) refused \(h.refused) deferred \(h.deferred) held \(h.held) strangers \(h.strangers)")
+            }
+        }
+        return lines
+    }
+
+    static func statsJSON(_ users: [UserStats], since: Int64, now: Int64) -> String {
+        func counts(_ relayed: Int, _ refused: Int, _ deferred: Int, _ held: Int, _ strangers: Int) -> String {
+            "\"relayed\":\(relayed),\"refused\":\(refused),\"deferred\":\(deferred),\"held\":\(held),\"strangers\":\(strangers)"
+        }
+        let entries = users.map { u -> String in
+            let caps = u.caps.map { s in
+                "\(JSONText.quote(s.cap.kind.rawValue)):{\"used\":\(s.used),\"limit\":\(s.cap.limit),\"remaining\":\(s.remaining),\"period\":\(JSONText.quote(s.cap.period.rawValue))}"
+            }
+            let hours = u.hours.map { h in
+                "{\"hour\":\(h.hour * 3600),\"time\":\(JSONText.quote(timestamp(h.hour * 3600))),\(counts(h.relayed, h.refused, h.deferred, h.held, h.strangers))}"
+            }
+            let name = u.name.map(JSONText.quote) ?? "null"
+            return "{\"uid\":\(u.uid),\"user\":\(name),"
+                + counts(u.total(\.relayed), u.total(\.refused), u.total(\.deferred), u.total(\.held), u.total(\.strangers))
+                + ",\"caps\":{\(caps.joined(separator: ","))},\"hours\":[\(hours.joined(separator: ","))]}"
+        }
+        return "{\"since\":\(since),\"until\":\(now),\"users\":[\(entries.joined(separator: ","))]}"
+    }
+}
