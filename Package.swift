@@ -18,6 +18,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         // Wire grammar, no I/O.
@@ -51,10 +53,24 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The quota store on PostgreSQL, shared by the hosts of a farm; only the daemon links it.
+        .target(
+            name: "QuotaStorePostgres",
+            dependencies: [
+                "RestrictPolicy", "QuotaStore",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
         .target(
             name: "RestrictDaemon",
             dependencies: [
-                "SMTPCore", "RestrictPolicy", "QuotaStore", "CSystemd", "CRestrictSys",
+                "SMTPCore", "RestrictPolicy", "QuotaStore", "QuotaStorePostgres", "CSystemd", "CRestrictSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -84,7 +100,7 @@ let package = Package(
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy"], swiftSettings: strict),
         .testTarget(
             name: "QuotaStoreTests",
-            dependencies: ["QuotaStore", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .testTarget(

@@ -33,7 +33,7 @@ public struct ConfigErrors: Error, Sendable, Equatable, CustomStringConvertible 
 public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
-        "recipient_delimiter", "over_quota", "smtp_authenticated",
+        "state_password_file", "scope", "recipient_delimiter", "over_quota", "smtp_authenticated",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "default", "unknown"]
     public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "refuse"]
@@ -322,8 +322,25 @@ public enum ConfigParser {
             config.unixSocketGroup = v
         case "state":
             guard let v = one() else { return }
-            guard v.hasPrefix("/") else { return error(line, "state must be an absolute path") }
+            if PostgresLocation.isURI(v) {
+                switch PostgresLocation.parse(v) {
+                case .success(let location): config.statePostgres = location
+                case .failure(let why): error(line, why.text)
+                }
+                return
+            }
+            guard v.hasPrefix("/") else { return error(line, "state must be an absolute path or a postgresql:// URI") }
             config.statePath = v
+        case "state_password_file":
+            guard let v = one() else { return }
+            guard v.hasPrefix("/") else { return error(line, "state_password_file must be an absolute path") }
+            config.statePasswordFile = v
+        case "scope":
+            guard let v = one() else { return }
+            guard v.utf8.count <= 255, v.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-._:".contains($0)) }) else {
+                return error(line, "scope takes up to 255 letters, digits and - . _ :")
+            }
+            config.scope = v
         case "recipient_delimiter":
             guard let v = one() else { return }
             guard v.count <= 8, v.allSatisfy({ $0.isASCII && !$0.isLetter && !$0.isNumber && $0 != "@" }) else {

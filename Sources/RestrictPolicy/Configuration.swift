@@ -42,11 +42,15 @@ public struct Setting: Sendable {
     public static let policyReservationTimeout = Setting("policy_reservation_timeout", 1200, 60...86400, .seconds)
     /// Open connections to the policy listeners: Postfix keeps one per smtpd process.
     public static let policyMaxConnections = Setting("policy_max_connections", 200, 1...10_000, .count)
+    /// A PostgreSQL quota store: the longest a decision (connecting included) may take before
+    /// it is answered 451 4.3.0, and the most connections one daemon opens to the database.
+    public static let stateTimeout = Setting("state_timeout", 2, 1...60, .seconds)
+    public static let statePool = Setting("state_pool", 4, 1...100, .count)
 
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
         idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
-        policyReservationTimeout, policyMaxConnections,
+        policyReservationTimeout, policyMaxConnections, stateTimeout, statePool,
     ]
 }
 
@@ -175,7 +179,15 @@ public struct Configuration: Sendable, Equatable {
     public var peerCheck = true
     public var unixSocketMode: UInt32 = 0o660
     public var unixSocketGroup: String? = nil
+    /// The SQLite quota database; unused when `statePostgres` is set.
     public var statePath = "/var/lib/restrictpd/quota.db"
+    /// `state postgresql://...`: the quota store is a PostgreSQL database, shared by a farm.
+    public var statePostgres: PostgresLocation? = nil
+    /// The file holding the PostgreSQL password (its first line), if any.
+    public var statePasswordFile: String? = nil
+    /// The farm key of a PostgreSQL store: nodes with the same scope share every uid's quota.
+    /// nil: the host name. The SQLite store, on one host only, ignores it.
+    public var scope: String? = nil
     public var recipientDelimiter = ""
     public var overQuota: OverQuota = .defer
     /// Numeric settings by key; absent keys take the setting's default.

@@ -38,6 +38,9 @@ struct Main: ParsableCommand {
     @Option(name: .customLong("reset-quota"), help: ArgumentHelp("Forget the counted destinations of a user.", valueName: "user"))
     var resetQuota: String?
 
+    @Flag(name: .customLong("init-store"), help: "Create or upgrade the quota store's schema (the SQLite file, or the PostgreSQL database of a postgresql:// state), and exit.")
+    var initStore = false
+
     @Option(help: ArgumentHelp("When started as root, run as this user.", valueName: "user"))
     var user = "restrict"
 
@@ -51,11 +54,11 @@ struct Main: ParsableCommand {
     var arguments: [String] = []
 
     func validate() throws {
-        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil].filter { $0 }.count
-        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota") }
+        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.initStore].filter { $0 }.count
+        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --init-store") }
         if self.testUser != nil, self.arguments.isEmpty { throw ValidationError("--test needs at least one recipient") }
         if self.showQuota, self.arguments.count > 1 { throw ValidationError("--quota takes at most one user") }
-        if actions == 0 || self.checkConfig || self.resetQuota != nil, !self.arguments.isEmpty {
+        if actions == 0 || self.checkConfig || self.resetQuota != nil || self.initStore, !self.arguments.isEmpty {
             throw ValidationError("unexpected arguments: \(self.arguments.joined(separator: " "))")
         }
         guard LogTarget(rawValue: self.log) != nil else { throw ValidationError("--log takes auto, journal, syslog or stderr") }
@@ -73,6 +76,8 @@ struct Main: ParsableCommand {
             output = Admin.showQuota(configPath: self.config, user: self.arguments.first, now: now)
         } else if let user = self.resetQuota {
             output = Admin.resetQuota(configPath: self.config, user: user)
+        } else if self.initStore {
+            output = Admin.initStore(configPath: self.config)
         } else {
             let target = (LogTarget(rawValue: self.log) ?? .auto).resolved()
             let level = Logger.Level(rawValue: self.logLevel) ?? .info

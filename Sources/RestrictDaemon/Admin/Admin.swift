@@ -1,6 +1,7 @@
-// The admin's commands: --check-config, --test, --quota, --reset-quota. They read the same
-// configuration and quota database as the running daemon, through their own connection
-// (SQLite's busy timeout lets them run beside it). --test and --quota never write.
+// The admin's commands: --check-config, --test, --quota, --reset-quota (and --init-store, in
+// AdminStore.swift). They read the same configuration and quota store as the running daemon,
+// through their own connection (SQLite's busy timeout lets them run beside it; a PostgreSQL
+// store is a server). --test and --quota never write.
 
 import RestrictPolicy
 import QuotaStore
@@ -55,6 +56,7 @@ public enum Admin {
             if c.peerCheck, c.clients.isEmpty {
                 out.stdout.append("\(path): warning: no user in clients (\(c.clientNames.joined(separator: " "))) exists here: every connection would be refused")
             }
+            self.checkStore(c, path: path, into: &out)
         case .failure(let errors):
             out.stderr = errors.errors.map(\.description)
             out.status = 1
@@ -103,7 +105,11 @@ public enum Admin {
         case .needsQuota(let addresses, let quota, let overQuota, _):
             let request = QuotaRequest(uid: sender.uid ?? 0, addresses: addresses, quota: quota, now: now)
             let outcome: QuotaOutcome
-            if SystemFiles.exists(configuration.statePath) {
+            guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
+            if let postgres {
+                guard let o = self.value(self.blocking({ try await postgres.peek(request) }), into: &out) else { return out }
+                outcome = o
+            } else if SystemFiles.exists(configuration.statePath) {
                 guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
                 do {
                     let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
@@ -148,20 +154,26 @@ public enum Admin {
             }
             only = uid
         }
-        guard SystemFiles.exists(configuration.statePath) else {
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
+        let entries: [QuotaEntry]
+        if let postgres {
+            let uid = only
+            guard let e = self.value(self.blocking({ try await postgres.entries(uid: uid) }), into: &out) else { return out }
+            entries = e
+        } else if !SystemFiles.exists(configuration.statePath) {
             out.stdout.append("no quota database at \(configuration.statePath) yet: nothing counted")
             return out
-        }
-        guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
-        let entries: [QuotaEntry]
-        do {
-            let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
-            defer { db.close() }
-            entries = try db.entries(uid: only)
-        } catch {
-            out.stderr.append("restrictpd: \(error)")
-            out.status = 1
-            return out
+        } else {
+            guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
+            do {
+                let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
+                defer { db.close() }
+                entries = try db.entries(uid: only)
+            } catch {
+                out.stderr.append("restrictpd: \(error)")
+                out.status = 1
+                return out
+            }
         }
         let policy = Policy(configuration)
         let byUID = Dictionary(grouping: entries, by: \.uid)
@@ -190,6 +202,12 @@ public enum Admin {
         guard let s = self.sender(user), let uid = s.uid else {
             out.stderr.append("restrictpd: no such user: \(user)")
             out.status = 1
+            return out
+        }
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
+        if let postgres {
+            guard let n = self.value(self.blocking({ try await postgres.reset(uid: uid) }), into: &out) else { return out }
+            out.stdout.append("\(s.phrase): \(n) counted destinations forgotten (scope \(postgres.settings.scope))")
             return out
         }
         guard SystemFiles.exists(configuration.statePath) else {
