@@ -89,8 +89,12 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        // bench/quota-bench: throughput of the SQLite quota store.
-        .executableTarget(name: "restrictpd-quota-bench", dependencies: ["QuotaStore", "RestrictPolicy"], swiftSettings: strict),
+        // bench/quota-bench: throughput of the quota stores (SQLite, and PostgreSQL when given one).
+        .executableTarget(
+            name: "restrictpd-quota-bench",
+            dependencies: ["QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
         .testTarget(
             name: "SMTPCoreTests",
             dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],

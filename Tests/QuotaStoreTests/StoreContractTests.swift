@@ -42,7 +42,7 @@ enum TestPostgres {
     static var uri: String? { environment["RESTRICTPD_TEST_POSTGRES"] }
     static let missing = "RESTRICTPD_TEST_POSTGRES is not set: the PostgreSQL store's cases did NOT run (scripts/test starts a private cluster and sets it)"
 
-    static func settings(scope: String, timeout: Int = 5, pool: Int = 4) throws -> PostgresStoreSettings {
+    static func settings(scope: String, timeout: Int = 30, pool: Int = 4) throws -> PostgresStoreSettings {
         guard let uri, case .success(let location) = PostgresLocation.parse(uri) else {
             throw PostgresStoreError(.connection, location: "-", message: "bad RESTRICTPD_TEST_POSTGRES")
         }
