@@ -178,15 +178,20 @@ def test_database_down_defers_then_recovers_without_restart(lab):
     try:
         config, port = pg_config(lab, cluster, "fault.conf", "fault", extra="state_timeout 1\n")
         assert admin(config, "--init-store").returncode == 0
-        d = lab.daemon(config)
+        notify = lab.notify()
+        d = lab.daemon(config, env={"NOTIFY_SOCKET": notify.path})
         d.wait_listening(port)
+        notify.wait_for(lambda t: "READY=1" in t and "store=postgresql" in t, 10, what="READY=1 with the store's state")
         assert dl.send_message(port, ["before@x.org"], uid=33)[0] == 250
+        notify.wait_for(lambda t: "store=postgresql up" in t, 12, what="STATUS= with store=postgresql up")
         cluster.stop()
         for i in range(3):
             code, lines = dl.send_message(port, [f"down{i}@x.org"], uid=33)
             assert code == 451 and "4.3.0" in lines[0], lines
         assert len(lab.relay.messages) == 1
         d.wait_log(r"error.*quota store postgresql://", timeout=5)
+        # systemd's status line says the store is down, and why.
+        notify.wait_for(lambda t: "store=postgresql down" in t, 12, what="STATUS= with store=postgresql down")
         cluster.start()
 
         def flows():
