@@ -7,6 +7,9 @@ Measures, side by side and in one run:
   quota:     smtp-source -> restrictpd (1000 `user UID` rules, each an allow list and
              `arbitrary 50 per day`; every recipient is outside the allow list, so every
              message is decided by the SQLite quota store) -> smtp-sink
+  quota-pg:  the same on the PostgreSQL quota store (a private cluster on loopback, started
+             and removed by this script; default state_pool and state_timeout; a scope of its
+             own per run, so every run starts with nothing counted)
 for 20 sessions x 10 KB and 1 session x 1 KB, one TCP connection per message (smtp-source's
 default), medians of 3; and restrictpd's peak RSS (VmHWM) while relaying one 1 GiB message and
 while holding 200 concurrent sessions mid-DATA.
@@ -38,7 +41,7 @@ Environment overrides:
   BENCH_BIG_MIB          size of the big message in MiB (1024)
   BENCH_CONCURRENT       concurrent sessions of the memory test (200)
   BENCH_SKIP_THROUGHPUT=1, BENCH_SKIP_MEMORY=1
-  BENCH_MODES            comma list of modes to run (direct,allow-all,quota)
+  BENCH_MODES            comma list of modes to run (direct,allow-all,quota,quota-pg)
   BENCH_OUT              where to write the table (bench/results/latest.md; a dated copy too)
 """
 
@@ -74,7 +77,9 @@ SESSIONS_MULTI = env_int("BENCH_SESSIONS_MULTI", 20)
 MSGS_SINGLE = env_int("BENCH_MSGS_SINGLE", 500 if QUICK else 5000)
 BIG_MIB = env_int("BENCH_BIG_MIB", 64 if QUICK else 1024)
 CONCURRENT = env_int("BENCH_CONCURRENT", 200)
-MODES = [m for m in os.environ.get("BENCH_MODES", "direct,allow-all,quota").split(",") if m]
+MODES = [m for m in os.environ.get("BENCH_MODES", "direct,allow-all,quota,quota-pg").split(",") if m]
+# The PostgreSQL row against the SQLite row, at 20 sessions.
+PG_TARGET = 0.8
 
 
 def log(msg):
@@ -184,6 +189,44 @@ def config_quota(listen_port, sink_port, state, extra=""):
             f"    arbitrary {QUOTA} per day\n"
         )
     return "".join(parts)
+
+
+class PostgresState:
+    """A private PostgreSQL cluster for the quota-pg mode (tests/pgcluster.py), started on first
+    use, its schema created once with restrictpd --init-store; stop() removes it."""
+
+    cluster = None
+    runs = 0
+
+    @classmethod
+    def settings(cls, binary, workdir):
+        if cls.cluster is None:
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+            import pgcluster
+            cls.cluster = pgcluster.Cluster(tempfile.mkdtemp(prefix="pg-", dir="/tmp")).init()
+            init = os.path.join(workdir, "init-store.conf")
+            with open(init, "w") as f:
+                f.write(cls.text("init") + "default\n    allow *\n")
+            subprocess.run([binary, "--config", init, "--init-store"], check=True, capture_output=True, text=True)
+        cls.runs += 1
+        return cls.text(f"bench-{os.getpid()}-{cls.runs}")
+
+    @classmethod
+    def text(cls, scope):
+        return f"state {cls.cluster.uri}\nstate_password_file {cls.cluster.password_file}\nscope {scope}\n"
+
+    @classmethod
+    def stop(cls):
+        if cls.cluster is not None:
+            cls.cluster.destroy()
+            cls.cluster = None
+
+
+def config_quota_pg_maker(binary, workdir):
+    def make(listen_port, sink_port, state, extra=""):
+        text = config_quota(listen_port, sink_port, state, extra)
+        return text.replace(f"state {state}\n", PostgresState.settings(binary, workdir), 1)
+    return make
 
 
 # ---------------------------------------------------------------- processes
@@ -515,7 +558,7 @@ def measure_throughput(binary, workdir, sink, files, scenario, total, sessions):
                 results[mode].append((total / el, None, None, note, lc / total * 1e6))
                 log(f"{scenario} rep {rep + 1}: direct {total / el:.0f} msg/s {note}")
                 continue
-            make = config_quota if mode == "quota" else config_allow_all
+            make = {"quota": config_quota, "quota-pg": config_quota_pg_maker(binary, workdir)}.get(mode, config_allow_all)
             if mode == "allow-all-1proc":
                 def load(port):
                     return with_cpu(sink, run_single_process, port, files[lane_uids(1)[0]], total, sessions)
@@ -592,13 +635,14 @@ def report(args, m, load_before, load_after, thr, mem):
             "allow-all": "restrictpd, allow-all rule",
             "allow-all-1proc": "restrictpd, allow-all rule, one smtp-source process (like the reference)",
             "quota": "restrictpd, 1000 users, quota (SQLite)",
+            "quota-pg": "restrictpd, 1000 users, quota (PostgreSQL, local cluster)",
         }
         for key, (title, total, sessions) in thr["scenarios"].items():
             res = thr["results"][key]
             direct = statistics.median(r[0] for r in res["direct"]) if res.get("direct") else None
             direct1 = statistics.median(r[0] for r in res["direct-1proc"]) if res.get("direct-1proc") else None
             best = max([d for d in (direct, direct1) if d], default=None)
-            proxied = ("allow-all", "quota", "allow-all-1proc")
+            proxied = ("allow-all", "quota", "quota-pg", "allow-all-1proc")
             for mode in ["direct-1proc"] + MODES + ["allow-all-1proc"]:
                 runs = res.get(mode) or []
                 if not runs:
@@ -620,6 +664,10 @@ def report(args, m, load_before, load_after, thr, mem):
                 out.append(
                     f"| {title} | {labels[mode]} | {med:.0f} | {', '.join(f'{r[0]:.0f}' for r in runs)} | "
                     f"{fmt(ratio, '{:.2f}')} | {fmt(ratio_best, '{:.2f}')} | {fmt(target, '{:.1f}')} | {met} | {fmt(hwm, '{:.1f}')} | {cpu_text} | {fmt(lcpu)} |")
+            if res.get("quota") and res.get("quota-pg"):
+                pg = statistics.median(r[0] for r in res["quota-pg"]) / statistics.median(r[0] for r in res["quota"])
+                met = "yes" if pg >= PG_TARGET else "NO"
+                out.append(f"\nquota on PostgreSQL / quota on SQLite ({title}): {pg:.2f} (target {PG_TARGET} at 20 sessions: {met})")
             notes = [f"{mode}: {r[3]}" for mode in res for r in res[mode] if r[3]]
             for n in notes:
                 out.append(f"\nnote ({title}): {n}")
@@ -690,6 +738,7 @@ def main():
                 log(f"memory: concurrent test failed: {e!r}")
     finally:
         sink.stop()
+        PostgresState.stop()
     load_after = " ".join(open("/proc/loadavg").read().split()[:3])
     text = report(args, machine(), load_before, load_after, thr, mem)
     print(text)
