@@ -104,25 +104,7 @@ public enum Admin {
             verdict = Verdict(kind: .refuse, code: 550, enhanced: "5.7.1", text: "<\(rcpt)>: not permitted for \(sender.phrase)", reason: "<\(rcpt)> \(reason)", quota: nil)
         case .needsQuota(let addresses, let quota, let overQuota, _):
             let request = QuotaRequest(uid: sender.uid ?? 0, addresses: addresses, quota: quota, now: now)
-            let outcome: QuotaOutcome
-            guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
-            if let postgres {
-                guard let o = self.value(self.blocking({ try await postgres.peek(request) }), into: &out) else { return out }
-                outcome = o
-            } else if SystemFiles.exists(configuration.statePath) {
-                guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
-                do {
-                    let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
-                    defer { db.close() }
-                    outcome = try db.peek(request)
-                } catch {
-                    out.stderr.append("restrictpd: \(error)")
-                    out.status = 1
-                    return out
-                }
-            } else {
-                outcome = QuotaArithmetic.decide(request, counted: []).0
-            }
+            guard let outcome = self.peek(request, configuration, into: &out) else { return out }
             let figure = quota.remaining(after: outcome)
             out.stdout.append("outside the allow list: \(addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(quota))")
             if outcome.admitted {
@@ -140,6 +122,24 @@ public enum Admin {
         out.stdout.append(line)
         out.status = verdict.kind == .relay ? 0 : 2
         return out
+    }
+
+    /// The decision the quota store would take now, spending nothing; nil with the error in `out`.
+    static func peek(_ request: QuotaRequest, _ configuration: Configuration, into out: inout AdminOutput) -> QuotaOutcome? {
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return nil }
+        if let postgres { return self.value(self.blocking({ try await postgres.peek(request) }), into: &out) }
+        // No SQLite file yet: nothing is counted.
+        guard SystemFiles.exists(configuration.statePath) else { return QuotaArithmetic.decide(request, counted: []).0 }
+        guard becomeOwner(of: configuration.statePath, into: &out) else { return nil }
+        do {
+            let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
+            defer { db.close() }
+            return try db.peek(request)
+        } catch {
+            out.stderr.append("restrictpd: \(error)")
+            out.status = 1
+            return nil
+        }
     }
 
     public static func showQuota(configPath: String, user: String?, now: Int64) -> AdminOutput {
