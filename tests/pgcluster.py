@@ -42,13 +42,15 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, directory: str | None = None, port: int | None = None):
+    def __init__(self, directory: str | None = None, port: int | None = None, server_options: str = ""):
         self.dir = Path(directory or tempfile.mkdtemp(prefix="restrictpd-pg-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data = self.dir / "data"
         self.port = port or free_port()
         self.bin = bindir()
         self.password_file = self.dir / "password"
+        # After the test defaults (fsync=off), so they win: the benchmark's durability settings.
+        self.server_options = server_options
 
     def _as_postgres(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(["runuser", "-u", "postgres", "--", *args], check=check, timeout=timeout,
@@ -67,7 +69,8 @@ class Cluster:
         return self
 
     def start(self) -> None:
-        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100 "
+                f"{self.server_options}")
         self._as_postgres(f"{self.bin}/pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"),
                           "-o", opts, "-w", "-t", "30", "start")
 
