@@ -204,3 +204,20 @@ def test_database_down_defers_then_recovers_without_restart(lab):
         assert d.running
     finally:
         cluster.destroy()
+
+
+def test_init_store_on_sqlite_creates_the_file_for_the_service_user(lab):
+    """--init-store with a SQLite state: the file and its schema, owned like the state directory."""
+    import os
+    import pwd
+    state_dir = lab.dir / "sqlite-state"
+    state_dir.mkdir()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(state_dir, nobody.pw_uid, nobody.pw_gid)
+    config = dl.write_config(lab.dir / "sqlite.conf", listen=f"127.0.0.1:{dl.free_port()}", relay_port=lab.relay.port,
+                             state=state_dir / "quota.db", rules=RULES)
+    first = admin(config, "--init-store")
+    assert first.returncode == 0 and "schema version 1" in first.stdout, first.stdout + first.stderr
+    assert (state_dir / "quota.db").stat().st_uid == nobody.pw_uid
+    again = admin(config, "--init-store")
+    assert again.returncode == 0, again.stderr

@@ -81,7 +81,9 @@ extension Admin {
             out.stdout.append("quota store \(store.location): \(what)")
         case .success(nil):
             let path = configuration.statePath
-            guard becomeOwner(of: path, into: &out) else { return out }
+            // A new file must belong to the service user, who owns the state directory.
+            let owner = SystemFiles.exists(path) ? path : String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+            guard becomeOwner(of: owner.isEmpty ? "/" : owner, into: &out) else { return out }
             do {
                 let db = try QuotaDatabase(path: path)
                 db.close()
