@@ -43,6 +43,7 @@ Environment overrides:
   BENCH_CONCURRENT       concurrent sessions of the memory test (200)
   BENCH_SKIP_THROUGHPUT=1, BENCH_SKIP_MEMORY=1
   BENCH_MODES            comma list of modes to run (direct,allow-all,quota,quota-pg)
+  BENCH_STATE_POOL       state_pool of the quota-pg mode (4, restrictpd's default)
   BENCH_OUT              where to write the table (bench/results/latest.md; a dated copy too)
 """
 
@@ -217,7 +218,9 @@ class PostgresState:
 
     @classmethod
     def text(cls, scope):
-        return f"state {cls.cluster.uri}\nstate_password_file {cls.cluster.password_file}\nscope {scope}\n"
+        pool = os.environ.get("BENCH_STATE_POOL", "4")
+        return (f"state {cls.cluster.uri}\nstate_password_file {cls.cluster.password_file}\nscope {scope}\n"
+                f"state_pool {pool}\n")
 
     @classmethod
     def stop(cls):
