@@ -31,7 +31,7 @@ def test_decision_is_a_structured_journal_entry():
     decisions = [e for e in entries if "verdict=relayed" in e["MESSAGE"]]
     assert len(decisions) == 1, entries
     d = decisions[0]
-    assert d["MESSAGE"].startswith("4ABCDEF12: uid=0 user=root from=<root@lab.localdomain> to=<alice@example.com>")
+    assert d["MESSAGE"].startswith("4ABCDEF12: uid=0 user=root door=pickup from=<root@lab.localdomain> to=<alice@example.com>")
     assert d["PRIORITY"] == "6"
     assert d["RESTRICTPD_UID"] == "0"
     assert d["RESTRICTPD_USER"] == "root"
