@@ -22,6 +22,8 @@ let package = Package(
         // metrics_file: counters through swift-metrics, the text format by swift-prometheus.
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
     ],
     targets: [
         // Wire grammar, no I/O.
@@ -61,10 +63,24 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
+        // The quota store on PostgreSQL, shared by the hosts of a farm; only the daemon links it.
+        .target(
+            name: "QuotaStorePostgres",
+            dependencies: [
+                "RestrictPolicy", "QuotaStore",
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
         .target(
             name: "RestrictDaemon",
             dependencies: [
-                "SMTPCore", "RestrictPolicy", "ProxySession", "QuotaStore", "CSystemd", "CRestrictSys",
+                "SMTPCore", "RestrictPolicy", "ProxySession", "QuotaStore", "QuotaStorePostgres", "CSystemd", "CRestrictSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -85,8 +101,12 @@ let package = Package(
             ],
             swiftSettings: strict
         ),
-        // bench/quota-bench: throughput of the SQLite quota store.
-        .executableTarget(name: "restrictpd-quota-bench", dependencies: ["QuotaStore", "RestrictPolicy"], swiftSettings: strict),
+        // bench/quota-bench: throughput of the quota stores (SQLite, and PostgreSQL when given one).
+        .executableTarget(
+            name: "restrictpd-quota-bench",
+            dependencies: ["QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: strict
+        ),
         .testTarget(
             name: "SMTPCoreTests",
             dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],
@@ -101,7 +121,7 @@ let package = Package(
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy", "SMTPCore"], swiftSettings: strict),
         .testTarget(
             name: "QuotaStoreTests",
-            dependencies: ["QuotaStore", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
         .testTarget(

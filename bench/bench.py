@@ -8,6 +8,10 @@ Measures, side by side and in one run:
              `arbitrary 50 per day` and volume caps `messages` and `recipients` high enough
              never to refuse; every recipient is outside the allow list, so every message is
              decided by the SQLite quota store, which also counts it against the caps) -> smtp-sink
+  quota-pg:  the same on the PostgreSQL quota store (a private cluster on loopback, started
+             and removed by this script, fsync on and synchronous_commit off, as durable as the
+             SQLite store's WAL with synchronous=NORMAL; default state_pool and state_timeout; a
+             scope of its own per run, so every run starts with nothing counted)
 for 20 sessions x 10 KB and 1 session x 1 KB, one TCP connection per message (smtp-source's
 default), medians of 3; and restrictpd's peak RSS (VmHWM) while relaying one 1 GiB message and
 while holding 200 concurrent sessions mid-DATA.
@@ -40,7 +44,8 @@ Environment overrides:
   BENCH_CONCURRENT       concurrent sessions of the memory test (200)
   BENCH_SKIP_THROUGHPUT=1, BENCH_SKIP_MEMORY=1
   BENCH_QUOTA_CAPS=0     the quota rule without the volume caps (for comparison)
-  BENCH_MODES            comma list of modes to run (direct,allow-all,quota)
+  BENCH_MODES            comma list of modes to run (direct,allow-all,quota,quota-pg)
+  BENCH_STATE_POOL       state_pool of the quota-pg mode (4, restrictpd's default)
   BENCH_OUT              where to write the table (bench/results/latest.md; a dated copy too)
   BENCH_SKIP_POLICY=1, BENCH_SKIP_SMTPD=1, BENCH_POLICY_SECONDS, BENCH_POLICY_RATE,
   BENCH_SMTPD_MSGS       the SMTP door's rows (policy service, smtpd with and without it): see
@@ -81,7 +86,9 @@ SESSIONS_MULTI = env_int("BENCH_SESSIONS_MULTI", 20)
 MSGS_SINGLE = env_int("BENCH_MSGS_SINGLE", 500 if QUICK else 5000)
 BIG_MIB = env_int("BENCH_BIG_MIB", 64 if QUICK else 1024)
 CONCURRENT = env_int("BENCH_CONCURRENT", 200)
-MODES = [m for m in os.environ.get("BENCH_MODES", "direct,allow-all,quota").split(",") if m]
+MODES = [m for m in os.environ.get("BENCH_MODES", "direct,allow-all,quota,quota-pg").split(",") if m]
+# The PostgreSQL row against the SQLite row, at 20 sessions.
+PG_TARGET = 0.8
 
 
 def log(msg):
@@ -192,6 +199,49 @@ def config_quota(listen_port, sink_port, state, extra=""):
             + ("    messages 10000000 per day\n    recipients 10000000 per day\n" if QUOTA_CAPS else "")
         )
     return "".join(parts)
+
+
+class PostgresState:
+    """A private PostgreSQL cluster for the quota-pg mode (tests/pgcluster.py), started on first
+    use, its schema created once with restrictpd --init-store; stop() removes it."""
+
+    cluster = None
+    runs = 0
+
+    @classmethod
+    def settings(cls, binary, workdir):
+        if cls.cluster is None:
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+            import pgcluster
+            # Durable as the SQLite store is in WAL mode with synchronous=NORMAL: nothing is
+            # corrupted by a crash, the last commits may be lost to a power cut.
+            cls.cluster = pgcluster.Cluster(tempfile.mkdtemp(prefix="pg-", dir="/tmp"),
+                                            server_options="-c fsync=on -c synchronous_commit=off").init()
+            init = os.path.join(workdir, "init-store.conf")
+            with open(init, "w") as f:
+                f.write(cls.text("init") + "default\n    allow *\n")
+            subprocess.run([binary, "--config", init, "--init-store"], check=True, capture_output=True, text=True)
+        cls.runs += 1
+        return cls.text(f"bench-{os.getpid()}-{cls.runs}")
+
+    @classmethod
+    def text(cls, scope):
+        pool = os.environ.get("BENCH_STATE_POOL", "4")
+        return (f"state {cls.cluster.uri}\nstate_password_file {cls.cluster.password_file}\nscope {scope}\n"
+                f"state_pool {pool}\n")
+
+    @classmethod
+    def stop(cls):
+        if cls.cluster is not None:
+            cls.cluster.destroy()
+            cls.cluster = None
+
+
+def config_quota_pg_maker(binary, workdir):
+    def make(listen_port, sink_port, state, extra=""):
+        text = config_quota(listen_port, sink_port, state, extra)
+        return text.replace(f"state {state}\n", PostgresState.settings(binary, workdir), 1)
+    return make
 
 
 # ---------------------------------------------------------------- processes
@@ -523,7 +573,7 @@ def measure_throughput(binary, workdir, sink, files, scenario, total, sessions):
                 results[mode].append((total / el, None, None, note, lc / total * 1e6))
                 log(f"{scenario} rep {rep + 1}: direct {total / el:.0f} msg/s {note}")
                 continue
-            make = config_quota if mode == "quota" else config_allow_all
+            make = {"quota": config_quota, "quota-pg": config_quota_pg_maker(binary, workdir)}.get(mode, config_allow_all)
             if mode == "allow-all-1proc":
                 def load(port):
                     return with_cpu(sink, run_single_process, port, files[lane_uids(1)[0]], total, sessions)
@@ -600,13 +650,14 @@ def report(args, m, load_before, load_after, thr, mem, door=None):
             "allow-all": "restrictpd, allow-all rule",
             "allow-all-1proc": "restrictpd, allow-all rule, one smtp-source process (like the reference)",
             "quota": "restrictpd, 1000 users, quota (SQLite)",
+            "quota-pg": "restrictpd, 1000 users, quota (PostgreSQL, local cluster)",
         }
         for key, (title, total, sessions) in thr["scenarios"].items():
             res = thr["results"][key]
             direct = statistics.median(r[0] for r in res["direct"]) if res.get("direct") else None
             direct1 = statistics.median(r[0] for r in res["direct-1proc"]) if res.get("direct-1proc") else None
             best = max([d for d in (direct, direct1) if d], default=None)
-            proxied = ("allow-all", "quota", "allow-all-1proc")
+            proxied = ("allow-all", "quota", "quota-pg", "allow-all-1proc")
             for mode in ["direct-1proc"] + MODES + ["allow-all-1proc"]:
                 runs = res.get(mode) or []
                 if not runs:
@@ -628,6 +679,10 @@ def report(args, m, load_before, load_after, thr, mem, door=None):
                 out.append(
                     f"| {title} | {labels[mode]} | {med:.0f} | {', '.join(f'{r[0]:.0f}' for r in runs)} | "
                     f"{fmt(ratio, '{:.2f}')} | {fmt(ratio_best, '{:.2f}')} | {fmt(target, '{:.1f}')} | {met} | {fmt(hwm, '{:.1f}')} | {cpu_text} | {fmt(lcpu)} |")
+            if res.get("quota") and res.get("quota-pg"):
+                pg = statistics.median(r[0] for r in res["quota-pg"]) / statistics.median(r[0] for r in res["quota"])
+                met = "yes" if pg >= PG_TARGET else "NO"
+                out.append(f"\nquota on PostgreSQL / quota on SQLite ({title}): {pg:.2f} (target {PG_TARGET} at 20 sessions: {met})")
             notes = [f"{mode}: {r[3]}" for mode in res for r in res[mode] if r[3]]
             for n in notes:
                 out.append(f"\nnote ({title}): {n}")
@@ -717,6 +772,7 @@ def main():
                 log(f"smtpd: failed: {e!r}")
     finally:
         sink.stop()
+        PostgresState.stop()
     load_after = " ".join(open("/proc/loadavg").read().split()[:3])
     text = report(args, machine(), load_before, load_after, thr, mem, door)
     print(text)

@@ -51,6 +51,8 @@ public struct PreparedDaemon: Sendable {
     let configuration: Configuration
     /// Listening sockets: ours, bound from `listen` and `policy_listen` lines, or systemd's.
     let sockets: [(fd: Int32, name: String, policy: Bool)]
+    /// The PostgreSQL store's password, read while still root.
+    var statePassword: String? = nil
 }
 
 /// Why the daemon could not start, as the process's exit status.
@@ -135,6 +137,13 @@ public enum Daemon {
             logger.critical("nothing to listen on")
             return .failure(.other)
         }
+        let statePassword: String?
+        do {
+            statePassword = try QuotaStores.password(configuration)
+        } catch {
+            logger.critical("state_password_file: \(error)")
+            return .failure(.configuration)
+        }
 
         if getuid() == 0, options.user != "root" {
             guard let user = Users.lookup(name: options.user) else {
@@ -149,7 +158,7 @@ public enum Daemon {
             }
             logger.info("running as \(options.user) (uid \(user.uid))")
         }
-        return .success(PreparedDaemon(options: options, configuration: configuration, sockets: sockets))
+        return .success(PreparedDaemon(options: options, configuration: configuration, sockets: sockets, statePassword: statePassword))
     }
 
     /// Runs the prepared daemon to its end from synchronous code (the executable's main, which
@@ -196,12 +205,7 @@ public enum Daemon {
             }
         }
 
-        let store = LazyQuotaStore(path: configuration.statePath, logger: logger)
-        do {
-            _ = try store.open()
-        } catch {
-            logger.error("quota database \(configuration.statePath) unavailable (quota decisions will be deferred with 451 4.3.0 until it opens): \(error)")
-        }
+        let (store, storeStatus) = await QuotaStores.open(configuration, password: prepared.statePassword, logger: logger)
         let localDomains = (try? await Offload.run { PostfixDomains.read(for: configuration, logger: logger) }) ?? []
         let runtime = Runtime(
             ruleset: Ruleset(configuration, localDomains: localDomains), store: store, logger: logger,
@@ -215,7 +219,7 @@ public enum Daemon {
         let policy = PolicyConnection(service: policyService, registry: policyRegistry)
 
         logger.info("restrictpd \(Version.string) ready: \(configuration.rules.count) rules, relay \(configuration.relayHost):\(configuration.relayPort)")
-        Systemd.notify("READY=1\nSTATUS=ready; \(runtime.snapshot.status)")
+        Systemd.notify("READY=1\nSTATUS=ready; \(runtime.snapshot.status) \(storeStatus())")
 
         await withTaskGroup(of: Void.self) { tasks in
             for listener in listeners {
@@ -225,7 +229,7 @@ public enum Daemon {
                 tasks.addTask { await listener.serve(.policy(policy), logger: logger) }
             }
             let sweeper: PolicyService? = policyListeners.isEmpty ? nil : policyService
-            tasks.addTask { await Self.housekeeping(runtime: runtime, policy: sweeper) }
+            tasks.addTask { await Self.housekeeping(runtime: runtime, policy: sweeper, storeStatus: storeStatus) }
             let notifyLoop = handler.group.next()
             tasks.addTask { await runtime.notifier.run(runtime: runtime, eventLoop: notifyLoop) }
 
@@ -275,7 +279,8 @@ public enum Daemon {
 
     /// STATUS= every few seconds, and the watchdog at half of WatchdogSec.
     /// With the policy service, also sweeps its reservations as often as STATUS= goes out.
-    static func housekeeping(runtime: Runtime, policy: PolicyService?) async {
+    /// `storeStatus`: the quota store's part of STATUS= (a PostgreSQL store: up or down, and why).
+    static func housekeeping(runtime: Runtime, policy: PolicyService?, storeStatus: @escaping @Sendable () -> String = { "" }) async {
         let watchdog = Systemd.watchdogInterval()
         let statusEvery: UInt64 = 5_000_000_000
         let tick: UInt64 = watchdog.map { min(statusEvery, $0 * 1000 / 2) } ?? statusEvery
@@ -296,7 +301,7 @@ public enum Daemon {
                     _ = try? await Offload.run { runtime.writeMetrics() }
                     sinceMetrics = 0
                 }
-                let status = runtime.snapshot.status
+                let status = "\(runtime.snapshot.status) \(storeStatus())"
                 if status != lastStatus { Systemd.status(status) }
                 lastStatus = status
                 sinceStatus = 0
@@ -316,9 +321,10 @@ public enum Daemon {
         case .success(let configuration):
             let old = runtime.ruleset.configuration
             if configuration.listen != old.listen || configuration.policyListen != old.policyListen || configuration.statePath != old.statePath
+                || configuration.statePostgres != old.statePostgres || configuration.scope != old.scope
                 || configuration.unixSocketMode != old.unixSocketMode || configuration.unixSocketGroup != old.unixSocketGroup
             {
-                logger.notice("reload: listen, policy_listen, unix_socket_*, and state changes take effect only at restart")
+                logger.notice("reload: listen, policy_listen, unix_socket_*, state and scope changes take effect only at restart")
             }
             if !configuration.peerCheck, old.peerCheck {
                 logger.warning("reload: peer_check is now off: any local user who can connect can claim any uid")

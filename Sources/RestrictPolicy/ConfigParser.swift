@@ -34,7 +34,7 @@ public enum ConfigParser {
     public static let globalKeys: [String] = [
         "listen", "policy_listen", "relay", "clients", "peer_check", "unix_socket_mode", "unix_socket_group", "state",
         "recipient_delimiter", "over_quota", "smtp_authenticated", "on_refuse", "hold_relay", "freeze", "frozen", "notify", "warn",
-        "postconf_dir", "metrics_file",
+        "postconf_dir", "metrics_file", "state_password_file", "scope",
     ] + Setting.all.map(\.key)
     public static let ruleStarts: [String] = ["user", "uid", "group", "default", "unknown"]
     public static let ruleKeys: [String] = ["allow", "arbitrary", "over_quota", "on_refuse", "freeze", "notify", "warn", "refuse", "shared"] + capKeys
@@ -294,6 +294,14 @@ public enum ConfigParser {
         for rule in config.rules where rule.refuse && (!rule.allow.isEmpty || rule.quota != nil) {
             error(rule.line, "a rule with 'refuse' cannot also allow or grant arbitrary destinations")
         }
+        // The PostgreSQL store counts arbitrary destinations only: a rule that needs more of it
+        // would go unenforced there, so it is refused rather than silently weakened.
+        if config.statePostgres != nil, let line = globalLine["state"] {
+            let needs = config.freeze != nil || config.rules.contains { $0.freeze != nil || !$0.caps.isEmpty }
+            if needs {
+                error(line, "a postgresql:// state keeps arbitrary destinations only: freeze, messages, recipients and max_recipients need the SQLite state")
+            }
+        }
         for rule in config.rules where rule.refuse && !rule.caps.isEmpty {
             error(rule.line, "a rule with 'refuse' sends nothing: it takes no messages, recipients or max_recipients")
         }
@@ -432,7 +440,14 @@ public enum ConfigParser {
             config.unixSocketGroup = v
         case "state":
             guard let v = one() else { return }
-            guard v.hasPrefix("/") else { return error(line, "state must be an absolute path") }
+            if PostgresLocation.isURI(v) {
+                switch PostgresLocation.parse(v) {
+                case .success(let location): config.statePostgres = location
+                case .failure(let why): error(line, why.text)
+                }
+                return
+            }
+            guard v.hasPrefix("/") else { return error(line, "state must be an absolute path or a postgresql:// URI") }
             config.statePath = v
         case "metrics_file":
             guard let v = one() else { return }
@@ -442,6 +457,16 @@ public enum ConfigParser {
             guard let v = one() else { return }
             guard v.hasPrefix("/") else { return error(line, "postconf_dir must be an absolute path") }
             config.postconfDir = v
+        case "state_password_file":
+            guard let v = one() else { return }
+            guard v.hasPrefix("/") else { return error(line, "state_password_file must be an absolute path") }
+            config.statePasswordFile = v
+        case "scope":
+            guard let v = one() else { return }
+            guard v.utf8.count <= 255, v.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-._:".contains($0)) }) else {
+                return error(line, "scope takes up to 255 letters, digits and - . _ :")
+            }
+            config.scope = v
         case "recipient_delimiter":
             guard let v = one() else { return }
             guard v.count <= 8, v.allSatisfy({ $0.isASCII && !$0.isLetter && !$0.isNumber && $0 != "@" }) else {

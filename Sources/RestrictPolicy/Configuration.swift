@@ -50,10 +50,15 @@ public struct Setting: Sendable {
     public static let notifyInterval = Setting("notify_interval", 3600, 60...86400, .seconds)
     public static let notifyLimit = Setting("notify_limit", 30, 1...10_000, .count)
 
+    /// A PostgreSQL quota store: the longest a decision (connecting included) may take before
+    /// it is answered 451 4.3.0, and the most connections one daemon opens to the database.
+    public static let stateTimeout = Setting("state_timeout", 2, 1...60, .seconds)
+    public static let statePool = Setting("state_pool", 4, 1...100, .count)
+
     public static let all: [Setting] = [
         commandLineLimit, dataLineLimit, headerLimit, recipientLimit, messageSizeLimit, maxSessions,
         idleTimeout, commandTimeout, dataTimeout, relayTimeout, relayConnectTimeout, drainTimeout, relayPool,
-        policyReservationTimeout, policyMaxConnections, notifyInterval, notifyLimit, statsRetentionDays,
+        policyReservationTimeout, policyMaxConnections, notifyInterval, notifyLimit, statsRetentionDays, stateTimeout, statePool,
     ]
 }
 
@@ -227,12 +232,20 @@ public struct Configuration: Sendable, Equatable {
     public var peerCheck = true
     public var unixSocketMode: UInt32 = 0o660
     public var unixSocketGroup: String? = nil
+    /// The SQLite quota database; unused when `statePostgres` is set.
     public var statePath = "/var/lib/restrictpd/quota.db"
     /// `postconf_dir`: the Postfix instance whose local domains `allow local` matches
     /// (postconf -c); nil: the default instance.
     public var postconfDir: String? = nil
     /// `metrics_file`: where the Prometheus text exposition is written every 30 s.
     public var metricsFile: String? = nil
+    /// `state postgresql://...`: the quota store is a PostgreSQL database, shared by a farm.
+    public var statePostgres: PostgresLocation? = nil
+    /// The file holding the PostgreSQL password (its first line), if any.
+    public var statePasswordFile: String? = nil
+    /// The farm key of a PostgreSQL store: nodes with the same scope share every uid's quota.
+    /// nil: the host name. The SQLite store, on one host only, ignores it.
+    public var scope: String? = nil
     public var recipientDelimiter = ""
     public var overQuota: OverQuota = .defer
     public var onRefuse: OnRefuse = .reject

@@ -7,6 +7,8 @@
 //       COUNT concurrent admits of distinct new addresses for UID against `arbitrary LIMIT per
 //       day`, starting at the Unix time AT (so several processes start together); prints how
 //       many were admitted.
+//   restrictpd-quota-bench pg URI PASSWORD [DECISIONS] [USERS] [CALLERS] [POOL]
+//       the `run` workload on the PostgreSQL store (Postgres.swift).
 
 import Glibc
 import QuotaStore
@@ -50,14 +52,6 @@ func decision(_ index: Int, users: Int, random: inout Random) -> QuotaRequest {
         if !addresses.contains(address) { addresses.append(address) }
     }
     return QuotaRequest(uid: uid, addresses: addresses, quota: quota, now: start + Int64(index) * 5)
-}
-
-func timed(_ db: QuotaDatabase, _ request: QuotaRequest, into tally: inout Tally) async throws {
-    let clock = ContinuousClock()
-    let begin = clock.now
-    let outcome = try await db.admit(request)
-    tally.latencies.append(clock.now - begin)
-    if outcome.admitted { tally.admitted += 1 } else { tally.refused += 1 }
 }
 
 func milliseconds(_ d: Duration) -> Double {
@@ -166,7 +160,7 @@ func contend(path: String, uid: UInt32, count: Int, limit: Int, at: Int) async t
 
 let arguments = CommandLine.arguments
 func usage() -> Never {
-    print("usage: restrictpd-quota-bench run DIR [DECISIONS] [USERS] [CALLERS] | contend FILE UID COUNT LIMIT [AT]")
+    print("usage: restrictpd-quota-bench run DIR [DECISIONS] [USERS] [CALLERS] | contend FILE UID COUNT LIMIT [AT] | pg URI PASSWORD [DECISIONS] [USERS] [CALLERS] [POOL]")
     exit(2)
 }
 do {
@@ -178,6 +172,12 @@ do {
         let callers = arguments.count > 5 ? Int(arguments[5]) ?? 20 : 20
         guard decisions > 0, users > 0, callers > 0 else { usage() }
         try await run(dir: arguments[2], decisions: decisions, users: users, callers: callers)
+    case "pg":
+        guard arguments.count >= 4 else { usage() }
+        let number = { (i: Int, fallback: Int) in arguments.count > i ? Int(arguments[i]) ?? fallback : fallback }
+        let (decisions, users, callers, pool) = (number(4, 20000), number(5, 1000), number(6, 20), number(7, 20))
+        guard decisions > 0, users > 0, callers > 0, pool > 0 else { usage() }
+        try await runPostgres(uri: arguments[2], password: arguments[3], decisions: decisions, users: users, callers: callers, pool: pool)
     case "contend":
         guard arguments.count == 6 || arguments.count == 7, let uid = UInt32(arguments[3]), let count = Int(arguments[4]),
             let limit = Int(arguments[5]), let at = arguments.count == 7 ? Int(arguments[6]) : 0

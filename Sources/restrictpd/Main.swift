@@ -58,6 +58,8 @@ struct Main: ParsableCommand {
 
     @Option(name: .customLong("postfix-config"), help: ArgumentHelp("With --audit: the Postfix instance's configuration directory (postconf -c; default $MAIL_CONFIG, else Postfix's own).", valueName: "dir"))
     var postfixConfig: String?
+    @Flag(name: .customLong("init-store"), help: "Create or upgrade the quota store's schema (the SQLite file, or the PostgreSQL database of a postgresql:// state), and exit.")
+    var initStore = false
 
     @Option(help: ArgumentHelp("When started as root, run as this user.", valueName: "user"))
     var user = "restrict"
@@ -72,8 +74,8 @@ struct Main: ParsableCommand {
     var arguments: [String] = []
 
     func validate() throws {
-        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.thaw != nil, self.audit, self.stats].filter { $0 }.count
-        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --thaw, --audit, --stats") }
+        let actions = [self.checkConfig, self.testUser != nil, self.showQuota, self.resetQuota != nil, self.thaw != nil, self.audit, self.stats, self.initStore].filter { $0 }.count
+        guard actions <= 1 else { throw ValidationError("give at most one of --check-config, --test, --quota, --reset-quota, --thaw, --audit, --stats, --init-store") }
         if !self.audit, self.probe != nil || self.postfixConfig != nil {
             throw ValidationError("--probe and --postfix-config go with --audit")
         }
@@ -83,7 +85,7 @@ struct Main: ParsableCommand {
         if self.stats, self.arguments.count > 1 { throw ValidationError("--stats takes at most one user") }
         if self.testUser != nil, self.arguments.isEmpty { throw ValidationError("--test needs at least one recipient") }
         if self.showQuota, self.arguments.count > 1 { throw ValidationError("--quota takes at most one user") }
-        if actions == 0 || self.checkConfig || self.resetQuota != nil || self.thaw != nil || self.audit, !self.arguments.isEmpty {
+        if actions == 0 || self.checkConfig || self.resetQuota != nil || self.thaw != nil || self.audit || self.initStore, !self.arguments.isEmpty {
             throw ValidationError("unexpected arguments: \(self.arguments.joined(separator: " "))")
         }
         guard LogTarget(rawValue: self.log) != nil else { throw ValidationError("--log takes auto, journal, syslog or stderr") }
@@ -108,6 +110,8 @@ struct Main: ParsableCommand {
             output = Admin.stats(configPath: self.config, user: self.arguments.first, since: since, json: self.json, now: now)
         } else if self.audit {
             output = Admin.audit(AuditOptions(configPath: self.config, serviceUser: self.user, postfixConfig: self.postfixConfig, probe: self.probe, json: self.json))
+        } else if self.initStore {
+            output = Admin.initStore(configPath: self.config)
         } else {
             let target = (LogTarget(rawValue: self.log) ?? .auto).resolved()
             let level = Logger.Level(rawValue: self.logLevel) ?? .info

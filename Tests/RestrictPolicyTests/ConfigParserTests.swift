@@ -243,7 +243,7 @@ func errors(_ text: String) -> [String] {
 
     @Test func otherGlobalErrors() {
         #expect(errors("peer_check maybe") == ["t.conf:1: peer_check takes 'yes' or 'no'"])
-        #expect(errors("state relative.db") == ["t.conf:1: state must be an absolute path"])
+        #expect(errors("state relative.db") == ["t.conf:1: state must be an absolute path or a postgresql:// URI"])
         #expect(errors("recipient_delimiter a") == ["t.conf:1: recipient_delimiter takes up to 8 punctuation characters, such as +"])
         #expect(errors("recipient_delimiter @") == ["t.conf:1: recipient_delimiter takes up to 8 punctuation characters, such as +"])
         #expect(errors("clients") == ["t.conf:1: clients needs at least one user"])

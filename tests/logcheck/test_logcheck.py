@@ -27,6 +27,9 @@ OLD_PAD = "Nov  7 19:03:04 mail-1.example.org restrictpd[7]: "
 RFC = "2026-11-27T09:13:34.123456+01:00 lab restrictpd[1234]: "
 
 ROUTINE = [
+    # A PostgreSQL quota store found ready at start.
+    OLD + 'quota store postgresql://restrictpd@db.example.org:5432/restrictpd?sslmode=verify-full, scope web-farm: '
+    'schema version 1',
     OLD + '62F36F78196: uid=33 user=www-data from=<www-data@lab.localdomain> to=<carol@example.com> '
     'verdict=relayed reason="allowed" relay="250 2.0.0 Ok: queued as 6810AF781A5"',
     RFC + '62F36F78196: uid=33 user=www-data from=<www-data@lab.localdomain> to=<carol@example.com> '
@@ -73,6 +76,11 @@ ROUTINE = [
 ]
 
 VISIBLE = [
+    # The PostgreSQL quota store failing: deferred mail, an admin's job.
+    OLD + 'error: quota store postgresql://restrictpd@db.example.org:5432/restrictpd?sslmode=verify-full: deciding: '
+    'no answer within state_timeout (2 s): database down or unreachable? (quota decisions are deferred with 451 4.3.0)',
+    OLD + 'error: quota store postgresql://restrictpd@db:5432/restrictpd?sslmode=prefer: no restrictpd schema in this '
+    'database: create it with restrictpd --init-store (quota decisions will be deferred with 451 4.3.0 until this is fixed)',
     # Refusals and deferrals (warning level).
     OLD + 'warning: 62F36F78196: uid=33 user=www-data from=<www-data@lab.localdomain> to=<spam@example.net> '
     'verdict=refused reason="<spam@example.net> not on the allow list"',

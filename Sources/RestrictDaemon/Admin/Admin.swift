@@ -1,6 +1,7 @@
-// The admin's commands: --check-config, --test, --quota, --reset-quota. They read the same
-// configuration and quota database as the running daemon, through their own connection
-// (SQLite's busy timeout lets them run beside it). --test and --quota never write.
+// The admin's commands: --check-config, --test, --quota, --reset-quota (and --init-store, in
+// AdminStore.swift). They read the same configuration and quota store as the running daemon,
+// through their own connection (SQLite's busy timeout lets them run beside it; a PostgreSQL
+// store is a server). --test and --quota never write.
 
 import RestrictPolicy
 import Logging
@@ -56,6 +57,7 @@ public enum Admin {
             if c.peerCheck, c.clients.isEmpty {
                 out.stdout.append("\(path): warning: no user in clients (\(c.clientNames.joined(separator: " "))) exists here: every connection would be refused")
             }
+            self.checkStore(c, path: path, into: &out)
         case .failure(let errors):
             out.stderr = errors.errors.map(\.description)
             out.status = 1
@@ -106,20 +108,8 @@ public enum Admin {
             if let quota = request.quota {
                 out.stdout.append("outside the allow list: \(request.addresses.map { "<\($0)>" }.joined(separator: ",")) (arbitrary \(quota))")
             }
-            if SystemFiles.exists(configuration.statePath) {
-                guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
-                do {
-                    let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
-                    defer { db.close() }
-                    outcome = .success(try db.peek(request))
-                } catch {
-                    out.stderr.append("restrictpd: \(error)")
-                    out.status = 1
-                    return out
-                }
-            } else {
-                outcome = .success(QuotaArithmetic.decide(request, counted: [], volume: [:]).0)
-            }
+            guard let peeked = self.peek(request, configuration, into: &out) else { return out }
+            outcome = .success(peeked)
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
         var line = "verdict=\(verdict.kind.rawValue) reason=\"\(verdict.reason)\""
@@ -130,6 +120,24 @@ public enum Admin {
         out.stdout.append(line)
         out.status = verdict.kind == .relay ? 0 : 2
         return out
+    }
+
+    /// The decision the quota store would take now, spending nothing; nil with the error in `out`.
+    static func peek(_ request: QuotaRequest, _ configuration: Configuration, into out: inout AdminOutput) -> QuotaOutcome? {
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return nil }
+        if let postgres { return self.value(self.blocking({ try await postgres.peek(request) }), into: &out) }
+        // No SQLite file yet: nothing is counted.
+        guard SystemFiles.exists(configuration.statePath) else { return QuotaArithmetic.decide(request, counted: [], volume: [:]).0 }
+        guard becomeOwner(of: configuration.statePath, into: &out) else { return nil }
+        do {
+            let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
+            defer { db.close() }
+            return try db.peek(request)
+        } catch {
+            out.stderr.append("restrictpd: \(error)")
+            out.status = 1
+            return nil
+        }
     }
 
     public static func showQuota(configPath: String, user: String?, now: Int64) -> AdminOutput {
@@ -144,22 +152,29 @@ public enum Admin {
             }
             only = uid
         }
-        guard SystemFiles.exists(configuration.statePath) else {
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
+        let entries: [QuotaEntry]
+        // Frozen users are kept by the SQLite store only.
+        var frozen: [FrozenState] = []
+        if let postgres {
+            let uid = only
+            guard let e = self.value(self.blocking({ try await postgres.entries(uid: uid) }), into: &out) else { return out }
+            entries = e
+        } else if !SystemFiles.exists(configuration.statePath) {
             out.stdout.append("no quota database at \(configuration.statePath) yet: nothing counted")
             return out
-        }
-        guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
-        let entries: [QuotaEntry]
-        let frozen: [FrozenState]
-        do {
-            let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
-            defer { db.close() }
-            entries = try db.entries(uid: only)
-            frozen = try db.frozenList(uid: only)
-        } catch {
-            out.stderr.append("restrictpd: \(error)")
-            out.status = 1
-            return out
+        } else {
+            guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
+            do {
+                let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
+                defer { db.close() }
+                entries = try db.entries(uid: only)
+                frozen = try db.frozenList(uid: only)
+            } catch {
+                out.stderr.append("restrictpd: \(error)")
+                out.status = 1
+                return out
+            }
         }
         let policy = Policy(configuration)
         let byUID = Dictionary(grouping: entries, by: \.uid)
@@ -189,6 +204,12 @@ public enum Admin {
         guard let s = self.sender(user), let uid = s.uid else {
             out.stderr.append("restrictpd: no such user: \(user)")
             out.status = 1
+            return out
+        }
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
+        if let postgres {
+            guard let n = self.value(self.blocking({ try await postgres.reset(uid: uid) }), into: &out) else { return out }
+            out.stdout.append("\(s.phrase): \(n) counted destinations forgotten (scope \(postgres.settings.scope))")
             return out
         }
         guard SystemFiles.exists(configuration.statePath) else {

@@ -1,0 +1,102 @@
+// The PostgreSQL quota store's schema and its migrations.
+//
+// `restrictpd_schema` holds one row: the schema version. `restrictpd --init-store` creates it and
+// runs `migrations[v...]` inside one transaction under an advisory lock, so two admins (or two
+// nodes' packages) initialising at once cannot both migrate. The daemon only checks the version:
+// it never alters the schema, so its database role needs no DDL rights. A shipped migration is
+// never edited: a change is a new entry.
+
+import Logging
+import PostgresNIO
+
+enum PostgresSchema {
+    /// The advisory lock key `--init-store` holds while it migrates ("RPDQ").
+    static let migrationLock: Int64 = 0x5250_4451
+
+    static let versionTable = """
+        CREATE TABLE IF NOT EXISTS restrictpd_schema (
+            singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+            version   integer NOT NULL
+        )
+        """
+
+    /// `migrations[i]`: the statements that take the schema from version i to i + 1.
+    static let migrations: [[String]] = [
+        // 0 -> 1: one row per (scope, uid, address) admitted and not yet pruned. The index
+        // serves the window read (scope, uid, last_seen >= ?) and the per-uid prune (<).
+        [
+            """
+            CREATE TABLE restrictpd_quota (
+                scope      text   NOT NULL,
+                uid        bigint NOT NULL,
+                address    text   NOT NULL,
+                first_seen bigint NOT NULL,
+                last_seen  bigint NOT NULL,
+                PRIMARY KEY (scope, uid, address)
+            )
+            """,
+            "CREATE INDEX restrictpd_quota_by_last_seen ON restrictpd_quota (scope, uid, last_seen)",
+        ]
+    ]
+
+    static var currentVersion: Int { migrations.count }
+}
+
+extension PostgresSchema {
+    /// The schema version in the database; nil when there is no restrictpd schema.
+    static func version(on connection: PostgresConnection, logger: Logger) async throws -> Int? {
+        let exists = try await connection.query("SELECT to_regclass('restrictpd_schema') IS NOT NULL", logger: logger)
+        var found = false
+        for try await present in exists.decode(Bool.self) { found = present }
+        guard found else { return nil }
+        let rows = try await connection.query("SELECT version FROM restrictpd_schema", logger: logger)
+        var version: Int? = nil
+        for try await v in rows.decode(Int32.self) { version = Int(v) }
+        return version
+    }
+
+    /// Throws unless the database carries exactly the schema this build understands.
+    static func check(on connection: PostgresConnection, location: String, logger: Logger) async throws {
+        let found = try await self.version(on: connection, logger: logger)
+        try self.judge(found, location: location)
+    }
+
+    static func judge(_ found: Int?, location: String) throws {
+        let current = self.currentVersion
+        guard let found, found > 0 else {
+            throw PostgresStoreError(
+                .schemaMissing, location: location,
+                message: "no restrictpd schema in this database: create it with restrictpd --init-store")
+        }
+        if found > current {
+            throw PostgresStoreError(
+                .schemaNewer, location: location,
+                message: "schema version \(found) is newer than this restrictpd understands (\(current)): upgrade restrictpd on this host")
+        }
+        if found < current {
+            throw PostgresStoreError(
+                .schemaOlder, location: location,
+                message: "schema version \(found) needs an upgrade to \(current): run restrictpd --init-store")
+        }
+    }
+
+    /// Creates or migrates the schema in one transaction; returns the versions before and after.
+    static func initialize(on connection: PostgresConnection, location: String, logger: Logger) async throws -> (from: Int, to: Int) {
+        try await PostgresQuotaSQL.transaction(on: connection, logger: logger) {
+            try await connection.query("SELECT pg_advisory_xact_lock(\(self.migrationLock))", logger: logger)
+            try await connection.query(PostgresQuery(unsafeSQL: self.versionTable), logger: logger)
+            let found = try await self.version(on: connection, logger: logger) ?? 0
+            if found > self.currentVersion { try self.judge(found, location: location) }
+            for migration in self.migrations[found...] {
+                for statement in migration { try await connection.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
+            }
+            let to = Int32(self.currentVersion)
+            try await connection.query(
+                """
+                INSERT INTO restrictpd_schema (singleton, version) VALUES (true, \(to))
+                ON CONFLICT (singleton) DO UPDATE SET version = excluded.version
+                """, logger: logger)
+            return (found, self.currentVersion)
+        }
+    }
+}

@@ -1,0 +1,197 @@
+// The semantics every quota store must share, as one set of cases run against each store:
+// the SQLite file and PostgreSQL. The PostgreSQL cases need a server: scripts/test starts a
+// private cluster and passes it in RESTRICTPD_TEST_POSTGRES (a postgresql:// URI) and
+// RESTRICTPD_TEST_POSTGRES_PASSWORD. Each case uses a scope of its own, so cases never see
+// each other's rows.
+
+import Foundation
+import Logging
+import QuotaStorePostgres
+import RestrictPolicy
+import Testing
+
+@testable import QuotaStore
+
+/// A store under test, with the reads the cases need.
+protocol StoreUnderTest: Sendable {
+    func admit(_ request: QuotaRequest) async throws -> QuotaOutcome
+    func peek(_ request: QuotaRequest) async throws -> QuotaOutcome
+    func entries(uid: UInt32) async throws -> [QuotaEntry]
+}
+
+final class SQLiteUnderTest: StoreUnderTest {
+    let db: QuotaDatabase
+    let dir: String
+
+    init() throws {
+        let dir = NSTemporaryDirectory() + "restrictpd-contract-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        self.dir = dir
+        self.db = try QuotaDatabase(path: dir + "/quota.db")
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: self.dir) }
+
+    func admit(_ request: QuotaRequest) async throws -> QuotaOutcome { try await self.db.admit(request) }
+    func peek(_ request: QuotaRequest) async throws -> QuotaOutcome { try self.db.peek(request) }
+    func entries(uid: UInt32) async throws -> [QuotaEntry] { try self.db.entries(uid: uid) }
+}
+
+enum TestPostgres {
+    static let environment = ProcessInfo.processInfo.environment
+    static var uri: String? { environment["RESTRICTPD_TEST_POSTGRES"] }
+    static let missing = "RESTRICTPD_TEST_POSTGRES is not set: the PostgreSQL store's cases did NOT run (scripts/test starts a private cluster and sets it)"
+
+    static func settings(scope: String, timeout: Int = 30, pool: Int = 4) throws -> PostgresStoreSettings {
+        guard let uri, case .success(let location) = PostgresLocation.parse(uri) else {
+            throw PostgresStoreError(.connection, location: "-", message: "bad RESTRICTPD_TEST_POSTGRES")
+        }
+        return PostgresStoreSettings(
+            location: location, password: environment["RESTRICTPD_TEST_POSTGRES_PASSWORD"], scope: scope, timeout: timeout, pool: pool)
+    }
+
+    /// A started store on a scope of its own; the schema is created when missing.
+    static func store(scope: String = "test-" + UUID().uuidString, pool: Int = 4) async throws -> PostgresQuotaStore {
+        let store = PostgresQuotaStore(settings: try settings(scope: scope, pool: pool), logger: Logger(label: "test"))
+        _ = try await store.initialize()
+        store.start()
+        return store
+    }
+}
+
+final class PostgresUnderTest: StoreUnderTest {
+    let store: PostgresQuotaStore
+
+    init(scope: String = "test-" + UUID().uuidString) async throws {
+        self.store = try await TestPostgres.store(scope: scope)
+    }
+
+    deinit { self.store.shutdown() }
+
+    func admit(_ request: QuotaRequest) async throws -> QuotaOutcome { try await self.store.admit(request) }
+    func peek(_ request: QuotaRequest) async throws -> QuotaOutcome { try await self.store.peek(request) }
+    func entries(uid: UInt32) async throws -> [QuotaEntry] { try await self.store.entries(uid: uid) }
+}
+
+private let t0: Int64 = 1_700_000_000
+
+private func request(_ uid: UInt32, _ addresses: [String], _ quota: Quota, _ now: Int64, held: Set<String> = [], record: Bool = true) -> QuotaRequest {
+    QuotaRequest(uid: uid, addresses: addresses, quota: quota, now: now, held: held, record: record)
+}
+
+private func addresses(_ store: some StoreUnderTest, _ uid: UInt32) async throws -> [String] {
+    try await store.entries(uid: uid).map(\.address).sorted()
+}
+
+/// The cases, each given a fresh store.
+enum StoreContract {
+    static func slidingWindowEdges(_ s: some StoreUnderTest) async throws {
+        let hour = Quota(limit: 2, period: .hour)
+        #expect(try await s.admit(request(33, ["a@x.org"], hour, t0)).admitted)
+        #expect(try await s.admit(request(33, ["b@x.org"], hour, t0 + 10)).admitted)
+        #expect(try await s.admit(request(33, ["c@x.org"], hour, t0 + 20)) == QuotaOutcome(admitted: false, used: 2, limit: 2, firstRefused: "c@x.org"))
+        // windowStart = now - 3600 = t0: a row with last_seen == windowStart still counts.
+        #expect(try await !s.admit(request(33, ["c@x.org"], hour, t0 + 3600)).admitted)
+        // One second later a@ has left the window (and is pruned): c@ fits, b@ still counts.
+        #expect(try await s.admit(request(33, ["c@x.org"], hour, t0 + 3601)) == QuotaOutcome(admitted: true, used: 2, limit: 2, firstRefused: nil))
+        #expect(try await addresses(s, 33) == ["b@x.org", "c@x.org"])
+        // A repeat refreshes last_seen.
+        #expect(try await s.admit(request(33, ["b@x.org"], hour, t0 + 3605)).admitted)
+        let afterB = try await s.admit(request(33, ["d@x.org"], hour, t0 + 3611))
+        #expect(!afterB.admitted && afterB.used == 2)
+        let b = try await s.entries(uid: 33).first { $0.address == "b@x.org" }
+        #expect(b == QuotaEntry(uid: 33, address: "b@x.org", firstSeen: t0 + 10, lastSeen: t0 + 3605))
+    }
+
+    static func learnedAllowList(_ s: some StoreUnderTest) async throws {
+        let forever = Quota(limit: 2, period: nil)
+        #expect(try await s.admit(request(33, ["a@x.org", "b@x.org"], forever, t0)).admitted)
+        let tenYears: Int64 = 10 * 365 * 86400
+        #expect(try await s.admit(request(33, ["c@x.org"], forever, t0 + tenYears)) == QuotaOutcome(admitted: false, used: 2, limit: 2, firstRefused: "c@x.org"))
+        #expect(try await s.admit(request(33, ["b@x.org", "a@x.org"], forever, t0 + tenYears)).admitted)
+        #expect(try await addresses(s, 33) == ["a@x.org", "b@x.org"])
+    }
+
+    static func repeatsAreFree(_ s: some StoreUnderTest) async throws {
+        let one = Quota(limit: 1, period: .day)
+        for i in 0..<5 {
+            #expect(try await s.admit(request(33, ["a@x.org"], one, t0 + Int64(i))) == QuotaOutcome(admitted: true, used: 1, limit: 1, firstRefused: nil))
+        }
+        #expect(try await !s.admit(request(33, ["b@x.org"], one, t0 + 10)).admitted)
+        #expect(try await s.entries(uid: 33) == [QuotaEntry(uid: 33, address: "a@x.org", firstSeen: t0, lastSeen: t0 + 4)])
+    }
+
+    /// All or nothing: a refused decision records none of its addresses, refreshes none.
+    static func refusedRecordsNothing(_ s: some StoreUnderTest) async throws {
+        let two = Quota(limit: 2, period: .day)
+        #expect(try await s.admit(request(33, ["a@x.org"], two, t0)).admitted)
+        let refused = try await s.admit(request(33, ["a@x.org", "b@x.org", "c@x.org"], two, t0 + 100))
+        #expect(refused == QuotaOutcome(admitted: false, used: 1, limit: 2, firstRefused: "c@x.org"))
+        #expect(try await s.entries(uid: 33) == [QuotaEntry(uid: 33, address: "a@x.org", firstSeen: t0, lastSeen: t0)])
+    }
+
+    static func usersAreSeparate(_ s: some StoreUnderTest) async throws {
+        let one = Quota(limit: 1, period: nil)
+        #expect(try await s.admit(request(33, ["a@x.org"], one, t0)).admitted)
+        #expect(try await s.admit(request(34, ["b@x.org"], one, t0)).admitted)
+        #expect(try await !s.admit(request(33, ["b@x.org"], one, t0)).admitted)
+        // A uid beyond Int32 (the advisory lock's key is the same 32 bits).
+        #expect(try await s.admit(request(4_000_000_000, ["a@x.org"], one, t0)).admitted)
+    }
+
+    /// Held addresses count against the limit but are not recorded (their holder does that).
+    static func heldCountsAgainstTheLimit(_ s: some StoreUnderTest) async throws {
+        let two = Quota(limit: 2, period: .day)
+        let out = try await s.admit(request(33, ["a@x.org", "b@x.org"], two, t0, held: ["h@x.org"]))
+        #expect(out == QuotaOutcome(admitted: false, used: 1, limit: 2, firstRefused: "b@x.org"))
+        #expect(try await s.admit(request(33, ["a@x.org"], two, t0, held: ["h@x.org"])) == QuotaOutcome(admitted: true, used: 2, limit: 2, firstRefused: nil))
+        #expect(try await addresses(s, 33) == ["a@x.org"])
+        // A held address that is also asked for is counted once.
+        #expect(try await s.admit(request(33, ["h@x.org"], two, t0 + 1, held: ["h@x.org"])).admitted)
+    }
+
+    /// record: false decides and records nothing, prunes nothing; peek is the same.
+    static func decisionOnlyRecordsNothing(_ s: some StoreUnderTest) async throws {
+        let hour = Quota(limit: 2, period: .hour)
+        #expect(try await s.admit(request(33, ["a@x.org"], hour, t0)).admitted)
+        #expect(try await s.admit(request(33, ["b@x.org"], hour, t0 + 7200, record: false)).admitted)
+        #expect(try await s.peek(request(33, ["c@x.org", "d@x.org"], hour, t0 + 7200)).admitted)
+        // a@ is outside the window at t0 + 7200 but was not pruned, b@ was not recorded.
+        #expect(try await addresses(s, 33) == ["a@x.org"])
+    }
+
+    static func concurrentAdmitsNeverExceed(_ s: some StoreUnderTest) async throws {
+        let day = Quota(limit: 10, period: .day)
+        let outcomes = try await withThrowingTaskGroup(of: QuotaOutcome.self) { group in
+            for i in 0..<200 { group.addTask { try await s.admit(request(33, ["r\(i)@x.org"], day, t0)) } }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        let admitted = outcomes.filter(\.admitted)
+        #expect(admitted.count == 10)
+        #expect(Set(admitted.map(\.used)) == Set(1...10))
+        #expect(try await s.entries(uid: 33).count == 10)
+    }
+}
+
+@Suite("quota store contract: SQLite") struct SQLiteStoreContract {
+    @Test func slidingWindowEdges() async throws { try await StoreContract.slidingWindowEdges(try SQLiteUnderTest()) }
+    @Test func learnedAllowList() async throws { try await StoreContract.learnedAllowList(try SQLiteUnderTest()) }
+    @Test func repeatsAreFree() async throws { try await StoreContract.repeatsAreFree(try SQLiteUnderTest()) }
+    @Test func refusedRecordsNothing() async throws { try await StoreContract.refusedRecordsNothing(try SQLiteUnderTest()) }
+    @Test func usersAreSeparate() async throws { try await StoreContract.usersAreSeparate(try SQLiteUnderTest()) }
+    @Test func heldCountsAgainstTheLimit() async throws { try await StoreContract.heldCountsAgainstTheLimit(try SQLiteUnderTest()) }
+    @Test func decisionOnlyRecordsNothing() async throws { try await StoreContract.decisionOnlyRecordsNothing(try SQLiteUnderTest()) }
+    @Test func concurrentAdmitsNeverExceed() async throws { try await StoreContract.concurrentAdmitsNeverExceed(try SQLiteUnderTest()) }
+}
+
+@Suite("quota store contract: PostgreSQL", .enabled(if: TestPostgres.uri != nil, Comment(rawValue: TestPostgres.missing)))
+struct PostgresStoreContract {
+    @Test func slidingWindowEdges() async throws { try await StoreContract.slidingWindowEdges(try await PostgresUnderTest()) }
+    @Test func learnedAllowList() async throws { try await StoreContract.learnedAllowList(try await PostgresUnderTest()) }
+    @Test func repeatsAreFree() async throws { try await StoreContract.repeatsAreFree(try await PostgresUnderTest()) }
+    @Test func refusedRecordsNothing() async throws { try await StoreContract.refusedRecordsNothing(try await PostgresUnderTest()) }
+    @Test func usersAreSeparate() async throws { try await StoreContract.usersAreSeparate(try await PostgresUnderTest()) }
+    @Test func heldCountsAgainstTheLimit() async throws { try await StoreContract.heldCountsAgainstTheLimit(try await PostgresUnderTest()) }
+    @Test func decisionOnlyRecordsNothing() async throws { try await StoreContract.decisionOnlyRecordsNothing(try await PostgresUnderTest()) }
+    @Test func concurrentAdmitsNeverExceed() async throws { try await StoreContract.concurrentAdmitsNeverExceed(try await PostgresUnderTest()) }
+}
