@@ -178,9 +178,8 @@ public struct Reservations: Sendable {
     private mutating func remove(_ instance: String) -> Transaction? {
         guard let t = self.transactions.removeValue(forKey: instance) else { return nil }
         if self.byConnection[t.connection] == instance { self.byConnection[t.connection] = nil }
-        // What it held is released: a reservation read before must be asked again. Allowed
-        // recipients are held only where the rule counts volume caps.
-        if !t.addresses.isEmpty || (!t.caps.counted.isEmpty && t.accepted > 0) { self.versions[t.uid, default: 0] &+= 1 }
+        // No new version: what it held is released (or, committed, now counted by the store
+        // instead), so a reservation decided on what was read before stays within the limit.
         return t
     }
 }

@@ -188,3 +188,18 @@ private func connection(_ port: UInt16) -> Reservations.Connection {
         #expect(errors("policy_reservation_timeout 10") == ["t.conf:1: policy_reservation_timeout 10 is out of range (60...86400 seconds)"])
     }
 }
+
+@Suite struct ReservationReleaseTests {
+    @Test func releasingKeepsEarlierDecisionsValid() {
+        // A reservation decided on a snapshot that still held another transaction's address is
+        // within the limit after that transaction ends, committed or not: no new version.
+        var r = Reservations(timeout: 600)
+        let quota = Quota(limit: 2, period: .day)
+        r.open(instance: "a", uid: 33, connection: connection(1000), quota: quota, overQuota: .defer, now: 0)
+        r.open(instance: "b", uid: 33, connection: connection(1001), quota: quota, overQuota: .defer, now: 0)
+        do { let ok = r.reserve(instance: "a", address: "x@r", written: "x@r", ifVersion: r.version(33)); #expect(ok) }
+        let seen = r.version(33)
+        r.finish(instance: "a")
+        do { let ok = r.reserve(instance: "b", address: "y@r", written: "y@r", ifVersion: seen); #expect(ok) }
+    }
+}

@@ -76,6 +76,7 @@ final class LocalAddresses: Sendable {
 struct PolicyService: Sendable {
     let runtime: Runtime
     let local: LocalAddresses
+    let gate = UIDGate()
     /// A reservation is tried again this often when another of the same uid came in between.
     static let reserveAttempts = 8
 
@@ -251,6 +252,10 @@ struct PolicyService: Sendable {
     /// the uid's open transactions hold), then holds it for the transaction. Nothing is spent.
     private func reserve(_ r: Reservation, record: DecisionRecord, logger: Logger) async -> PolicyAction {
         let (uid, instance) = (r.opening.uid, r.opening.instance)
+        // One reservation of a uid at a time: concurrent ones would each read the store before
+        // the other's reservation and have to ask again, and again.
+        await self.gate.enter(uid)
+        defer { self.gate.leave(uid) }
         var sweptDead = false
         for _ in 0..<Self.reserveAttempts {
             self.open(r.opening, logger: logger)
@@ -495,5 +500,46 @@ struct PolicyConnection: Sendable {
         } catch {
             logger.debug("policy connection from \(peer) ended: \(error)")
         }
+    }
+}
+
+/// An async lock per uid: `enter` waits until no other task of the same uid is inside, in
+/// order of arrival; `leave` lets the next one in. Tasks of other uids never wait.
+final class UIDGate: Sendable {
+    private let inside = Mutex<[UInt32: [CheckedContinuation<Void, Never>]]>([:])
+
+    func enter(_ uid: UInt32) async {
+        let free = self.inside.withLock { waiting -> Bool in
+            guard waiting[uid] == nil else { return false }
+            waiting[uid] = []
+            return true
+        }
+        if free { return }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            // The gate may have been left meanwhile: then this task is in at once.
+            let now = self.inside.withLock { waiting -> Bool in
+                guard waiting[uid] != nil else {
+                    waiting[uid] = []
+                    return true
+                }
+                waiting[uid, default: []].append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    func leave(_ uid: UInt32) {
+        let next = self.inside.withLock { waiting -> CheckedContinuation<Void, Never>? in
+            guard var queue = waiting[uid] else { return nil }
+            guard !queue.isEmpty else {
+                waiting[uid] = nil
+                return nil
+            }
+            let first = queue.removeFirst()
+            waiting[uid] = queue
+            return first
+        }
+        next?.resume()
     }
 }
