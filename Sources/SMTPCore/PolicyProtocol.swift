@@ -89,6 +89,8 @@ public struct PolicyDecoder: Sendable {
                 // Drop the window only: the line's LF, and whatever follows, may be after it.
                 buffer.moveReaderIndex(forwardBy: PolicyLimits.line)
                 self.skippingLine = true
+                // A request already answered as bad gets no second answer.
+                if self.skipping { continue }
                 return self.fail(.lineTooLong)
             }
             var end = lf

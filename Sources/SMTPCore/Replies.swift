@@ -92,6 +92,7 @@ public enum Replies {
     public static let policyUnidentified = PolicyAction.defer(enhanced: "4.3.0", text: "Error: cannot identify the local sender, try again later")
     public static let policyStoreUnavailable = PolicyAction.defer(enhanced: "4.3.0", text: "Temporary failure: quota database unavailable")
     public static let policyBusy = PolicyAction.defer(enhanced: "4.3.0", text: "Temporary failure: quota busy, try again later")
+    public static let policyUnknownTransaction = PolicyAction.defer(enhanced: "4.3.0", text: "Temporary failure: transaction expired, try again")
 
     /// A decision's reply as the policy service gives it at RCPT: a temporary refusal becomes
     /// DEFER_IF_PERMIT (Postfix's 450), so a later restriction may still reject outright.
@@ -141,6 +142,7 @@ public enum Replies {
         [
             ("policyMalformed", policyMalformed), ("policyUnidentified", policyUnidentified),
             ("policyStoreUnavailable", policyStoreUnavailable), ("policyBusy", policyBusy),
+            ("policyUnknownTransaction", policyUnknownTransaction),
             ("policyOverQuota", policyAction(overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false))),
             ("policyOverQuotaAtEnd", policyActionAtEnd(overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false))),
             ("policyHold", policyHold(overQuota("a@b", limit: 1, period: "", who: "uid 1", permanent: false))),

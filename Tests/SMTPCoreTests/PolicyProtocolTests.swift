@@ -131,6 +131,14 @@ private let rcptRequest = """
         #expect(decoder.next(&buf) == .request(PolicyRequest(["c": "3"])))
     }
 
+    @Test func aBadRequestIsAnsweredOnceHoweverManyLongLinesItHas() {
+        // Two over-long lines in one request: one answer, or every later answer would go to
+        // the request before it.
+        let long = String(repeating: "x", count: PolicyLimits.line + 10)
+        #expect(decode("a=\(long)\nb=\(long)\nc=\(long)\n\nd=4\n\n") == ["!attribute line longer than \(PolicyLimits.line) bytes", "d=4"])
+        #expect(decode([Array("a=1\nfoo\nb=\(long)\n\nd=4\n\n".utf8)]) == ["!malformed attribute line \"foo\"", "d=4"])
+    }
+
     @Test func tooManyAttributesAndTooLargeRequests() {
         let many = (0...PolicyLimits.attributes).map { "a\($0)=1\n" }.joined() + "\n"
         #expect(decode(many + "c=3\n\n") == ["!more than \(PolicyLimits.attributes) attributes", "c=3"])

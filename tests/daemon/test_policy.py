@@ -302,3 +302,17 @@ def local_addresses() -> list[str]:
             if not addr.startswith("fe80"):
                 out.append(addr)
     return out
+
+
+def test_end_of_message_for_a_transaction_not_held_is_deferred(door):
+    """A transaction restrictpd no longer holds (expired, or restrictpd restarted between RCPT
+    and END-OF-MESSAGE) had its quota reserved, never spent: the message must not pass."""
+    smtpd, policy_port, daemon, _ = door
+    www = smtpd.client("www-data")
+    p = PolicyClient(policy_port)
+    answer = p.ask(request("END-OF-MESSAGE", client_port=www, server_port=smtpd.port, instance="never-seen", recipient_count=1))
+    assert answer.startswith("DEFER 4.3.0"), answer
+    daemon.wait_log(r"verdict=deferred reason=\"END-OF-MESSAGE for a transaction restrictpd no longer holds\"")
+    # A transaction it does hold, with allowed recipients only, passes as before.
+    assert p.ask(request("RCPT", client_port=www, server_port=smtpd.port, recipient="friend@example.org", instance="t9")) == "DUNNO"
+    assert p.ask(request("END-OF-MESSAGE", client_port=www, server_port=smtpd.port, instance="t9", recipient_count=1)) == "DUNNO"

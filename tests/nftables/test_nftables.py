@@ -295,19 +295,21 @@ nft list tables
 
 @needs
 def test_who_may_connect(tmp_path, netns, servers):
-    """Loopback, IPv4 and IPv6: 10026 for restrict and root, 10027 for postfix;
-    this host's SMTP ports stay open to everyone (the policy service's job)."""
+    """Loopback, IPv4 and IPv6: 10026 and the hold listener 10029 for restrict and
+    root, 10027 for postfix; this host's SMTP ports stay open to everyone (the
+    policy service's job)."""
     restrict, postfix, other = users()
     f = tmp_path / "r.nft"
     f.write_text(ruleset(restrict, postfix))
     ns = netns()
     load(ns, f)
-    srv = servers(ns, [(a, p) for a in ("127.0.0.1", "::1") for p in (10026, 10027, 25, 587)])
+    srv = servers(ns, [(a, p) for a in ("127.0.0.1", "::1") for p in (10026, 10027, 10029, 25, 587)])
     want = {}
     for a in ("127.0.0.1", "::1"):
         want.update({
             (restrict, a, 10026): "ok", ("root", a, 10026): "ok",
             (other, a, 10026): "refused", (postfix, a, 10026): "refused",
+            (restrict, a, 10029): "ok", (other, a, 10029): "refused",
             (postfix, a, 10027): "ok", ("root", a, 10027): "refused",
             (other, a, 10027): "refused", (restrict, a, 10027): "refused",
             (other, a, 25): "ok", (other, a, 587): "ok",

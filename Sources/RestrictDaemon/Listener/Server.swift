@@ -236,7 +236,15 @@ public struct ConnectionHandler: Sendable {
                     let timer = self.startTimer(clock: clock, channel: channel, shortest: shortest, logger: sessionLogger) { why in
                         bound.value.timedOut(why)
                     }
-                    try driver.start()
+                    do {
+                        try driver.start()
+                    } catch {
+                        // The client left before the session could start: nothing holds the
+                        // relay connection or the timer but this.
+                        timer.cancel()
+                        relay.abort()
+                        throw error
+                    }
                     return (timer, driver.done.futureResult)
                 }.get()
                 defer { timer.cancel() }

@@ -11,7 +11,10 @@ extension Runtime {
     /// Whether `sender` is frozen, when freezing is configured and the store can say.
     /// Throws when the store cannot answer.
     func frozenState(_ sender: Sender, ruleset: Ruleset) async throws -> FrozenState? {
-        guard let uid = sender.uid, ruleset.policy.freezes, let freezes = self.freezes else { return nil }
+        guard let uid = sender.uid, ruleset.policy.freezes else { return nil }
+        // Rules that freeze with a store that cannot keep freezes (a reload changed the rules,
+        // not the store): the mail waits rather than pass unchecked.
+        guard let freezes = self.freezes else { throw FreezeUnavailable() }
         return try await freezes.frozen(uid: uid)
     }
 
@@ -80,4 +83,9 @@ extension Runtime {
             quota: quota.remaining(after: outcome))
         self.notifier.add(event, policy: ruleset.policy)
     }
+}
+
+/// The rules freeze, but the quota store in use does not keep freezes.
+struct FreezeUnavailable: Error, CustomStringConvertible {
+    var description: String { "the quota store in use does not keep freezes (restart with a SQLite state)" }
 }

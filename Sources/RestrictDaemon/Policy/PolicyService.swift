@@ -312,7 +312,18 @@ struct PolicyService: Sendable {
     private func endOfMessage(sender: Sender, instance: String, record: DecisionRecord, logger: Logger) async -> PolicyAction {
         var record = record
         guard let uid = sender.uid else { return Replies.policyUnidentified }
-        guard let t = self.runtime.reservations.withLock({ $0.commit(instance: instance) }) else { return .dunno }
+        guard let t = self.runtime.reservations.withLock({ $0.commit(instance: instance) }) else {
+            // No transaction for a message whose RCPTs were judged here: it expired
+            // (policy_reservation_timeout) or restrictpd restarted in between. Its reserved
+            // quota was never spent, so the message must not pass: Postfix defers it and the
+            // client tries again (a frozen sender's message was answered HOLD at RCPT).
+            if let frozen = await self.frozen(sender, ruleset: self.runtime.ruleset, record: record, logger: logger) { return frozen }
+            var record = record
+            record.verdict = .defer
+            record.reason = "END-OF-MESSAGE for a transaction restrictpd no longer holds"
+            self.log(record, level: .warning, logger: logger)
+            return Replies.policyUnknownTransaction
+        }
         defer { self.runtime.reservations.withLock { _ = $0.finish(instance: instance) } }
         guard t.uid == uid else {
             logger.error("policy: \(instance): END-OF-MESSAGE from uid \(uid), but the transaction was opened by uid \(t.uid)")
