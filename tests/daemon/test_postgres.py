@@ -217,7 +217,8 @@ def test_init_store_on_sqlite_creates_the_file_for_the_service_user(lab):
     config = dl.write_config(lab.dir / "sqlite.conf", listen=f"127.0.0.1:{dl.free_port()}", relay_port=lab.relay.port,
                              state=state_dir / "quota.db", rules=RULES)
     first = admin(config, "--init-store")
-    assert first.returncode == 0 and "schema version 1" in first.stdout, first.stdout + first.stderr
+    # The SQLite schema's current version, whatever it is: created, not merely found.
+    assert first.returncode == 0 and re.search(r"quota\.db: schema version [1-9][0-9]*\n", first.stdout), first.stdout + first.stderr
     assert (state_dir / "quota.db").stat().st_uid == nobody.pw_uid
     again = admin(config, "--init-store")
     assert again.returncode == 0, again.stderr
