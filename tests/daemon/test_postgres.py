@@ -9,6 +9,7 @@ and at start.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
