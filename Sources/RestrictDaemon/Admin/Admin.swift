@@ -140,18 +140,22 @@ public enum Admin {
         }
     }
 
+    /// The uid a command is limited to: `.some(nil)` for every user, `.some(uid)` for `user`;
+    /// nil, with the error and status 1 in `out`, when `user` names nobody.
+    static func onlyUID(_ user: String?, into out: inout AdminOutput) -> UInt32?? {
+        guard let user else { return .some(nil) }
+        guard let s = self.sender(user), let uid = s.uid else {
+            out.stderr.append("restrictpd: no such user: \(user)")
+            out.status = 1
+            return nil
+        }
+        return .some(uid)
+    }
+
     public static func showQuota(configPath: String, user: String?, now: Int64) -> AdminOutput {
         var out = AdminOutput()
         guard let configuration = load(configPath, into: &out) else { return out }
-        var only: UInt32? = nil
-        if let user {
-            guard let s = self.sender(user), let uid = s.uid else {
-                out.stderr.append("restrictpd: no such user: \(user)")
-                out.status = 1
-                return out
-            }
-            only = uid
-        }
+        guard let only = self.onlyUID(user, into: &out) else { return out }
         guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
         let entries: [QuotaEntry]
         // Frozen users are kept by the SQLite store only.

@@ -35,15 +35,7 @@ extension Admin {
     public static func stats(configPath: String, user: String?, since: Int64, json: Bool, now: Int64) -> AdminOutput {
         var out = AdminOutput()
         guard let configuration = load(configPath, into: &out) else { return out }
-        var only: UInt32? = nil
-        if let user {
-            guard let s = self.sender(user), let uid = s.uid else {
-                out.stderr.append("restrictpd: no such user: \(user)")
-                out.status = 1
-                return out
-            }
-            only = uid
-        }
+        guard let only = self.onlyUID(user, into: &out) else { return out }
         let firstHour = (now - since) / 3600
         var users: [UserStats] = []
         if SystemFiles.exists(configuration.statePath) {
