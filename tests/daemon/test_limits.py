@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -158,3 +159,24 @@ def test_relay_slow_greeting_is_waited_for(lab):
     with dl.Client(port) as c:
         code, lines = c.reply(timeout=5)
         assert code == 220 and "relay.test" in lines[0], lines
+
+
+def test_clients_that_leave_while_the_relay_greets(lab):
+    """A client that resets its connection while restrictpd waits for the relay's greeting
+    ends that session quietly: restrictpd lives on and serves the next client."""
+    port, daemon = start(lab, "relay_pool 0\n")
+    lab.relay.greeting_delay = 0.3
+    for _ in range(30):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        # SO_LINGER with a zero timeout: close() sends RST at once.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    time.sleep(1.5)
+    assert daemon.running, daemon.log()
+    lab.relay.greeting_delay = 0.0
+    with dl.Client(port) as c:
+        assert c.reply(timeout=5)[0] == 220
+        assert c.cmd("EHLO client.test")[0] == 250
+        assert c.cmd("QUIT")[0] == 221
+    assert daemon.running, daemon.log()
+    assert "Fatal error" not in daemon.log()

@@ -240,8 +240,10 @@ public struct ConnectionHandler: Sendable {
                         try driver.start()
                     } catch {
                         // The client left before the session could start: nothing holds the
-                        // relay connection or the timer but this.
+                        // relay connection or the timer but this, and the driver's promise
+                        // must be completed before the driver goes.
                         timer.cancel()
+                        driver.abandon(error)
                         relay.abort()
                         throw error
                     }

@@ -309,6 +309,18 @@ final class SessionDriver {
         self.pendingAttach = self.relay
     }
 
+    /// The session could not start (the client left while it was being set up): ends the
+    /// driver without a dialogue, so that its promise is completed and nothing it attached
+    /// outlives it.
+    func abandon(_ error: any Error) {
+        guard !self.finished else { return }
+        self.finished = true
+        self.relay.detach()
+        self.clientContext = nil
+        self.pendingAttach = nil
+        self.done.fail(error)
+    }
+
     private func finish(reusable: Bool) {
         guard !self.finished else { return }
         self.finished = true
