@@ -162,14 +162,17 @@ def test_relay_slow_greeting_is_waited_for(lab):
 
 
 def test_clients_that_leave_while_the_relay_greets(lab):
-    """A client that resets its connection while restrictpd waits for the relay's greeting
-    ends that session quietly: restrictpd lives on and serves the next client."""
+    """A client that closes or resets its connection while restrictpd waits for the relay's
+    greeting ends that session quietly: restrictpd lives on and serves the next client."""
     port, daemon = start(lab, "relay_pool 0\n")
     lab.relay.greeting_delay = 0.3
-    for _ in range(30):
+    for i in range(30):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        # SO_LINGER with a zero timeout: close() sends RST at once.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if i % 2:
+            # SO_LINGER with a zero timeout: close() sends RST at once.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            time.sleep(0.05)  # past the peer check, into the relay's greeting
         s.close()
     time.sleep(1.5)
     assert daemon.running, daemon.log()
