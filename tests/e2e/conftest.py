@@ -69,13 +69,8 @@ def sink(slot):
 
 @pytest.fixture(scope="session")
 def postfix_instance(slot, sink):
-    pf = harness.PostfixInstance(slot, sink.port)
-    try:
-        pf.configure()
-        pf.start()
+    with harness.running_postfix(slot, sink.port) as pf:
         yield pf
-    finally:
-        pf.stop()
 
 
 @pytest.fixture
@@ -87,15 +82,7 @@ def postfix(postfix_instance, sink, request):
     try:
         yield postfix_instance
     finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            lines = postfix_instance.log_lines(postfix_instance.test_log_mark)
-            print("\n---- Postfix maillog during the test (last 80 lines) ----")
-            print("\n".join(lines[-80:]))
-            print("---- postqueue -p ----")
-            print(postfix_instance.mailq_text())
-        postfix_instance.purge()
-        sink.clear()
+        harness.clean_postfix(postfix_instance, sink, postfix_instance.test_log_mark, request)
 
 
 @pytest.fixture(scope="session")
@@ -136,12 +123,7 @@ def restrictpd_factory(postfix, restrictpd_binary, tmp_path, request):
     try:
         yield make
     finally:
-        rep = getattr(request.node, "rep_call", None)
-        for r in made:
-            r.stop()
-            if rep is not None and rep.failed:
-                print(f"\n---- restrictpd log {r.log} (last 60 lines) ----")
-                print("\n".join(r.log_text().splitlines()[-60:]))
+        harness.stop_restrictpds(made, request)
 
 
 @pytest.fixture(scope="session")

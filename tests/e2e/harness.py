@@ -843,6 +843,44 @@ def door_postfix(slot: Slot, sink_port: int, *, door_options: Sequence[str] = ()
 # restrictpd as a subprocess
 
 
+@contextlib.contextmanager
+def running_postfix(slot: "Slot", sink_port: int):
+    """A private Postfix on `slot`, configured as the tests expect and started; stopped after."""
+    pf = PostfixInstance(slot, sink_port)
+    try:
+        pf.configure()
+        pf.start()
+        yield pf
+    finally:
+        pf.stop()
+
+
+def failed(request) -> bool:
+    """True when the test behind a fixture's `request` failed (the root conftest records it)."""
+    rep = getattr(request.node, "rep_call", None)
+    return rep is not None and rep.failed
+
+
+def stop_restrictpds(made: Sequence["Restrictpd"], request) -> None:
+    """Stops the restrictpd instances a fixture started; prints their logs when the test failed."""
+    for r in made:
+        r.stop()
+        if failed(request):
+            print(f"\n---- restrictpd log {r.log} (last 60 lines) ----")
+            print("\n".join(r.log_text().splitlines()[-60:]))
+
+
+def clean_postfix(pf: "PostfixInstance", sink, mark, request) -> None:
+    """After a test: prints Postfix's log and queue when it failed, then empties both."""
+    if failed(request):
+        print("\n---- Postfix maillog during the test (last 80 lines) ----")
+        print("\n".join(pf.log_lines(mark)[-80:]))
+        print("---- postqueue -p ----")
+        print(pf.mailq_text())
+    pf.purge()
+    sink.clear()
+
+
 class Restrictpd:
     def __init__(self, workdir: Path, config_text: str, port: int, binary: Path | None = None,
                  extra_args: Sequence[str] = ()):

@@ -40,14 +40,13 @@ def cluster():
 @pytest.fixture
 def second_postfix(sink, e2e_environment):
     slot = harness.Slot.acquire()
-    pf = harness.PostfixInstance(slot, sink.port)
     try:
-        pf.configure()
-        pf.start()
-        yield pf
+        with harness.running_postfix(slot, sink.port) as pf:
+            try:
+                yield pf
+            finally:
+                pf.purge()
     finally:
-        pf.purge()
-        pf.stop()
         slot.release()
 
 

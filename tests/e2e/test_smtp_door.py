@@ -179,14 +179,7 @@ def door(door_instance, request):
     try:
         yield d
     finally:
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed:
-            print("\n---- Postfix maillog during the test (last 80 lines) ----")
-            print("\n".join(d.pf.log_lines(d.mark)[-80:]))
-            print("---- postqueue -p ----")
-            print(d.pf.mailq_text())
-        d.pf.purge()
-        d.sink.clear()
+        harness.clean_postfix(d.pf, d.sink, d.mark, request)
 
 
 @pytest.fixture
@@ -216,12 +209,7 @@ def door_restrictpd(door, restrictpd_binary, tmp_path, request):
     try:
         yield make
     finally:
-        rep = getattr(request.node, "rep_call", None)
-        for r in made:
-            r.stop()
-            if rep is not None and rep.failed:
-                print(f"\n---- restrictpd log {r.log} (last 60 lines) ----")
-                print("\n".join(r.log_text().splitlines()[-60:]))
+        harness.stop_restrictpds(made, request)
 
 
 # ----------------------------------------------------------------------------------------------
