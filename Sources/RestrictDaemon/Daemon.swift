@@ -47,12 +47,54 @@ public enum ConfigurationLoader {
 
 /// What `Daemon.prepare` made while the process was still single-threaded.
 public struct PreparedDaemon: Sendable {
+    /// A listening socket, the name the log gives it, and whether it serves the policy service.
+    typealias Socket = (fd: Int32, name: String, policy: Bool)
+
     let options: DaemonOptions
     let configuration: Configuration
     /// Listening sockets: ours, bound from `listen` and `policy_listen` lines, or systemd's.
-    let sockets: [(fd: Int32, name: String, policy: Bool)]
+    let sockets: [Socket]
     /// The PostgreSQL store's password, read while still root.
     var statePassword: String? = nil
+}
+
+/// The daemon's listeners: SMTP for Postfix's content_filter, and the policy service.
+struct Listeners: Sendable {
+    var smtp: [Listener] = []
+    var policy: [Listener] = []
+}
+
+/// What serves the listeners, over the quota store.
+struct Services: Sendable {
+    let runtime: Runtime
+    /// The quota store's part of STATUS=.
+    let storeStatus: @Sendable () -> String
+    /// The SMTP sessions in progress, which a drain waits for.
+    let registry: SessionRegistry
+    let handler: ConnectionHandler
+    let policyService: PolicyService
+    /// Postfix keeps policy connections open between requests: a drain closes them at once
+    /// rather than waiting for them.
+    let policyRegistry: SessionRegistry
+    let policy: PolicyConnection
+
+    /// Opens the quota store and reads Postfix's local domains, then builds the services over them.
+    static func open(_ prepared: PreparedDaemon, group: any EventLoopGroup, logger: Logger) async -> Services {
+        let configuration = prepared.configuration
+        let (store, storeStatus) = await QuotaStores.open(configuration, password: prepared.statePassword, logger: logger)
+        let localDomains = (try? await Offload.run { PostfixDomains.read(for: configuration, logger: logger) }) ?? []
+        let runtime = Runtime(
+            ruleset: Ruleset(configuration, localDomains: localDomains), store: store, logger: logger,
+            metricsFile: configuration.metricsFile)
+        let registry = SessionRegistry()
+        let handler = ConnectionHandler(runtime: runtime, registry: registry, group: group)
+        let policyService = PolicyService(runtime: runtime)
+        let policyRegistry = SessionRegistry()
+        let policy = PolicyConnection(service: policyService, registry: policyRegistry)
+        return Services(
+            runtime: runtime, storeStatus: storeStatus, registry: registry, handler: handler, policyService: policyService,
+            policyRegistry: policyRegistry, policy: policy)
+    }
 }
 
 /// Why the daemon could not start, as the process's exit status.
@@ -87,51 +129,11 @@ public enum Daemon {
             for e in errors.errors { logger.critical("\(e)") }
             return .failure(.configuration)
         }
-        if !configuration.peerCheck {
-            logger.warning("peer_check is off: any local user who can connect can claim any uid")
-        }
-        if configuration.peerCheck, configuration.clients.isEmpty {
-            logger.warning("no user in clients exists on this system: every connection will be refused")
-        }
-        if let (soft, _) = Privileges.raiseFileLimit() {
-            let needed = UInt64(configuration.value(.maxSessions)) * 2 + 64
-            if soft < needed {
-                logger.warning("open file limit \(soft) is below what max_sessions \(configuration.value(.maxSessions)) needs (\(needed)): raise LimitNOFILE")
-            }
-        }
-
-        var sockets: [(fd: Int32, name: String, policy: Bool)] = []
-        let passed = Systemd.listenSockets()
-        if !passed.isEmpty {
-            // A socket named "policy" (FileDescriptorName=), or one bound to a policy_listen
-            // address, serves the policy service; every other one SMTP.
-            for socket in passed {
-                guard Systemd.isListeningStream(socket.fd) else {
-                    logger.warning("ignoring socket \(socket.name) (fd \(socket.fd)) from systemd: not a listening stream socket")
-                    continue
-                }
-                let policy = socket.name == "policy" || ListenSocket.isBound(socket.fd, toOneOf: configuration.policyListen)
-                sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)\(policy ? " (policy service)" : "")", policy))
-            }
-            if !configuration.policyListen.isEmpty, !sockets.contains(where: \.policy) {
-                logger.warning("policy_listen is set, but systemd passed no socket for it (name it \"policy\" or bind it to a policy_listen address): the SMTP door is closed, and Postfix answers its default action")
-            }
-        } else {
-            let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
-            if let name = configuration.unixSocketGroup, gid == nil {
-                logger.critical("unix_socket_group: no group named \(name)")
-                return .failure(.configuration)
-            }
-            let all = configuration.listen.map { ($0, false) } + configuration.policyListen.map { ($0, true) }
-            for (address, policy) in all {
-                do {
-                    let fd = try ListenSocket.open(address, mode: configuration.unixSocketMode, group: gid)
-                    sockets.append((fd, policy ? "\(address) (policy service)" : "\(address)", policy))
-                } catch {
-                    logger.critical("cannot listen on \(address): \(error)")
-                    return .failure(.other)
-                }
-            }
+        warnAboutConfiguration(configuration, logger: logger)
+        let sockets: [PreparedDaemon.Socket]
+        switch listeningSockets(configuration, logger: logger) {
+        case .success(let s): sockets = s
+        case .failure(let failure): return .failure(failure)
         }
         guard !sockets.isEmpty else {
             logger.critical("nothing to listen on")
@@ -144,21 +146,85 @@ public enum Daemon {
             logger.critical("state_password_file: \(error)")
             return .failure(.configuration)
         }
-
-        if getuid() == 0, options.user != "root" {
-            guard let user = Users.lookup(name: options.user) else {
-                logger.critical("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
-                return .failure(.other)
-            }
-            do {
-                try Privileges.dropWhileSingleThreaded(to: user)
-            } catch {
-                logger.critical("cannot drop privileges to \(options.user): \(error)")
-                return .failure(.other)
-            }
-            logger.info("running as \(options.user) (uid \(user.uid))")
-        }
+        if let failure = dropPrivileges(options, logger: logger) { return .failure(failure) }
         return .success(PreparedDaemon(options: options, configuration: configuration, sockets: sockets, statePassword: statePassword))
+    }
+
+    /// Settings that start a daemon that cannot work as meant: said at once, in the log.
+    static func warnAboutConfiguration(_ configuration: Configuration, logger: Logger) {
+        if !configuration.peerCheck {
+            logger.warning("peer_check is off: any local user who can connect can claim any uid")
+        }
+        if configuration.peerCheck, configuration.clients.isEmpty {
+            logger.warning("no user in clients exists on this system: every connection will be refused")
+        }
+        if let (soft, _) = Privileges.raiseFileLimit() {
+            let needed = UInt64(configuration.value(.maxSessions)) * 2 + 64
+            if soft < needed {
+                logger.warning("open file limit \(soft) is below what max_sessions \(configuration.value(.maxSessions)) needs (\(needed)): raise LimitNOFILE")
+            }
+        }
+    }
+
+    /// The sockets systemd passed, or else ours, bound from `listen` and `policy_listen`.
+    static func listeningSockets(_ configuration: Configuration, logger: Logger) -> Result<[PreparedDaemon.Socket], StartFailure> {
+        let passed = Systemd.listenSockets()
+        if !passed.isEmpty { return .success(systemdSockets(passed, configuration: configuration, logger: logger)) }
+        let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
+        if let name = configuration.unixSocketGroup, gid == nil {
+            logger.critical("unix_socket_group: no group named \(name)")
+            return .failure(.configuration)
+        }
+        var sockets: [PreparedDaemon.Socket] = []
+        let all = configuration.listen.map { ($0, false) } + configuration.policyListen.map { ($0, true) }
+        for (address, policy) in all {
+            do {
+                let fd = try ListenSocket.open(address, mode: configuration.unixSocketMode, group: gid)
+                sockets.append((fd, policy ? "\(address) (policy service)" : "\(address)", policy))
+            } catch {
+                logger.critical("cannot listen on \(address): \(error)")
+                return .failure(.other)
+            }
+        }
+        return .success(sockets)
+    }
+
+    /// systemd's sockets that are listening streams. A socket named "policy"
+    /// (FileDescriptorName=), or one bound to a policy_listen address, serves the policy
+    /// service; every other one SMTP.
+    static func systemdSockets(
+        _ passed: [Systemd.ListenSocket], configuration: Configuration, logger: Logger
+    ) -> [PreparedDaemon.Socket] {
+        var sockets: [PreparedDaemon.Socket] = []
+        for socket in passed {
+            guard Systemd.isListeningStream(socket.fd) else {
+                logger.warning("ignoring socket \(socket.name) (fd \(socket.fd)) from systemd: not a listening stream socket")
+                continue
+            }
+            let policy = socket.name == "policy" || ListenSocket.isBound(socket.fd, toOneOf: configuration.policyListen)
+            sockets.append((socket.fd, "\(socket.name) (fd \(socket.fd), from systemd)\(policy ? " (policy service)" : "")", policy))
+        }
+        if !configuration.policyListen.isEmpty, !sockets.contains(where: \.policy) {
+            logger.warning("policy_listen is set, but systemd passed no socket for it (name it \"policy\" or bind it to a policy_listen address): the SMTP door is closed, and Postfix answers its default action")
+        }
+        return sockets
+    }
+
+    /// Started as root, becomes `options.user` (unless that is root). Returns why it could not.
+    static func dropPrivileges(_ options: DaemonOptions, logger: Logger) -> StartFailure? {
+        guard getuid() == 0, options.user != "root" else { return nil }
+        guard let user = Users.lookup(name: options.user) else {
+            logger.critical("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
+            return .other
+        }
+        do {
+            try Privileges.dropWhileSingleThreaded(to: user)
+        } catch {
+            logger.critical("cannot drop privileges to \(options.user): \(error)")
+            return .other
+        }
+        logger.info("running as \(options.user) (uid \(user.uid))")
+        return nil
     }
 
     /// Runs the prepared daemon to its end from synchronous code (the executable's main, which
@@ -177,9 +243,31 @@ public enum Daemon {
 
     /// Runs until SIGTERM or SIGINT. Returns the process exit status.
     public static func run(_ prepared: PreparedDaemon, logger: Logger) async -> Int32 {
-        let options = prepared.options
         let configuration = prepared.configuration
+        let (signals, sources) = Self.catchSignals()
+        defer { sources.forEach { $0.cancel() } }
 
+        let group = MultiThreadedEventLoopGroup.singleton
+        guard let listeners = await Self.adoptListeners(prepared.sockets, group: group, logger: logger) else { return 1 }
+        let services = await Services.open(prepared, group: group, logger: logger)
+        let runtime = services.runtime
+        logger.info("restrictpd \(Version.string) ready: \(configuration.rules.count) rules, relay \(configuration.relayHost):\(configuration.relayPort)")
+        Systemd.notify("READY=1\nSTATUS=ready; \(runtime.snapshot.status) \(services.storeStatus())")
+
+        await withTaskGroup(of: Void.self) { tasks in
+            Self.startServing(listeners, services: services, in: &tasks, logger: logger)
+            await Self.waitForStop(signals, options: prepared.options, services: services, listeners: listeners, logger: logger)
+            tasks.cancelAll()
+        }
+        await runtime.flushStats()
+        _ = try? await Offload.run { runtime.writeMetrics() }
+        logger.info("stopped: \(runtime.snapshot.status)")
+        return 0
+    }
+
+    /// SIGHUP, SIGTERM and SIGINT as a stream, and the Dispatch sources that feed it (to
+    /// cancel at the end). SIGPIPE is ignored.
+    static func catchSignals() -> (AsyncStream<Int32>, [any DispatchSourceSignal]) {
         // Ignore the signals before anything can deliver them; Dispatch sources read them.
         for sig in [SIGHUP, SIGTERM, SIGINT, SIGPIPE] { signal(sig, SIG_IGN) }
         let (signals, continuation) = AsyncStream<Int32>.makeStream()
@@ -189,92 +277,93 @@ public enum Daemon {
             source.resume()
             return source
         }
-        defer { sources.forEach { $0.cancel() } }
+        return (signals, sources)
+    }
 
-        let group = MultiThreadedEventLoopGroup.singleton
-        var listeners: [Listener] = []
-        var policyListeners: [Listener] = []
-        for socket in prepared.sockets {
+    /// The SMTP and policy listeners on the prepared sockets; nil (after logging why) when one
+    /// cannot be adopted.
+    static func adoptListeners(_ sockets: [PreparedDaemon.Socket], group: any EventLoopGroup, logger: Logger) async -> Listeners? {
+        var listeners = Listeners()
+        for socket in sockets {
             do {
                 let listener = try await ListenerFactory.adopt(fd: socket.fd, group: group)
-                if socket.policy { policyListeners.append(listener) } else { listeners.append(listener) }
+                if socket.policy { listeners.policy.append(listener) } else { listeners.smtp.append(listener) }
                 logger.info("listening on \(socket.name)")
             } catch {
                 logger.critical("cannot listen on \(socket.name): \(error)")
-                return 1
+                return nil
             }
         }
+        return listeners
+    }
 
-        let (store, storeStatus) = await QuotaStores.open(configuration, password: prepared.statePassword, logger: logger)
-        let localDomains = (try? await Offload.run { PostfixDomains.read(for: configuration, logger: logger) }) ?? []
-        let runtime = Runtime(
-            ruleset: Ruleset(configuration, localDomains: localDomains), store: store, logger: logger,
-            metricsFile: configuration.metricsFile)
-        let registry = SessionRegistry()
-        let handler = ConnectionHandler(runtime: runtime, registry: registry, group: group)
-        let policyService = PolicyService(runtime: runtime)
-        // Postfix keeps policy connections open between requests: a drain closes them at once
-        // rather than waiting for them.
-        let policyRegistry = SessionRegistry()
-        let policy = PolicyConnection(service: policyService, registry: policyRegistry)
-
-        logger.info("restrictpd \(Version.string) ready: \(configuration.rules.count) rules, relay \(configuration.relayHost):\(configuration.relayPort)")
-        Systemd.notify("READY=1\nSTATUS=ready; \(runtime.snapshot.status) \(storeStatus())")
-
-        await withTaskGroup(of: Void.self) { tasks in
-            for listener in listeners {
-                tasks.addTask { await handler.run(listener) }
-            }
-            for listener in policyListeners {
-                tasks.addTask { await listener.serve(.policy(policy), logger: logger) }
-            }
-            let sweeper: PolicyService? = policyListeners.isEmpty ? nil : policyService
-            tasks.addTask { await Self.housekeeping(runtime: runtime, policy: sweeper, storeStatus: storeStatus) }
-            let notifyLoop = handler.group.next()
-            tasks.addTask { await runtime.notifier.run(runtime: runtime, eventLoop: notifyLoop) }
-
-            for await sig in signals {
-                if sig == SIGHUP {
-                    // Reading the file, user lookups and resolving the relay block: not on an
-                    // event loop, which sessions share.
-                    _ = try? await Offload.run { Self.reload(options, runtime: runtime, logger: logger) }
-                    continue
-                }
-                logger.info("signal \(sig == SIGTERM ? "TERM" : "INT"): stopping; draining \(registry.count) sessions")
-                Systemd.notify("STOPPING=1\nSTATUS=draining \(registry.count) sessions")
-                runtime.draining.withLock { $0 = true }
-                for listener in policyListeners {
-                    try? await listener.channel.close()
-                }
-                policyRegistry.closeAll()
-                for listener in listeners {
-                    // Stop accepting first; a connection accepted meanwhile is answered
-                    // 421 4.3.2 by its session (the runtime is draining).
-                    try? await listener.channel.setOption(ChannelOptions.autoRead, value: false).get()
-                    try? await listener.channel.close()
-                }
-                handler.pool.closeAll()
-                let drain = Int64(runtime.ruleset.configuration.value(.drainTimeout))
-                let deadline = NIODeadline.now() + .seconds(drain)
-                while registry.count > 0, NIODeadline.now() < deadline {
-                    try? await Task.sleep(nanoseconds: 100_000_000)
-                }
-                if registry.count > 0 {
-                    logger.warning("drain_timeout: closing \(registry.count) sessions with 421 4.3.2")
-                    registry.closeAll(with: Replies.shuttingDown)
-                    let grace = NIODeadline.now() + Self.closeGrace
-                    while registry.count > 0, NIODeadline.now() < grace {
-                        try? await Task.sleep(nanoseconds: 50_000_000)
-                    }
-                }
-                break
-            }
-            tasks.cancelAll()
+    /// One task for each listener, the housekeeping and the notifier.
+    static func startServing(_ listeners: Listeners, services: Services, in tasks: inout TaskGroup<Void>, logger: Logger) {
+        let runtime = services.runtime
+        for listener in listeners.smtp {
+            tasks.addTask { await services.handler.run(listener) }
         }
-        await runtime.flushStats()
-        _ = try? await Offload.run { runtime.writeMetrics() }
-        logger.info("stopped: \(runtime.snapshot.status)")
-        return 0
+        for listener in listeners.policy {
+            tasks.addTask { await listener.serve(.policy(services.policy), logger: logger) }
+        }
+        let sweeper: PolicyService? = listeners.policy.isEmpty ? nil : services.policyService
+        tasks.addTask { await Self.housekeeping(runtime: runtime, policy: sweeper, storeStatus: services.storeStatus) }
+        let notifyLoop = services.handler.group.next()
+        tasks.addTask { await runtime.notifier.run(runtime: runtime, eventLoop: notifyLoop) }
+    }
+
+    /// Reloads on each SIGHUP until SIGTERM or SIGINT, then drains.
+    static func waitForStop(
+        _ signals: AsyncStream<Int32>, options: DaemonOptions, services: Services, listeners: Listeners, logger: Logger
+    ) async {
+        let registry = services.registry
+        for await sig in signals {
+            if sig == SIGHUP {
+                // Reading the file, user lookups and resolving the relay block: not on an
+                // event loop, which sessions share.
+                _ = try? await Offload.run { Self.reload(options, runtime: services.runtime, logger: logger) }
+                continue
+            }
+            logger.info("signal \(sig == SIGTERM ? "TERM" : "INT"): stopping; draining \(registry.count) sessions")
+            Systemd.notify("STOPPING=1\nSTATUS=draining \(registry.count) sessions")
+            await Self.drain(services, listeners: listeners, logger: logger)
+            return
+        }
+    }
+
+    /// Stops accepting and closes the policy connections at once; then gives the SMTP
+    /// sessions drain_timeout to end.
+    static func drain(_ services: Services, listeners: Listeners, logger: Logger) async {
+        services.runtime.draining.withLock { $0 = true }
+        for listener in listeners.policy {
+            try? await listener.channel.close()
+        }
+        services.policyRegistry.closeAll()
+        for listener in listeners.smtp {
+            // Stop accepting first; a connection accepted meanwhile is answered
+            // 421 4.3.2 by its session (the runtime is draining).
+            try? await listener.channel.setOption(ChannelOptions.autoRead, value: false).get()
+            try? await listener.channel.close()
+        }
+        services.handler.pool.closeAll()
+        let drain = Int64(services.runtime.ruleset.configuration.value(.drainTimeout))
+        await Self.waitForSessions(services.registry, drainTimeout: drain, logger: logger)
+    }
+
+    /// Waits up to `drainTimeout` seconds for the sessions to end; then answers the ones left
+    /// 421 4.3.2 and gives them `closeGrace` to take the answer and go.
+    static func waitForSessions(_ registry: SessionRegistry, drainTimeout: Int64, logger: Logger) async {
+        let deadline = NIODeadline.now() + .seconds(drainTimeout)
+        while registry.count > 0, NIODeadline.now() < deadline {
+            try? await Task.sleep(nanoseconds: 100_000_000)
+        }
+        guard registry.count > 0 else { return }
+        logger.warning("drain_timeout: closing \(registry.count) sessions with 421 4.3.2")
+        registry.closeAll(with: Replies.shuttingDown)
+        let grace = NIODeadline.now() + Self.closeGrace
+        while registry.count > 0, NIODeadline.now() < grace {
+            try? await Task.sleep(nanoseconds: 50_000_000)
+        }
     }
 
     /// STATUS= every few seconds, and the watchdog at half of WatchdogSec.

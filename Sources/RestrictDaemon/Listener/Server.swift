@@ -145,6 +145,32 @@ final class SessionRegistry: Sendable {
     }
 }
 
+/// An accepted SMTP connection as the steps of its session see it.
+private struct AcceptedClient: Sendable {
+    let channel: any Channel
+    /// The rules in force when the connection came: the session keeps them to its end.
+    let ruleset: Ruleset
+    /// The peer's address, for messages.
+    let peer: String
+    let logger: Logger
+
+    /// Answers `reply` to a client that gets no session.
+    func refuse(_ reply: SMTPReply) async throws {
+        var out = ByteBuffer()
+        reply.write(to: &out)
+        try await self.channel.writeAndFlush(out)
+    }
+}
+
+/// Whether an accepted connection gets a session.
+private enum Admission {
+    case admitted
+    /// The peer left before it could be identified: nothing to answer.
+    case gone
+    /// Told `reply`, then closed.
+    case refused(SMTPReply)
+}
+
 public struct ConnectionHandler: Sendable {
     let runtime: Runtime
     let registry: SessionRegistry
@@ -170,107 +196,124 @@ public struct ConnectionHandler: Sendable {
             self.registry.remove(channel)
             self.runtime.count { $0.sessions = self.registry.count }
         }
-        let ruleset = self.runtime.ruleset
-        let settings = ruleset.settings
         let peer = PeerCredentials.describe(channel.remoteAddress)
         var logger = self.runtime.logger
         logger[metadataKey: LogKey.peer] = .string(peer)
-
+        let client = AcceptedClient(channel: channel, ruleset: self.runtime.ruleset, peer: peer, logger: logger)
         do {
-            try await { () async throws in
-                func refuse(_ reply: SMTPReply) async throws {
-                    var out = ByteBuffer()
-                    reply.write(to: &out)
-                    try await channel.writeAndFlush(out)
-                }
-                // The peer check comes first: nothing else is said to a stranger.
-                if ruleset.configuration.peerCheck {
-                    switch await PeerGate.check(channel, clients: ruleset.clients, runtime: self.runtime, peer: peer, label: "connect", logger: logger) {
-                    case .admitted: break
-                    case .gone: return
-                    case .failed:
-                        // A local failure: refuse as a temporary condition, so Postfix retries.
-                        try await refuse(Replies.peerUnverified)
-                        return
-                    case .unknown:
-                        try await refuse(Replies.peerUnknown)
-                        return
-                    case .notClient(let uid):
-                        try await refuse(Replies.notClient(uid: uid))
-                        return
-                    }
-                }
-                if active > ruleset.configuration.value(.maxSessions) {
-                    logger.warning("connect from \(peer) refused: \(active - 1) sessions already (max_sessions)")
-                    try await refuse(Replies.tooManySessions)
-                    return
-                }
-                if self.runtime.isDraining {
-                    try await refuse(Replies.shuttingDown)
-                    return
-                }
-
-                let clock = SessionClock(idle: .seconds(settings.idleTimeout))
-                let relay: RelayConnection
-                do {
-                    guard let address = ruleset.relayAddress else {
-                        throw SystemError("cannot resolve \(settings.relayHost)", errno: 0)
-                    }
-                    relay = try await self.pool.checkout(
-                        on: channel.eventLoop, address: address, timeout: .seconds(settings.relayConnectTimeout),
-                        greetingTimeout: .seconds(settings.relayTimeout))
-                } catch {
-                    logger.error("cannot connect to relay \(settings.relayHost):\(settings.relayPort): \(error)")
-                    try await refuse(Replies.relayUnavailable)
-                    return
-                }
-                clock.relay(relay.channel)
-                // From here on the session runs as events on the connection's loop; this task
-                // only waits for its end.
-                let sessionLogger = logger
-                let (timer, done) = try await channel.eventLoop.submit {
-                    let driver = SessionDriver(
-                        runtime: self.runtime, ruleset: ruleset, logger: sessionLogger, client: channel, relay: relay, clock: clock)
-                    let shortest = min(settings.idleTimeout, settings.commandTimeout, settings.dataTimeout, settings.relayTimeout)
-                    let bound = NIOLoopBound(driver, eventLoop: channel.eventLoop)
-                    let timer = self.startTimer(clock: clock, channel: channel, shortest: shortest, logger: sessionLogger) { why in
-                        bound.value.timedOut(why)
-                    }
-                    do {
-                        try driver.start()
-                    } catch {
-                        // The client left before the session could start: nothing holds the
-                        // relay connection or the timer but this, and the driver's promise
-                        // must be completed before the driver goes.
-                        timer.cancel()
-                        driver.abandon(error)
-                        relay.abort()
-                        throw error
-                    }
-                    return (timer, driver.done.futureResult)
-                }.get()
-                defer { timer.cancel() }
-                let reusable: Bool
-                do {
-                    reusable = try await done.get()
-                } catch {
-                    relay.abort()
-                    throw error
-                }
-                // The session's timer must not touch the connection once another session may
-                // have it.
-                timer.cancel()
-                clock.relay(nil)
-                let capacity = (ruleset.configuration.value(.relayPool) + self.loopCount - 1) / self.loopCount
-                if reusable, capacity > 0, clock.expired == nil, !self.runtime.isDraining {
-                    await self.pool.checkin(relay, capacity: capacity)
-                } else {
-                    relay.abort()
-                }
-            }()
+            switch await self.admission(client, active: active) {
+            case .admitted: break
+            case .gone: return
+            case .refused(let reply):
+                try await client.refuse(reply)
+                return
+            }
+            let clock = SessionClock(idle: .seconds(client.ruleset.settings.idleTimeout))
+            guard let relay = try await self.checkoutRelay(client) else { return }
+            try await self.runSession(client, relay: relay, clock: clock)
         } catch {
             logger.debug("session with \(peer) ended: \(error)")
         }
+    }
+
+    /// Whether the connection gets a session: the peer check, then max_sessions (`active`
+    /// counts this connection), then a drain in progress.
+    private func admission(_ client: AcceptedClient, active: Int) async -> Admission {
+        let configuration = client.ruleset.configuration
+        // The peer check comes first: nothing else is said to a stranger.
+        if configuration.peerCheck {
+            switch await PeerGate.check(
+                client.channel, clients: client.ruleset.clients, runtime: self.runtime, peer: client.peer, label: "connect",
+                logger: client.logger)
+            {
+            case .admitted: break
+            case .gone: return .gone
+            // A local failure: refuse as a temporary condition, so Postfix retries.
+            case .failed: return .refused(Replies.peerUnverified)
+            case .unknown: return .refused(Replies.peerUnknown)
+            case .notClient(let uid): return .refused(Replies.notClient(uid: uid))
+            }
+        }
+        if active > configuration.value(.maxSessions) {
+            client.logger.warning("connect from \(client.peer) refused: \(active - 1) sessions already (max_sessions)")
+            return .refused(Replies.tooManySessions)
+        }
+        if self.runtime.isDraining { return .refused(Replies.shuttingDown) }
+        return .admitted
+    }
+
+    /// A connection to the relay, from the pool or new; nil once the client has been told
+    /// the relay is unavailable.
+    private func checkoutRelay(_ client: AcceptedClient) async throws -> RelayConnection? {
+        let settings = client.ruleset.settings
+        do {
+            guard let address = client.ruleset.relayAddress else {
+                throw SystemError("cannot resolve \(settings.relayHost)", errno: 0)
+            }
+            return try await self.pool.checkout(
+                on: client.channel.eventLoop, address: address, timeout: .seconds(settings.relayConnectTimeout),
+                greetingTimeout: .seconds(settings.relayTimeout))
+        } catch {
+            client.logger.error("cannot connect to relay \(settings.relayHost):\(settings.relayPort): \(error)")
+            try await client.refuse(Replies.relayUnavailable)
+            return nil
+        }
+    }
+
+    /// Runs the session to its end, then returns the relay connection to the pool when the
+    /// session left it reusable, or closes it.
+    private func runSession(_ client: AcceptedClient, relay: RelayConnection, clock: SessionClock) async throws {
+        clock.relay(relay.channel)
+        let (timer, done) = try await self.startSession(client, relay: relay, clock: clock)
+        defer { timer.cancel() }
+        let reusable: Bool
+        do {
+            reusable = try await done.get()
+        } catch {
+            relay.abort()
+            throw error
+        }
+        // The session's timer must not touch the connection once another session may
+        // have it.
+        timer.cancel()
+        clock.relay(nil)
+        let capacity = (client.ruleset.configuration.value(.relayPool) + self.loopCount - 1) / self.loopCount
+        if reusable, capacity > 0, clock.expired == nil, !self.runtime.isDraining {
+            await self.pool.checkin(relay, capacity: capacity)
+        } else {
+            relay.abort()
+        }
+    }
+
+    /// Starts the session's driver and its deadline timer on the connection's loop. From
+    /// then on the session runs as events on that loop; the future says, at its end, whether
+    /// the relay connection can serve another session.
+    private func startSession(
+        _ client: AcceptedClient, relay: RelayConnection, clock: SessionClock
+    ) async throws -> (RepeatedTask, EventLoopFuture<Bool>) {
+        let channel = client.channel
+        let settings = client.ruleset.settings
+        return try await channel.eventLoop.submit {
+            let driver = SessionDriver(
+                runtime: self.runtime, ruleset: client.ruleset, logger: client.logger, client: channel, relay: relay, clock: clock)
+            let shortest = min(settings.idleTimeout, settings.commandTimeout, settings.dataTimeout, settings.relayTimeout)
+            let bound = NIOLoopBound(driver, eventLoop: channel.eventLoop)
+            let timer = self.startTimer(clock: clock, channel: channel, shortest: shortest, logger: client.logger) { why in
+                bound.value.timedOut(why)
+            }
+            do {
+                try driver.start()
+            } catch {
+                // The client left before the session could start: nothing holds the
+                // relay connection or the timer but this, and the driver's promise
+                // must be completed before the driver goes.
+                timer.cancel()
+                driver.abandon(error)
+                relay.abort()
+                throw error
+            }
+            return (timer, driver.done.futureResult)
+        }.get()
     }
 
     /// Checks the session's deadlines every tick: a client deadline goes to `expired` (the
