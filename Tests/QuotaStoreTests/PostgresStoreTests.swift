@@ -129,6 +129,25 @@ struct PostgresStoreTests {
         }
     }
 
+    /// Statistics are the scope's: the hosts of a farm add to the same rows, --stats on any
+    /// of them reads them all, another scope has its own; a host prunes only its scope's hours.
+    @Test func statisticsAreKeptPerScope() async throws {
+        let scope = "stats-" + UUID().uuidString
+        let a = try await TestPostgres.store(scope: scope)
+        let b = try await TestPostgres.store(scope: scope)
+        let other = try await TestPostgres.store()
+        defer { a.shutdown(); b.shutdown(); other.shutdown() }
+        let hour = t0 / 3600
+        await a.addStats([StatsRow(uid: 33, hour: hour - 100, relayed: 9), StatsRow(uid: 33, hour: hour, relayed: 1, strangers: 1)], keepFrom: 0)
+        await other.addStats([StatsRow(uid: 33, hour: hour - 100, relayed: 4)], keepFrom: 0)
+        await b.addStats([StatsRow(uid: 33, hour: hour, refused: 2, strangers: 1)], keepFrom: hour - 10)
+        #expect(try await a.stats(uid: nil, since: 0) == [StatsRow(uid: 33, hour: hour, relayed: 1, refused: 2, strangers: 2)])
+        #expect(try await other.stats(uid: 33, since: 0) == [StatsRow(uid: 33, hour: hour - 100, relayed: 4)])
+        // An empty flush writes nothing and prunes nothing.
+        await other.addStats([], keepFrom: hour)
+        #expect(try await other.stats(uid: nil, since: 0).count == 1)
+    }
+
     @Test func initStoreIsIdempotent() async throws {
         let store = try await TestPostgres.store()
         let again = try await store.initialize()

@@ -6,11 +6,11 @@
 
 import Foundation
 import Logging
-import QuotaStorePostgres
 import RestrictPolicy
 import Testing
 
 @testable import QuotaStore
+@testable import QuotaStorePostgres
 
 /// A store under test, with the reads the cases need.
 protocol StoreUnderTest: Sendable {
@@ -19,6 +19,8 @@ protocol StoreUnderTest: Sendable {
     func entries(uid: UInt32) async throws -> [QuotaEntry]
     func capStates(uid: UInt32, budget: Int64?, caps: VolumeCaps, now: Int64) async throws -> [VolumeCapState]
     @discardableResult func reset(uid: UInt32) async throws -> Int
+    func addStats(_ rows: [StatsRow], keepFrom: Int64) async throws
+    func stats(uid: UInt32?, since: Int64) async throws -> [StatsRow]
 }
 
 final class SQLiteUnderTest: StoreUnderTest {
@@ -41,6 +43,8 @@ final class SQLiteUnderTest: StoreUnderTest {
         try self.db.capStates(uid: uid, budget: budget, caps: caps, now: now)
     }
     func reset(uid: UInt32) async throws -> Int { try self.db.reset(uid: uid) }
+    func addStats(_ rows: [StatsRow], keepFrom: Int64) async throws { try await self.db.addStats(rows, keepFrom: keepFrom) }
+    func stats(uid: UInt32?, since: Int64) async throws -> [StatsRow] { try self.db.stats(uid: uid, since: since) }
 }
 
 enum TestPostgres {
@@ -81,6 +85,13 @@ final class PostgresUnderTest: StoreUnderTest {
         try await self.store.capStates([CapStatesAsk(uid: uid, budget: budget, caps: caps)], now: now).first ?? []
     }
     func reset(uid: UInt32) async throws -> Int { try await self.store.reset(uid: uid) }
+    /// The daemon's call, which logs and drops what the store cannot take; a test wants to know.
+    func addStats(_ rows: [StatsRow], keepFrom: Int64) async throws {
+        try await self.store.pooled("adding statistics") { connection in
+            try await PostgresStatsSQL.add(rows, keepFrom: keepFrom, scope: self.store.settings.scope, on: connection, logger: self.store.logger)
+        }
+    }
+    func stats(uid: UInt32?, since: Int64) async throws -> [StatsRow] { try await self.store.stats(uid: uid, since: since) }
 }
 
 private let t0: Int64 = 1_700_000_000
@@ -301,6 +312,29 @@ enum CapsContract {
     }
 }
 
+/// The statistics, each given a fresh store.
+enum StatsContract {
+    /// Flushes add up per uid and hour, and stay bounded by the retention.
+    static func addUpAndStayBounded(_ s: some StoreUnderTest) async throws {
+        let retentionHours: Int64 = 35 * 24
+        let firstHour = t0 / 3600
+        // Two simulated months, a flush every hour for two users (one beyond Int32).
+        for hour in firstHour..<(firstHour + 60 * 24) {
+            let rows = [StatsRow(uid: 33, hour: hour, relayed: 2, refused: 1), StatsRow(uid: 4_000_000_000, hour: hour, deferred: 1, strangers: 1)]
+            try await s.addStats(rows, keepFrom: hour - retentionHours)
+        }
+        let last = firstHour + 60 * 24 - 1
+        #expect(try await s.stats(uid: nil, since: 0).count == 2 * Int(retentionHours + 1))
+        try await s.addStats([StatsRow(uid: 33, hour: last, relayed: 5, held: 1, strangers: 3)], keepFrom: last - retentionHours)
+        #expect(try await s.stats(uid: 33, since: last) == [StatsRow(uid: 33, hour: last, relayed: 7, refused: 1, held: 1, strangers: 3)])
+        #expect(try await s.stats(uid: nil, since: last) == [
+            StatsRow(uid: 33, hour: last, relayed: 7, refused: 1, held: 1, strangers: 3),
+            StatsRow(uid: 4_000_000_000, hour: last, deferred: 1, strangers: 1),
+        ])
+        #expect(try await s.stats(uid: 34, since: 0).isEmpty)
+    }
+}
+
 @Suite("quota store contract: SQLite") struct SQLiteStoreContract {
     @Test func slidingWindowEdges() async throws { try await StoreContract.slidingWindowEdges(try SQLiteUnderTest()) }
     @Test func learnedAllowList() async throws { try await StoreContract.learnedAllowList(try SQLiteUnderTest()) }
@@ -316,6 +350,7 @@ enum CapsContract {
     @Test func capsAllOrNothing() async throws { try await CapsContract.refusedByEitherNothingRecorded(try SQLiteUnderTest()) }
     @Test func sharedBudget() async throws { try await CapsContract.sharedBudget(try SQLiteUnderTest()) }
     @Test func messageRowsArePruned() async throws { try await CapsContract.messageRowsArePruned(try SQLiteUnderTest()) }
+    @Test func statistics() async throws { try await StatsContract.addUpAndStayBounded(try SQLiteUnderTest()) }
 }
 
 @Suite("quota store contract: PostgreSQL", .enabled(if: TestPostgres.uri != nil, Comment(rawValue: TestPostgres.missing)))
@@ -334,4 +369,5 @@ struct PostgresStoreContract {
     @Test func capsAllOrNothing() async throws { try await CapsContract.refusedByEitherNothingRecorded(try await PostgresUnderTest()) }
     @Test func sharedBudget() async throws { try await CapsContract.sharedBudget(try await PostgresUnderTest()) }
     @Test func messageRowsArePruned() async throws { try await CapsContract.messageRowsArePruned(try await PostgresUnderTest()) }
+    @Test func statistics() async throws { try await StatsContract.addUpAndStayBounded(try await PostgresUnderTest()) }
 }
