@@ -49,7 +49,7 @@ extension Admin {
         out.stdout.append("\(s.phrase): thawed\(farm); its mail flows again")
         let logger = Logger(label: "restrictpd") { RestrictLogHandler(label: $0, target: LogTarget.auto.resolved(), level: .info) }
         logger.notice(
-            "\(s.phrase) thawed\(farm) by restrictpd --thaw",
+            "\(s.phrase) thawed by restrictpd --thaw",
             metadata: [LogKey.event: "thaw", LogKey.uid: .string(String(uid)), LogKey.user: .string(LogText.escape(user, limit: 64))])
     }
 
