@@ -296,12 +296,6 @@ public enum ConfigParser {
         }
         // The PostgreSQL store counts arbitrary destinations only: a rule that needs more of it
         // would go unenforced there, so it is refused rather than silently weakened.
-        if config.statePostgres != nil, let line = globalLine["state"] {
-            let needs = config.freeze != nil || config.rules.contains { $0.freeze != nil || !$0.caps.isEmpty || $0.shared }
-            if needs {
-                error(line, "a postgresql:// state keeps each uid's arbitrary destinations only: freeze, messages, recipients, max_recipients and shared need the SQLite state")
-            }
-        }
         for rule in config.rules where rule.refuse && !rule.caps.isEmpty {
             error(rule.line, "a rule with 'refuse' sends nothing: it takes no messages, recipients or max_recipients")
         }
