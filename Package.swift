@@ -121,7 +121,10 @@ let package = Package(
         .testTarget(name: "RestrictPolicyTests", dependencies: ["RestrictPolicy", "SMTPCore"], swiftSettings: strict),
         .testTarget(
             name: "QuotaStoreTests",
-            dependencies: ["QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log"),
+                .product(name: "PostgresNIO", package: "postgres-nio"),
+            ],
             swiftSettings: strict
         ),
         .testTarget(

@@ -11,7 +11,7 @@ public import RestrictPolicy
 /// Opens the quota database on first use and again after a failure, so that a database that
 /// is missing or broken at startup costs 451 4.3.0 for quota decisions only, never a crash
 /// and never an allowed message.
-public final class LazyQuotaStore: QuotaStore, Sendable {
+public final class LazyQuotaStore: QuotaStore, StatisticsStore, Sendable {
     let path: String
     let logger: Logger
     /// After a failed open, decisions fail fast for this long before the next try.

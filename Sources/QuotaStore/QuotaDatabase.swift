@@ -34,6 +34,19 @@ public struct QuotaEntry: Sendable, Equatable {
     }
 }
 
+/// One uid's question for `capStates` (`restrictpd --stats`): its rule's caps, counted under `budget` (nil: the uid).
+public struct CapStatesAsk: Sendable {
+    public let uid: UInt32
+    public let budget: Int64?
+    public let caps: VolumeCaps
+
+    public init(uid: UInt32, budget: Int64?, caps: VolumeCaps) {
+        self.uid = uid
+        self.budget = budget
+        self.caps = caps
+    }
+}
+
 /// The quota database could not answer. The daemon turns this into `451 4.3.0`.
 public struct QuotaDatabaseError: Error, CustomStringConvertible, Sendable {
     /// The database file.

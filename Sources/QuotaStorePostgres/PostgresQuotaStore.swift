@@ -1,6 +1,7 @@
 // The quota store on PostgreSQL: one budget for the hosts of a farm (rows keyed by scope).
-// The same protocol and semantics as the SQLite store: `QuotaArithmetic` decides, one
-// transaction per decision, serialised per (scope, uid) by an advisory lock (PostgresQuotaSQL).
+// The same protocol and semantics as the SQLite store: `QuotaArithmetic` decides (the
+// arbitrary quota and the volume caps), one transaction per decision, serialised per (scope,
+// budget) by an advisory lock (PostgresQuotaSQL).
 //
 // Failure is closed and loud: no connection, no answer within `state_timeout`, a schema that
 // is missing or not this build's, or a failure still there after a few retries makes `admit`
@@ -59,30 +60,39 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     }
 
     public func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
+        try await self.pooled("deciding") { connection in
+            try await PostgresQuotaSQL.admit(request, scope: self.settings.scope, on: connection, logger: self.logger)
+        }
+    }
+
+    /// Runs `body` (one transaction, or reads) on a pooled connection within `state_timeout`,
+    /// again after a retryable failure; a failure is logged and thrown as a
+    /// `PostgresStoreError`, which the daemon answers 451 4.3.0.
+    func pooled<T: Sendable>(_ operation: String, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
         do {
-            let outcome = try await Deadline.run(seconds: self.settings.timeout, onTimeout: self.timeoutError) {
-                try await self.admitRetrying(request)
+            let value = try await Deadline.run(seconds: self.settings.timeout, onTimeout: self.timeoutError) {
+                try await self.retrying(operation, body)
             }
             self.state.withLockedValue { $0.health = "up" }
-            return outcome
+            return value
         } catch {
-            let wrapped = PostgresStoreError.wrap(error, location: self.location, operation: "deciding")
+            let wrapped = PostgresStoreError.wrap(error, location: self.location, operation: operation)
             self.failed(wrapped)
             throw wrapped
         }
     }
 
-    private func admitRetrying(_ request: QuotaRequest) async throws -> QuotaOutcome {
+    private func retrying<T: Sendable>(_ operation: String, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
         var attempt = 1
         while true {
             do {
                 return try await self.client.withConnection { connection in
                     try await self.ensureSchema(on: connection)
-                    return try await PostgresQuotaSQL.admit(request, scope: self.settings.scope, on: connection, logger: self.logger)
+                    return try await body(connection)
                 }
             } catch {
                 guard attempt < Self.attempts, PostgresStoreError.isRetryable(error), !Task.isCancelled else { throw error }
-                self.logger.warning("quota store \(self.location): retrying after: \(PostgresStoreError.wrap(error, location: self.location, operation: "deciding").message)")
+                self.logger.warning("quota store \(self.location): retrying after: \(PostgresStoreError.wrap(error, location: self.location, operation: operation).message)")
                 attempt += 1
             }
         }
@@ -176,6 +186,20 @@ extension PostgresQuotaStore {
         try await self.withOwnConnection("reading") { connection in
             try await PostgresSchema.check(on: connection, location: self.location, logger: self.logger)
             return try await PostgresQuotaSQL.peek(request, scope: self.settings.scope, on: connection, logger: self.logger)
+        }
+    }
+
+    /// What `uid` (or the shared `budget`) has used of each counted cap of `caps` now, for
+    /// each of `asks`, on one connection (`restrictpd --stats`).
+    public func capStates(_ asks: [CapStatesAsk], now: Int64) async throws -> [[VolumeCapState]] {
+        try await self.withOwnConnection("reading caps") { connection in
+            try await PostgresSchema.check(on: connection, location: self.location, logger: self.logger)
+            var result: [[VolumeCapState]] = []
+            for ask in asks {
+                result.append(try await PostgresQuotaSQL.capStates(
+                    uid: ask.uid, budget: ask.budget, caps: ask.caps, now: now, scope: self.settings.scope, on: connection, logger: self.logger))
+            }
+            return result
         }
     }
 

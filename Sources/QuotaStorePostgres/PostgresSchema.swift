@@ -36,7 +36,59 @@ enum PostgresSchema {
             )
             """,
             "CREATE INDEX restrictpd_quota_by_last_seen ON restrictpd_quota (scope, uid, last_seen)",
-        ]
+        ],
+        // 1 -> 2: what the SQLite store's versions 2 and 3 added, keyed by scope as well.
+        // `uid` is the uid or a `shared` rule's budget key (above every uid), as in
+        // restrictpd_quota, whose `uid` now holds budget keys too.
+        // restrictpd_message: one row per message admitted under a rule with `messages` or
+        // `recipients` caps; a cap's use is the count (or the sum of `recipients`) of the rows
+        // in its window. The index serves the window read and the prune and covers `recipients`.
+        // restrictpd_refusal and restrictpd_frozen: freezing (refused, over-quota and held
+        // messages per uid, pruned to the freeze window; the frozen uids, kept until --thaw).
+        // restrictpd_stats: `restrictpd --stats`, one row per scope, uid and hour (epoch
+        // seconds / 3600), pruned after stats_retention_days.
+        [
+            """
+            CREATE TABLE restrictpd_message (
+                scope      text   NOT NULL,
+                uid        bigint NOT NULL,
+                at         bigint NOT NULL,
+                recipients bigint NOT NULL
+            )
+            """,
+            "CREATE INDEX restrictpd_message_by_time ON restrictpd_message (scope, uid, at, recipients)",
+            """
+            CREATE TABLE restrictpd_refusal (
+                scope text   NOT NULL,
+                uid   bigint NOT NULL,
+                at    bigint NOT NULL
+            )
+            """,
+            "CREATE INDEX restrictpd_refusal_by_uid ON restrictpd_refusal (scope, uid, at)",
+            """
+            CREATE TABLE restrictpd_frozen (
+                scope  text   NOT NULL,
+                uid    bigint NOT NULL,
+                since  bigint NOT NULL,
+                reason text   NOT NULL,
+                PRIMARY KEY (scope, uid)
+            )
+            """,
+            """
+            CREATE TABLE restrictpd_stats (
+                scope     text   NOT NULL,
+                uid       bigint NOT NULL,
+                hour      bigint NOT NULL,
+                relayed   bigint NOT NULL DEFAULT 0,
+                refused   bigint NOT NULL DEFAULT 0,
+                deferred  bigint NOT NULL DEFAULT 0,
+                held      bigint NOT NULL DEFAULT 0,
+                strangers bigint NOT NULL DEFAULT 0,
+                PRIMARY KEY (scope, uid, hour)
+            )
+            """,
+            "CREATE INDEX restrictpd_stats_by_hour ON restrictpd_stats (scope, hour)",
+        ],
     ]
 
     static var currentVersion: Int { migrations.count }

@@ -154,7 +154,7 @@ public final class Runtime: Sendable {
         let now = self.clock()
         // Drained whatever the store: one that keeps no statistics must not make them pile up.
         let rows = self.stats.withLock { $0.drain(now: now) }
-        guard let store = self.store as? LazyQuotaStore else { return }
+        guard let store = self.store as? any StatisticsStore else { return }
         let retention = Int64(self.ruleset.configuration.value(.statsRetentionDays)) * 24
         await store.addStats(rows, keepFrom: now / 3600 - retention)
     }

@@ -113,19 +113,11 @@ extension ConfigParser {
             return self.errors.isEmpty ? .success(self.config) : .failure(ConfigErrors(self.errors))
         }
 
-        /// What rules may not carry, alone or with the state they are kept in.
+        /// What rules may not carry.
         mutating func checkRuleCombinations() {
             // A `refuse` rule may carry nothing else.
             for rule in self.config.rules where rule.refuse && (!rule.allow.isEmpty || rule.quota != nil) {
                 self.error(rule.line, "a rule with 'refuse' cannot also allow or grant arbitrary destinations")
-            }
-            // The PostgreSQL store counts arbitrary destinations only: a rule that needs more of it
-            // would go unenforced there, so it is refused rather than silently weakened.
-            if self.config.statePostgres != nil, let line = self.globalLine["state"] {
-                let needs = self.config.freeze != nil || self.config.rules.contains { $0.freeze != nil || !$0.caps.isEmpty || $0.shared }
-                if needs {
-                    self.error(line, "a postgresql:// state keeps each uid's arbitrary destinations only: freeze, messages, recipients, max_recipients and shared need the SQLite state")
-                }
             }
             for rule in self.config.rules where rule.refuse && !rule.caps.isEmpty {
                 self.error(rule.line, "a rule with 'refuse' sends nothing: it takes no messages, recipients or max_recipients")

@@ -63,7 +63,8 @@ public struct StrikeOutcome: Sendable, Equatable {
     }
 }
 
-/// The store side of freezing; the SQLite store implements it (the same file as the quota).
+/// The store side of freezing; both quota stores implement it, beside the quota (the SQLite
+/// file; the PostgreSQL database, per scope).
 public protocol FreezeStore: Sendable {
     /// Counts one refused, over-quota or held message of `uid` at `now` and, when the count in
     /// the rule's window reaches its limit, freezes the UID; in one transaction.

@@ -63,3 +63,10 @@ public struct StatsAccumulator: Sendable {
         return rows
     }
 }
+
+/// The store side of the statistics; both quota stores implement it.
+public protocol StatisticsStore: Sendable {
+    /// Adds decisions and drops the hours before `keepFrom` (epoch hours). Never throws: rows
+    /// the store cannot take are logged and dropped, and never hold a decision up.
+    func addStats(_ rows: [StatsRow], keepFrom: Int64) async
+}

@@ -1,7 +1,10 @@
-// Freezing in the SQLite store, with an injected clock: refused, over-quota and held messages
-// counted per uid in a sliding window, the freeze persistent, --thaw.
+// Freezing in the quota stores, with an injected clock: refused, over-quota and held messages
+// counted per uid in a sliding window, the freeze persistent, --thaw. The contract cases run
+// against SQLite and PostgreSQL (which needs RESTRICTPD_TEST_POSTGRES, see
+// StoreContractTests.swift); a PostgreSQL freeze holds for every host of its scope.
 
 import Foundation
+import QuotaStorePostgres
 import RestrictPolicy
 import Testing
 
@@ -74,5 +77,122 @@ private let threePerHour = FreezeRule(limit: 3, period: .hour)
         #expect(try db.testingInteger("PRAGMA user_version") == Int64(QuotaDatabase.schemaVersion))
         #expect(try db.entries(uid: 33).map(\.address) == ["a@b.test"])
         #expect(try await db.strike(uid: 33, rule: FreezeRule(limit: 1, period: .day), now: t0).froze)
+    }
+}
+
+/// A store's freeze side under test: the daemon's `FreezeStore` and the admin's reads.
+protocol FreezeUnderTest: FreezeStore {
+    func frozenList(uid: UInt32?) async throws -> [FrozenState]
+    @discardableResult func thaw(uid: UInt32) async throws -> Bool
+}
+
+extension QuotaDatabase: FreezeUnderTest {}
+extension PostgresQuotaStore: FreezeUnderTest {}
+
+/// The cases both stores share.
+enum FreezeContract {
+    static func theThirdRefusalInTheHourFreezes(_ db: some FreezeUnderTest) async throws {
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0) == StrikeOutcome(count: 1, froze: false))
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 600) == StrikeOutcome(count: 2, froze: false))
+        #expect(try await db.frozen(uid: 33) == nil)
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1200) == StrikeOutcome(count: 3, froze: true))
+        #expect(try await db.frozen(uid: 33) == FrozenState(uid: 33, since: t0 + 1200, reason: "3 refusals per hour"))
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1300) == StrikeOutcome(count: 4, froze: false))
+        #expect(try await db.frozen(uid: 33)?.since == t0 + 1200)
+        #expect(try await db.frozen(uid: 34) == nil)
+        // A uid beyond Int32.
+        #expect(try await db.strike(uid: 4_000_000_000, rule: FreezeRule(limit: 1, period: .day), now: t0).froze)
+        #expect(try await db.frozenList(uid: nil).map(\.uid) == [33, 4_000_000_000])
+    }
+
+    static func refusalsOutsideTheWindowDoNotCount(_ db: some FreezeUnderTest) async throws {
+        _ = try await db.strike(uid: 33, rule: threePerHour, now: t0)
+        _ = try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1800)
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 3601) == StrikeOutcome(count: 2, froze: false))
+        #expect(try await db.frozen(uid: 33) == nil)
+        // The first was pruned: a day's window now counts the two left and this one.
+        #expect(try await db.strike(uid: 33, rule: FreezeRule(limit: 3, period: .day), now: t0 + 7200) == StrikeOutcome(count: 3, froze: true))
+    }
+
+    static func thawForgets(_ db: some FreezeUnderTest) async throws {
+        for i in 0..<3 { _ = try await db.strike(uid: 33, rule: threePerHour, now: t0 + Int64(i)) }
+        #expect(try await db.frozenList(uid: 33).map(\.uid) == [33])
+        #expect(try await db.thaw(uid: 33))
+        #expect(try await db.frozen(uid: 33) == nil)
+        #expect(try await db.thaw(uid: 33) == false)
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 10) == StrikeOutcome(count: 1, froze: false))
+    }
+
+    /// Strikes at once: exactly one of them freezes, and the count reaches the total.
+    static func concurrentStrikesFreezeOnce(_ stores: [any FreezeUnderTest]) async throws {
+        let rule = FreezeRule(limit: 20, period: .hour)
+        let outcomes = try await withThrowingTaskGroup(of: StrikeOutcome.self) { group in
+            for i in 0..<60 {
+                let db = stores[i % stores.count]
+                group.addTask { try await db.strike(uid: 33, rule: rule, now: t0) }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        #expect(outcomes.filter(\.froze).count == 1)
+        #expect(outcomes.first(where: \.froze)?.count == 20)
+        #expect(Set(outcomes.map(\.count)) == Set(1...60))
+    }
+}
+
+@Suite("freezing contract: SQLite") struct SQLiteFreezeContract {
+    private func store(_ dir: TempDir) throws -> QuotaDatabase { try QuotaDatabase(path: dir.file("quota.db")) }
+    @Test func thirdFreezes() async throws { let d = try TempDir(); try await FreezeContract.theThirdRefusalInTheHourFreezes(try store(d)) }
+    @Test func window() async throws { let d = try TempDir(); try await FreezeContract.refusalsOutsideTheWindowDoNotCount(try store(d)) }
+    @Test func thaw() async throws { let d = try TempDir(); try await FreezeContract.thawForgets(try store(d)) }
+    @Test func concurrent() async throws {
+        let d = try TempDir()
+        try await FreezeContract.concurrentStrikesFreezeOnce([try store(d), try store(d)])
+    }
+}
+
+@Suite("freezing contract: PostgreSQL", .enabled(if: TestPostgres.uri != nil, Comment(rawValue: TestPostgres.missing)))
+struct PostgresFreezeContract {
+    @Test func thirdFreezes() async throws {
+        let s = try await TestPostgres.store()
+        defer { s.shutdown() }
+        try await FreezeContract.theThirdRefusalInTheHourFreezes(s)
+    }
+    @Test func window() async throws {
+        let s = try await TestPostgres.store()
+        defer { s.shutdown() }
+        try await FreezeContract.refusalsOutsideTheWindowDoNotCount(s)
+    }
+    @Test func thaw() async throws {
+        let s = try await TestPostgres.store()
+        defer { s.shutdown() }
+        try await FreezeContract.thawForgets(s)
+    }
+    /// Two hosts of one scope: their strikes count together and freeze once.
+    @Test func concurrent() async throws {
+        let scope = "freeze-" + UUID().uuidString
+        let a = try await TestPostgres.store(scope: scope)
+        let b = try await TestPostgres.store(scope: scope)
+        defer { a.shutdown(); b.shutdown() }
+        try await FreezeContract.concurrentStrikesFreezeOnce([a, b])
+    }
+
+    /// A farm: a uid frozen by one host is frozen on every host of its scope, and a thaw on
+    /// any of them thaws it for all; another scope is not touched.
+    @Test func aFreezeHoldsForTheScopeOnly() async throws {
+        let scope = "farm-" + UUID().uuidString
+        let a = try await TestPostgres.store(scope: scope)
+        let b = try await TestPostgres.store(scope: scope)
+        let other = try await TestPostgres.store()
+        defer { a.shutdown(); b.shutdown(); other.shutdown() }
+        let once = FreezeRule(limit: 2, period: .hour)
+        #expect(try await a.strike(uid: 33, rule: once, now: t0) == StrikeOutcome(count: 1, froze: false))
+        #expect(try await b.strike(uid: 33, rule: once, now: t0 + 1) == StrikeOutcome(count: 2, froze: true))
+        #expect(try await a.frozen(uid: 33) == FrozenState(uid: 33, since: t0 + 1, reason: "2 refusals per hour"))
+        #expect(try await other.frozen(uid: 33) == nil)
+        #expect(try await other.strike(uid: 33, rule: once, now: t0 + 2) == StrikeOutcome(count: 1, froze: false))
+        #expect(try await other.frozenList(uid: nil).isEmpty)
+        #expect(try await a.thaw(uid: 33))
+        #expect(try await b.frozen(uid: 33) == nil)
+        #expect(try await b.frozenList(uid: nil).isEmpty)
     }
 }

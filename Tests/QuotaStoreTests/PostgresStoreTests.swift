@@ -4,10 +4,12 @@
 
 import Foundation
 import Logging
+import PostgresNIO
 import QuotaStore
-import QuotaStorePostgres
 import RestrictPolicy
 import Testing
+
+@testable import QuotaStorePostgres
 
 private let t0: Int64 = 1_700_000_000
 private let day = Quota(limit: 10, period: .day)
@@ -61,6 +63,89 @@ struct PostgresStoreTests {
         #expect(try await a.entries(uid: 33).isEmpty)
         #expect(try await a.entries(uid: 34).count == 1)
         #expect(try await other.entries(uid: 33).count == 2)
+    }
+
+    /// The volume caps and a shared budget hold across hosts as the arbitrary quota does.
+    @Test func twoHostsSameScopeShareTheCapsAndSharedBudgets() async throws {
+        let scope = "caps-" + UUID().uuidString
+        let a = try await TestPostgres.store(scope: scope)
+        let b = try await TestPostgres.store(scope: scope)
+        defer { a.shutdown(); b.shutdown() }
+        let caps = VolumeCaps(messages: VolumeCap(kind: .messages, limit: 10, period: .hour))
+        let group: Int64 = (1 << 32) + 1000
+        let outcomes = try await withThrowingTaskGroup(of: QuotaOutcome.self) { tasks in
+            for i in 0..<100 {
+                let store = i % 2 == 0 ? a : b
+                // Four members of one group, one budget.
+                let uid = UInt32(33 + i % 4)
+                tasks.addTask { try await store.admit(QuotaRequest(uid: uid, addresses: [], quota: nil, now: t0, caps: caps, recipients: 1, budget: group)) }
+            }
+            return try await tasks.reduce(into: []) { $0.append($1) }
+        }
+        #expect(outcomes.filter(\.admitted).count == 10)
+        let states = try await b.capStates([CapStatesAsk(uid: 40, budget: group, caps: caps), CapStatesAsk(uid: 33, budget: nil, caps: caps)], now: t0)
+        #expect(states.map { $0.map(\.used) } == [[10], [0]])
+        // --test's peek sees the farm's count.
+        #expect(try await !a.peek(QuotaRequest(uid: 34, addresses: [], quota: nil, now: t0, caps: caps, recipients: 1, budget: group)).admitted)
+    }
+
+    /// A database at schema version 1 (what the previous release created) is migrated by
+    /// --init-store keeping its rows, and decides with caps afterwards; a store refuses to
+    /// decide before. In a PostgreSQL schema (namespace) of its own.
+    @Test func versionOneSchemaIsMigratedKeepingItsRows() async throws {
+        let store = try await TestPostgres.store(scope: "s")
+        defer { store.shutdown() }
+        let namespace = "migration_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+        let location = store.location
+        try await store.withOwnConnection("testing") { c in
+            let logger = Logger(label: "test")
+            try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA \(namespace)"), logger: logger)
+            do {
+                try await c.query(PostgresQuery(unsafeSQL: "SET search_path TO \(namespace)"), logger: logger)
+                try await c.query(PostgresQuery(unsafeSQL: PostgresSchema.versionTable), logger: logger)
+                for statement in PostgresSchema.migrations[0] { try await c.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
+                try await c.query("INSERT INTO restrictpd_schema (singleton, version) VALUES (true, 1)", logger: logger)
+                try await c.query(
+                    "INSERT INTO restrictpd_quota VALUES ('s', 33, 'a@x.org', \(t0), \(t0))", logger: logger)
+                await #expect(throws: PostgresStoreError.self) { try await PostgresSchema.check(on: c, location: location, logger: logger) }
+                let (from, to) = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
+                #expect(from == 1 && to == PostgresSchema.currentVersion && to >= 2)
+                try await PostgresSchema.check(on: c, location: location, logger: logger)
+                #expect(try await PostgresQuotaSQL.entries(scope: "s", uid: 33, on: c, logger: logger).map(\.address) == ["a@x.org"])
+                let caps = VolumeCaps(messages: VolumeCap(kind: .messages, limit: 1, period: .hour))
+                let request = QuotaRequest(uid: 33, addresses: ["a@x.org"], quota: Quota(limit: 1, period: nil), now: t0, caps: caps, recipients: 1)
+                #expect(try await PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+                #expect(try await !PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+                // Migrated once: again is a no-op; a newer version is refused.
+                let again = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
+                #expect(again.from == again.to)
+                try await c.query("UPDATE restrictpd_schema SET version = \(Int32(PostgresSchema.currentVersion + 1))", logger: logger)
+                await #expect(throws: PostgresStoreError.self) { try await PostgresSchema.initialize(on: c, location: location, logger: logger) }
+            } catch {
+                _ = try? await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+                throw error
+            }
+            try await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+        }
+    }
+
+    /// Statistics are the scope's: the hosts of a farm add to the same rows, --stats on any
+    /// of them reads them all, another scope has its own; a host prunes only its scope's hours.
+    @Test func statisticsAreKeptPerScope() async throws {
+        let scope = "stats-" + UUID().uuidString
+        let a = try await TestPostgres.store(scope: scope)
+        let b = try await TestPostgres.store(scope: scope)
+        let other = try await TestPostgres.store()
+        defer { a.shutdown(); b.shutdown(); other.shutdown() }
+        let hour = t0 / 3600
+        await a.addStats([StatsRow(uid: 33, hour: hour - 100, relayed: 9), StatsRow(uid: 33, hour: hour, relayed: 1, strangers: 1)], keepFrom: 0)
+        await other.addStats([StatsRow(uid: 33, hour: hour - 100, relayed: 4)], keepFrom: 0)
+        await b.addStats([StatsRow(uid: 33, hour: hour, refused: 2, strangers: 1)], keepFrom: hour - 10)
+        #expect(try await a.stats(uid: nil, since: 0) == [StatsRow(uid: 33, hour: hour, relayed: 1, refused: 2, strangers: 2)])
+        #expect(try await other.stats(uid: 33, since: 0) == [StatsRow(uid: 33, hour: hour - 100, relayed: 4)])
+        // An empty flush writes nothing and prunes nothing.
+        await other.addStats([], keepFrom: hour)
+        #expect(try await other.stats(uid: nil, since: 0).count == 1)
     }
 
     @Test func initStoreIsIdempotent() async throws {

@@ -37,6 +37,26 @@ import Testing
         #expect(errors("state postgresql://%ZZ@db/q") == ["t.conf:1: state: bad or empty user name"])
     }
 
+    /// The PostgreSQL store keeps what the SQLite one does: caps, shared budgets, freezing.
+    @Test func postgresTakesCapsSharedBudgetsAndFreezing() throws {
+        let c = try config("""
+            state postgresql://restrictpd@db.example.org/quota
+            scope web-farm
+            freeze after 3 refusals per hour
+            uid 3000-3999
+                allow @localhost
+                arbitrary 5 per day
+                messages 50 per hour
+                recipients 200 per day
+                max_recipients 20
+                freeze after 10 refusals per day
+                shared
+            """)
+        #expect(c.statePostgres != nil && c.freeze == FreezeRule(limit: 3, period: .hour))
+        let rule = try #require(c.rules.first { $0.selector == .uidRange(from: 3000, to: 3999) })
+        #expect(rule.shared && rule.caps.maxRecipients == 20 && rule.caps.counted.count == 2)
+    }
+
     @Test func scopeAndPasswordFileAndLimits() throws {
         #expect(errors("scope web farm") == ["t.conf:1: scope takes one value"])
         #expect(errors("scope a/b") == ["t.conf:1: scope takes up to 255 letters, digits and - . _ :"])

@@ -1,7 +1,9 @@
 """The quota store on PostgreSQL, with real restrictpd processes and a private cluster.
 
 A farm: two daemons with the same `scope` on one database never admit more than N together;
-with different scopes each has N. Faults: the database stopped mid-run defers with 451 4.3.0
+with different scopes each has N. A `messages` cap holds across the farm, the refusals it
+causes freeze the UID on every daemon of the scope, and --quota, --stats and --thaw see and
+act on the scope's state. Faults: the database stopped mid-run defers with 451 4.3.0
 and relays nothing, and mail flows again once it is back, without restarting restrictpd; a
 wrong password, a missing schema and a newer schema are reported plainly by --check-config
 and at start.
@@ -118,7 +120,7 @@ def test_admin_commands_against_postgres(lab, pg):
     assert admin(config, "--init-store").returncode == 0
     ok = admin(config, "--check-config")
     assert ok.returncode == 0, ok.stderr
-    assert "quota store postgresql://restrictpd@127.0.0.1" in ok.stdout and "schema version 1" in ok.stdout
+    assert "quota store postgresql://restrictpd@127.0.0.1" in ok.stdout and re.search(r"schema version [1-9]", ok.stdout), ok.stdout
     assert pgcluster.PASSWORD not in ok.stdout + ok.stderr
     d = lab.daemon(config)
     d.wait_listening(port)
@@ -129,6 +131,51 @@ def test_admin_commands_against_postgres(lab, pg):
     reset = admin(config, "--reset-quota", "33")
     assert reset.returncode == 0 and "2 counted destinations forgotten" in reset.stdout, reset.stdout + reset.stderr
     assert admin(config, "--test", "33", "c@x.org").returncode == 0
+
+
+CAPPED = "default\n    allow @ok.org\n    messages 2 per hour\n"
+
+
+def test_messages_cap_and_freeze_hold_across_the_farm(lab, pg):
+    scope = "capfarm"
+    extra = "freeze after 3 refusals per hour\nfrozen defer\nstate_timeout 10\n"
+    config_a, port_a = pg_config(lab, pg, "capa.conf", scope, rules=CAPPED, extra=extra)
+    config_b, port_b = pg_config(lab, pg, "capb.conf", scope, rules=CAPPED, extra=extra)
+    assert admin(config_a, "--init-store").returncode == 0
+    a, b = lab.daemon(config_a), lab.daemon(config_b)
+    a.wait_listening(port_a)
+    b.wait_listening(port_b)
+    # The cap is the farm's: one message on each daemon, then both defer.
+    assert dl.send_message(port_a, ["one@ok.org"], uid=33)[0] == 250
+    assert dl.send_message(port_b, ["two@ok.org"], uid=33)[0] == 250
+    for n, port in enumerate([port_a, port_b, port_a]):
+        code, lines = dl.send_message(port, [f"more{n}@ok.org"], uid=33)
+        assert code == 451 and "4.7.1" in lines[0], lines
+    assert len(lab.relay.messages) == 2
+    assert a.log().count("over the messages cap") + b.log().count("over the messages cap") == 3
+    test = admin(config_b, "--test", "33", "x@ok.org")
+    assert test.returncode == 2 and 'messages="0/2 per hour"' in test.stdout, test.stdout + test.stderr
+    # The third refusal, counted on either daemon, froze uid 33 for both.
+    dl.wait_until(lambda: "frozen: 3 refused" in a.log() + b.log(), timeout=10, what="the freeze logged")
+    dl.wait_until(lambda: "FROZEN since" in admin(config_b, "--quota", "33").stdout, timeout=10, interval=0.5, what="--quota listing the freeze")
+    for port, d in [(port_b, b), (port_a, a)]:
+        code, lines = dl.send_message(port, ["frozen@ok.org"], uid=33)
+        assert code == 451, lines
+        d.wait_log(r"uid frozen since", timeout=5)
+    # --stats on either host shows the farm's decisions and the cap's state.
+    def stats_seen() -> bool:
+        out = admin(config_a, "--stats", "33").stdout
+        return "relayed 2," in out and 'messages="0/2 per hour"' in out
+    dl.wait_until(stats_seen, timeout=20, interval=1.0, what="--stats with both daemons' decisions")
+    thawed = admin(config_a, "--thaw", "33")
+    assert thawed.returncode == 0 and "thawed (scope capfarm)" in thawed.stdout, thawed.stdout + thawed.stderr
+    assert "FROZEN" not in admin(config_b, "--quota", "33").stdout
+    # Thawed on both: the cap, not the freeze, defers the next message.
+    before = b.log().count("over the messages cap")
+    code, _ = dl.send_message(port_b, ["after@ok.org"], uid=33)
+    assert code == 451
+    dl.wait_until(lambda: b.log().count("over the messages cap") == before + 1, timeout=5, what="a cap refusal after the thaw")
+    assert len(lab.relay.messages) == 2
 
 
 def expect_store_error(lab, pg, name: str, pattern: str, **kw):

@@ -158,12 +158,13 @@ public enum Admin {
         guard let only = self.onlyUID(user, into: &out) else { return out }
         guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
         let entries: [QuotaEntry]
-        // Frozen users are kept by the SQLite store only.
         var frozen: [FrozenState] = []
         if let postgres {
             let uid = only
-            guard let e = self.value(self.blocking({ try await postgres.entries(uid: uid) }), into: &out) else { return out }
+            let read = self.blocking { (try await postgres.entries(uid: uid), try await postgres.frozenList(uid: uid)) }
+            guard let (e, f) = self.value(read, into: &out) else { return out }
             entries = e
+            frozen = f
         } else if !SystemFiles.exists(configuration.statePath) {
             out.stdout.append("no quota database at \(configuration.statePath) yet: nothing counted")
             return out

@@ -16,6 +16,12 @@ extension Admin {
             out.status = 1
             return out
         }
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
+        if let postgres {
+            guard let was = self.value(self.blocking({ try await postgres.thaw(uid: uid) }), into: &out) else { return out }
+            self.thawed(s, uid: uid, user: user, was: was, scope: postgres.settings.scope, into: &out)
+            return out
+        }
         guard SystemFiles.exists(configuration.statePath) else {
             out.stdout.append("\(s.phrase): not frozen (no quota database at \(configuration.statePath) yet)")
             return out
@@ -24,20 +30,27 @@ extension Admin {
         do {
             let db = try QuotaDatabase(path: configuration.statePath)
             defer { db.close() }
-            guard try db.thaw(uid: uid) else {
-                out.stdout.append("\(s.phrase): not frozen")
-                return out
-            }
-            out.stdout.append("\(s.phrase): thawed; its mail flows again")
-            let logger = Logger(label: "restrictpd") { RestrictLogHandler(label: $0, target: LogTarget.auto.resolved(), level: .info) }
-            logger.notice(
-                "\(s.phrase) thawed by restrictpd --thaw",
-                metadata: [LogKey.event: "thaw", LogKey.uid: .string(String(uid)), LogKey.user: .string(LogText.escape(user, limit: 64))])
+            self.thawed(s, uid: uid, user: user, was: try db.thaw(uid: uid), scope: nil, into: &out)
         } catch {
             out.stderr.append("restrictpd: \(error)")
             out.status = 1
         }
         return out
+    }
+
+    /// --thaw's answer and its notice (`scope`: the PostgreSQL store's, where the thaw holds
+    /// for every host of the scope).
+    private static func thawed(_ s: Sender, uid: UInt32, user: String, was: Bool, scope: String?, into out: inout AdminOutput) {
+        let farm = scope.map { " (scope \($0))" } ?? ""
+        guard was else {
+            out.stdout.append("\(s.phrase): not frozen\(farm)")
+            return
+        }
+        out.stdout.append("\(s.phrase): thawed\(farm); its mail flows again")
+        let logger = Logger(label: "restrictpd") { RestrictLogHandler(label: $0, target: LogTarget.auto.resolved(), level: .info) }
+        logger.notice(
+            "\(s.phrase) thawed by restrictpd --thaw",
+            metadata: [LogKey.event: "thaw", LogKey.uid: .string(String(uid)), LogKey.user: .string(LogText.escape(user, limit: 64))])
     }
 
     /// --quota's lines for frozen UIDs.

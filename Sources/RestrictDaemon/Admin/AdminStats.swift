@@ -1,9 +1,11 @@
 // restrictpd --stats [USER] [--since 24h] [--json]: per uid, the messages relayed, refused
 // and deferred and the distinct strangers, in total and per hour, from the store's hourly
-// statistics; and what is used of each volume cap now. Read-only.
+// statistics (SQLite, or PostgreSQL for this host's scope); and what is used of each volume
+// cap now. Read-only.
 
 import Glibc
 import QuotaStore
+import QuotaStorePostgres
 import RestrictPolicy
 import SMTPCore
 
@@ -38,12 +40,26 @@ extension Admin {
         guard let only = self.onlyUID(user, into: &out) else { return out }
         let firstHour = (now - since) / 3600
         var users: [UserStats] = []
-        if SystemFiles.exists(configuration.statePath) {
+        guard case .success(let postgres) = self.postgresStore(configuration, into: &out) else { return out }
+        if let postgres {
+            let read = self.blocking { () -> [UserStats] in
+                let rows = try await postgres.stats(uid: only, since: firstHour)
+                let plan = self.statsPlan(rows, configuration: configuration)
+                let states = try await postgres.capStates(plan.compactMap(\.caps), now: now)
+                var next = states.makeIterator()
+                return plan.map { p in UserStats(uid: p.uid, name: p.name, hours: p.hours, caps: p.caps == nil ? [] : next.next() ?? []) }
+            }
+            guard let read = self.value(read, into: &out) else { return out }
+            users = read
+        } else if SystemFiles.exists(configuration.statePath) {
             guard becomeOwner(of: configuration.statePath, into: &out) else { return out }
             do {
                 let db = try QuotaDatabase(path: configuration.statePath, mode: .readOnly)
                 defer { db.close() }
-                users = try self.userStats(db, configuration: configuration, only: only, firstHour: firstHour, now: now)
+                users = try self.statsPlan(db.stats(uid: only, since: firstHour), configuration: configuration).map { p in
+                    let caps = try p.caps.map { try db.capStates(uid: $0.uid, budget: $0.budget, caps: $0.caps, now: now) } ?? []
+                    return UserStats(uid: p.uid, name: p.name, hours: p.hours, caps: caps)
+                }
             } catch {
                 out.stderr.append("restrictpd: \(error)")
                 out.status = 1
@@ -54,21 +70,17 @@ extension Admin {
         return out
     }
 
-    static func userStats(_ db: QuotaDatabase, configuration: Configuration, only: UInt32?, firstHour: Int64, now: Int64) throws -> [UserStats] {
-        let rows = try db.stats(uid: only, since: firstHour)
+    /// The uids of `rows` in order, each with its name, its hours, and its rule's counted caps
+    /// to read from the store (nil when the rule counts none).
+    static func statsPlan(_ rows: [StatsRow], configuration: Configuration) -> [(uid: UInt32, name: String?, hours: [StatsRow], caps: CapStatesAsk?)] {
         let policy = Policy(configuration)
-        var result: [UserStats] = []
-        for (uid, hours) in Dictionary(grouping: rows, by: \.uid).sorted(by: { $0.key < $1.key }) {
+        return Dictionary(grouping: rows, by: \.uid).sorted(by: { $0.key < $1.key }).map { uid, hours in
             let name = Users.lookup(uid: uid)?.name
             let groups = policy.needsGroups ? Users.groups(uid: uid) ?? [] : []
             let rule = policy.rule(for: .user(uid: uid, name: name), groups: groups)
-            var caps: [VolumeCapState] = []
-            if let rule, !rule.caps.counted.isEmpty {
-                caps = try db.capStates(uid: uid, budget: rule.budget, caps: rule.caps, now: now)
-            }
-            result.append(UserStats(uid: uid, name: name, hours: hours, caps: caps))
+            let caps = rule.flatMap { $0.caps.counted.isEmpty ? nil : CapStatesAsk(uid: uid, budget: $0.budget, caps: $0.caps) }
+            return (uid, name, hours, caps)
         }
-        return result
     }
 
     static func statsText(_ users: [UserStats], since: Int64) -> [String] {

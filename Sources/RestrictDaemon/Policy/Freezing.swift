@@ -87,5 +87,5 @@ extension Runtime {
 
 /// The rules freeze, but the quota store in use does not keep freezes.
 struct FreezeUnavailable: Error, CustomStringConvertible {
-    var description: String { "the quota store in use does not keep freezes (restart with a SQLite state)" }
+    var description: String { "the quota store in use does not keep freezes" }
 }
