@@ -12,6 +12,8 @@ Measures, side by side and in one run:
              and removed by this script, fsync on and synchronous_commit off, as durable as the
              SQLite store's WAL with synchronous=NORMAL; default state_pool and state_timeout; a
              scope of its own per run, so every run starts with nothing counted)
+  haproxy:   smtp-source -> HAProxy (Debian's, TCP mode, 2 threads, a new sink connection per
+             client connection: a byte-copying proxy, the anchor) -> smtp-sink
 for 20 sessions x 10 KB and 1 session x 1 KB, one TCP connection per message (smtp-source's
 default), medians of 3; and restrictpd's peak RSS (VmHWM) while relaying one 1 GiB message and
 while holding 200 concurrent sessions mid-DATA.
@@ -44,7 +46,7 @@ Environment overrides:
   BENCH_CONCURRENT       concurrent sessions of the memory test (200)
   BENCH_SKIP_THROUGHPUT=1, BENCH_SKIP_MEMORY=1
   BENCH_QUOTA_CAPS=0     the quota rule without the volume caps (for comparison)
-  BENCH_MODES            comma list of modes to run (direct,allow-all,quota,quota-pg)
+  BENCH_MODES            comma list of modes to run (direct,haproxy,allow-all,quota,quota-pg)
   BENCH_STATE_POOL       state_pool of the quota-pg mode (4, restrictpd's default)
   BENCH_OUT              where to write the table (bench/results/latest.md; a dated copy too)
   BENCH_SKIP_POLICY=1, BENCH_SKIP_SMTPD=1, BENCH_POLICY_SECONDS, BENCH_POLICY_RATE,
@@ -69,7 +71,14 @@ UID_COUNT = 1000
 QUOTA = 50
 # The quota rule's volume caps: counted for every message, never reached.
 QUOTA_CAPS = os.environ.get("BENCH_QUOTA_CAPS", "1") != "0"
-TARGETS = {"multi": 0.6, "single": 0.5}
+# Targets against direct delivery with the same client shape: one smtp-source process per
+# session ("lanes"), one smtp-source process for all sessions ("1proc"), and one session.
+TARGETS = {("multi", "lanes"): 0.75, ("multi", "1proc"): 0.60, ("single", "lanes"): 0.70}
+# Targets against HAProxy with the same client shape: allow-all at least as fast, with the
+# quota store at least 0.9 of it.
+HAPROXY_TARGETS = {"allow-all": 1.0, "allow-all-1proc": 1.0, "quota": 0.9}
+# restrictpd's CPU per message at 20 sessions (allow-all), in µs.
+CPU_TARGET_US = 180
 MEM_TARGET_BIG_MIB = 48
 MEM_TARGET_CONCURRENT_MIB = 96
 
@@ -86,7 +95,7 @@ SESSIONS_MULTI = env_int("BENCH_SESSIONS_MULTI", 20)
 MSGS_SINGLE = env_int("BENCH_MSGS_SINGLE", 500 if QUICK else 5000)
 BIG_MIB = env_int("BENCH_BIG_MIB", 64 if QUICK else 1024)
 CONCURRENT = env_int("BENCH_CONCURRENT", 200)
-MODES = [m for m in os.environ.get("BENCH_MODES", "direct,allow-all,quota,quota-pg").split(",") if m]
+MODES = [m for m in os.environ.get("BENCH_MODES", "direct,haproxy,allow-all,quota,quota-pg").split(",") if m]
 # The PostgreSQL row against the SQLite row, at 20 sessions.
 PG_TARGET = 0.8
 
@@ -189,14 +198,15 @@ def config_allow_all(listen_port, sink_port, state, extra=""):
     return base_config(listen_port, sink_port, state, extra) + "\ndefault\n    allow *\n"
 
 
-def config_quota(listen_port, sink_port, state, extra=""):
+def config_quota(listen_port, sink_port, state, extra="", caps=None):
+    caps = QUOTA_CAPS if caps is None else caps
     parts = [base_config(listen_port, sink_port, state, extra), "\n"]
     for uid in range(UID_BASE, UID_BASE + UID_COUNT):
         parts.append(
             f"user {uid}\n"
             f"    allow webmaster@example.org @lists.example.org u{uid}@example.net\n"
             f"    arbitrary {QUOTA} per day\n"
-            + ("    messages 10000000 per day\n    recipients 10000000 per day\n" if QUOTA_CAPS else "")
+            + ("    messages 10000000 per day\n    recipients 10000000 per day\n" if caps else "")
         )
     return "".join(parts)
 
@@ -357,6 +367,60 @@ class Sink:
     def stop(self):
         self.proc.terminate()
         self.proc.wait()
+
+
+class HAProxy:
+    """The anchor: Debian's haproxy in TCP mode with 2 threads, copying bytes between the
+    client and the sink without understanding SMTP, one new sink connection per client
+    connection. It stands for what a well-built loopback proxy costs on this machine."""
+
+    def __init__(self, workdir, port, sink_port):
+        self.port = port
+        self.config = os.path.join(workdir, f"haproxy-{port}.cfg")
+        with open(self.config, "w") as f:
+            f.write(
+                "global\n"
+                "    nbthread 2\n"
+                "    maxconn 4096\n"
+                "defaults\n"
+                "    mode tcp\n"
+                "    timeout connect 5s\n"
+                "    timeout client 120s\n"
+                "    timeout server 120s\n"
+                "listen smtp\n"
+                f"    bind 127.0.0.1:{port}\n"
+                f"    server sink 127.0.0.1:{sink_port}\n")
+        # -db: foreground, no daemon; the process measured is this one.
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", self.config],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, proc=self.proc)
+
+    def cpu_seconds(self):
+        return proc_cpu(self.proc.pid)
+
+    def kernel_seconds(self):
+        return proc_cpu(self.proc.pid, kernel_only=True)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_haproxy(workdir, sink_port, load):
+    """A fresh HAProxy in front of the sink, under `load(port)`: its CPU and kernel seconds."""
+    port = free_port()
+    proxy = HAProxy(workdir, port, sink_port)
+    try:
+        cpu0, sys0 = proxy.cpu_seconds(), proxy.kernel_seconds()
+        result = load(port)
+        cpu, kernel = proxy.cpu_seconds() - cpu0, proxy.kernel_seconds() - sys0
+    finally:
+        proxy.stop()
+    return result, cpu, kernel
 
 
 # ---------------------------------------------------------------- load
@@ -551,11 +615,12 @@ def measure_throughput(binary, workdir, sink, files, scenario, total, sessions):
     results = {m: [] for m in MODES}
     results["direct-1proc"] = []
     everything = ["direct-1proc"] + MODES
-    if sessions > 1 and "allow-all" in MODES:
-        # Like for like with the reference row: the same single smtp-source process (one uid),
-        # through restrictpd.
-        results["allow-all-1proc"] = []
-        everything.append("allow-all-1proc")
+    for proxy in ("allow-all", "haproxy"):
+        if sessions > 1 and proxy in MODES:
+            # Like for like with the reference row: the same single smtp-source process (one
+            # uid), through the proxy.
+            results[f"{proxy}-1proc"] = []
+            everything.append(f"{proxy}-1proc")
     for rep in range(REPS):
         # The order rotates with each repetition, so that no mode always runs first or last
         # (on a shared machine the load drifts, and each run leaves TIME_WAIT sockets behind).
@@ -572,6 +637,19 @@ def measure_throughput(binary, workdir, sink, files, scenario, total, sessions):
                 note = f"{len(fails)} smtp-source runs failed: {fails[0]}" if fails else ""
                 results[mode].append((total / el, None, None, note, lc / total * 1e6))
                 log(f"{scenario} rep {rep + 1}: direct {total / el:.0f} msg/s {note}")
+                continue
+            if mode in ("haproxy", "haproxy-1proc"):
+                one = mode == "haproxy-1proc"
+
+                def load(port, one=one):
+                    if one:
+                        return with_cpu(sink, run_single_process, port, files[lane_uids(1)[0]], total, sessions)
+                    return with_cpu(sink, run_lanes, port, files, total, sessions)
+                (el, fails, lc), cpu, kernel = run_haproxy(workdir, sink_port, load)
+                note = f"{len(fails)} smtp-source runs failed: {fails[0]}" if fails else ""
+                results[mode].append((total / el, None, cpu / total * 1e6, note, lc / total * 1e6,
+                                      kernel / cpu if cpu > 0 else 0.0))
+                log(f"{scenario} rep {rep + 1}: {mode} {total / el:.0f} msg/s, CPU {cpu / total * 1e6:.0f} µs/msg {note}")
                 continue
             make = {"quota": config_quota, "quota-pg": config_quota_pg_maker(binary, workdir)}.get(mode, config_allow_all)
             if mode == "allow-all-1proc":
@@ -641,36 +719,42 @@ def report(args, m, load_before, load_after, thr, mem, door=None):
                f"one TCP connection per message, one smtp-source process per session, each with its own uid")
     out.append("")
     if thr:
-        out.append("| scenario | path | msg/s (median) | runs (msg/s) | ratio to direct (same client shape) | ratio to best direct | target | met | "
-                   "restrictpd VmHWM MiB | restrictpd CPU µs/msg (kernel share) | smtp-source+sink CPU µs/msg |")
-        out.append("|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|")
+        out.append("| scenario | path | msg/s (median) | runs (msg/s) | ratio to direct (same client shape) | target | met | "
+                   "ratio to HAProxy (same client shape) | target | met | restrictpd VmHWM MiB | "
+                   "proxy CPU µs/msg (kernel share) | smtp-source+sink CPU µs/msg |")
+        out.append("|---|---|---:|---|---:|---:|---|---:|---:|---|---:|---:|---:|")
         labels = {
             "direct-1proc": "direct, one smtp-source process (reference)",
             "direct": "direct: smtp-source -> smtp-sink",
+            "haproxy": "HAProxy, TCP mode (anchor)",
+            "haproxy-1proc": "HAProxy, TCP mode, one smtp-source process",
             "allow-all": "restrictpd, allow-all rule",
             "allow-all-1proc": "restrictpd, allow-all rule, one smtp-source process (like the reference)",
             "quota": "restrictpd, 1000 users, quota (SQLite)",
             "quota-pg": "restrictpd, 1000 users, quota (PostgreSQL, local cluster)",
         }
+        proxied = ("allow-all", "quota", "quota-pg", "allow-all-1proc", "haproxy", "haproxy-1proc")
         for key, (title, total, sessions) in thr["scenarios"].items():
             res = thr["results"][key]
-            direct = statistics.median(r[0] for r in res["direct"]) if res.get("direct") else None
-            direct1 = statistics.median(r[0] for r in res["direct-1proc"]) if res.get("direct-1proc") else None
-            best = max([d for d in (direct, direct1) if d], default=None)
-            proxied = ("allow-all", "quota", "quota-pg", "allow-all-1proc")
-            for mode in ["direct-1proc"] + MODES + ["allow-all-1proc"]:
+
+            def median(mode):
+                return statistics.median(r[0] for r in res[mode]) if res.get(mode) else None
+            for mode in ["direct-1proc"] + MODES + ["allow-all-1proc", "haproxy-1proc"]:
                 runs = res.get(mode) or []
                 if not runs:
                     continue
                 med = statistics.median(r[0] for r in runs)
-                # Each restrictpd row against the direct row with the same smtp-source processes.
-                same = direct1 if mode == "allow-all-1proc" else direct
+                # Each proxy row against the direct row and the HAProxy row with the same
+                # smtp-source processes.
+                one = mode.endswith("-1proc")
+                same = median("direct-1proc" if one else "direct")
+                anchor = median("haproxy-1proc" if one else "haproxy")
                 ratio = med / same if same and mode in proxied else None
-                ratio_best = med / best if best and mode in proxied else None
-                target = TARGETS[key] if mode in proxied else None
-                # Judged like for like: against the direct run with the same smtp-source processes
-                # (each restrictpd row has one). "ratio to best direct" is shown beside it.
+                target = TARGETS.get((key, "1proc" if one else "lanes")) if mode in proxied else None
                 met = "-" if target is None or ratio is None else ("yes" if ratio >= target else "NO")
+                hratio = med / anchor if anchor and mode in HAPROXY_TARGETS else None
+                htarget = HAPROXY_TARGETS.get(mode)
+                hmet = "-" if hratio is None else ("yes" if hratio >= htarget else "NO")
                 hwm = max((r[1] for r in runs if r[1] is not None), default=None)
                 cpu = statistics.median([r[2] for r in runs if r[2] is not None]) if mode in proxied else None
                 lcpu = statistics.median(r[4] for r in runs)
@@ -678,7 +762,13 @@ def report(args, m, load_before, load_after, thr, mem, door=None):
                 cpu_text = "-" if cpu is None else f"{cpu:.0f} ({ksh * 100:.0f}%)"
                 out.append(
                     f"| {title} | {labels[mode]} | {med:.0f} | {', '.join(f'{r[0]:.0f}' for r in runs)} | "
-                    f"{fmt(ratio, '{:.2f}')} | {fmt(ratio_best, '{:.2f}')} | {fmt(target, '{:.1f}')} | {met} | {fmt(hwm, '{:.1f}')} | {cpu_text} | {fmt(lcpu)} |")
+                    f"{fmt(ratio, '{:.2f}')} | {fmt(target, '{:.2f}')} | {met} | {fmt(hratio, '{:.2f}')} | "
+                    f"{fmt(htarget, '{:.1f}')} | {hmet} | {fmt(hwm, '{:.1f}')} | {cpu_text} | {fmt(lcpu)} |")
+            if sessions > 1 and res.get("allow-all"):
+                cpu = statistics.median(r[2] for r in res["allow-all"])
+                met = "yes" if cpu < CPU_TARGET_US else "NO"
+                out.append(f"\nrestrictpd CPU per message, allow-all ({title}): {cpu:.0f} µs "
+                           f"(target under {CPU_TARGET_US}: {met})")
             if res.get("quota") and res.get("quota-pg"):
                 pg = statistics.median(r[0] for r in res["quota-pg"]) / statistics.median(r[0] for r in res["quota"])
                 met = "yes" if pg >= PG_TARGET else "NO"
