@@ -13,23 +13,9 @@ import Testing
 private let t0: Int64 = 1_700_000_000
 private let threePerHour = FreezeRule(limit: 3, period: .hour)
 
+/// What only the SQLite store shows; the cases both stores share are in `FreezeContract`.
 @Suite struct FreezeTests {
-    @Test func theThirdRefusalInTheHourFreezes() async throws {
-        let dir = try TempDir()
-        let db = try QuotaDatabase(path: dir.file("quota.db"))
-        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0) == StrikeOutcome(count: 1, froze: false))
-        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 600) == StrikeOutcome(count: 2, froze: false))
-        #expect(try await db.frozen(uid: 33) == nil)
-        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1200) == StrikeOutcome(count: 3, froze: true))
-        #expect(try await db.frozen(uid: 33) == FrozenState(uid: 33, since: t0 + 1200, reason: "3 refusals per hour"))
-        // Frozen once: later strikes count but do not freeze again (the since stays).
-        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1300) == StrikeOutcome(count: 4, froze: false))
-        #expect(try await db.frozen(uid: 33)?.since == t0 + 1200)
-        // Other uids are not touched.
-        #expect(try await db.frozen(uid: 34) == nil)
-    }
-
-    @Test func refusalsOutsideTheWindowDoNotCount() async throws {
+    @Test func refusalsOutsideTheWindowArePruned() async throws {
         let dir = try TempDir()
         let db = try QuotaDatabase(path: dir.file("quota.db"))
         _ = try await db.strike(uid: 33, rule: threePerHour, now: t0)
