@@ -62,9 +62,13 @@ enum PostgresFreezeSQL {
     }
 
     /// Thaws `uid` and forgets its counted refusals, in one transaction; true when it was frozen.
+    /// Under the strikes' lock: a strike counting at that moment finishes first, so it cannot
+    /// freeze the uid again right after the thaw with the refusals the thaw forgets.
     static func thaw(uid: UInt32, scope: String, on connection: PostgresConnection, logger: Logger) async throws -> Bool {
         try await PostgresQuotaSQL.transaction(on: connection, logger: logger) {
             let id = Int64(uid)
+            try await connection.query(
+                "SELECT pg_advisory_xact_lock(hashtext(\(scope) || ' freeze'), \(PostgresQuotaSQL.lockKey(id)))", logger: logger)
             let rows = try await connection.query(
                 "DELETE FROM restrictpd_frozen WHERE scope = \(scope) AND uid = \(id) RETURNING 1", logger: logger)
             var was = false

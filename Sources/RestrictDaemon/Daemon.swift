@@ -376,6 +376,9 @@ public enum Daemon {
         var sinceStatus: UInt64 = 0
         var sinceMetrics: UInt64 = 0
         var lastStatus = ""
+        // A flush still running (a PostgreSQL store waits up to state_timeout when the database
+        // is down): the next one waits its turn, and the watchdog and STATUS= never wait.
+        let flushing = Mutex(false)
         while !Task.isCancelled {
             if watchdog != nil { Systemd.notify("WATCHDOG=1") }
             if let policy, sinceStatus >= statusEvery || lastStatus.isEmpty {
@@ -383,7 +386,17 @@ public enum Daemon {
             }
             if sinceStatus >= statusEvery || lastStatus.isEmpty {
                 // Statistics reach the store every few seconds, not once per message.
-                await runtime.flushStats()
+                let start = flushing.withLock { busy -> Bool in
+                    guard !busy else { return false }
+                    busy = true
+                    return true
+                }
+                if start {
+                    Task {
+                        await runtime.flushStats()
+                        flushing.withLock { $0 = false }
+                    }
+                }
                 sinceMetrics += sinceStatus
                 if runtime.metrics != nil, sinceMetrics >= MetricsFile.interval * 1_000_000_000 || lastStatus.isEmpty {
                     // File I/O: never on an event loop (the global executor runs on them).
