@@ -137,6 +137,10 @@ static int rcpts = 2, pool = 0;
 static unsigned server_port;
 
 /* One request as Postfix 3.7's smtpd writes it: the same attributes in the same order. */
+/* The instance's middle part: fixed for the run, so the RCPT and END-OF-MESSAGE requests of
+ * one transaction carry the same instance even when a second ticks over between them. */
+static unsigned run_id;
+
 static int format_request(struct conn *c, int index, char *out, size_t cap) {
     int eom = c->step == rcpts;
     char rcpt[128] = "";
@@ -170,7 +174,7 @@ static int format_request(struct conn *c, int index, char *out, size_t cap) {
         "mail_version=3.7.11\n"
         "\n",
         eom ? "END-OF-MESSAGE" : "RCPT", eom ? "4Q0BenchQueue" : "", rcpt, eom ? rcpts : c->step,
-        0x1000 + index, (unsigned)time(NULL), c->txn, eom ? 2048 : 0, c->client_port, server_port);
+        0x1000 + index, run_id, c->txn, eom ? 2048 : 0, c->client_port, server_port);
 }
 
 static void send_next(struct conn *c, int index) {
@@ -304,6 +308,7 @@ int main(int argc, char **argv) {
     int nconns = 1, pid = 0, nthreads = 1;
     double seconds = 5, warmup = 1, rate = 0;
     long uid_base = -1;
+    run_id = (unsigned)time(NULL);
     for (int i = 1; i < argc; i++) {
         if (i + 1 >= argc) usage();
         if (!strcmp(argv[i], "--port")) port = atoi(argv[++i]);
