@@ -27,19 +27,25 @@ import Glibc
 /// local within a second and a flood of remote clients costs one read a second.
 final class LocalAddresses: Sendable {
     private let state = Mutex<(addresses: Set<HostAddress>, read: NIODeadline?, failed: Bool)>(([], nil, false))
+    private let reader: @Sendable () -> Set<HostAddress>?
     static let rereadAfter: TimeAmount = .seconds(1)
+
+    /// `reader` lists the interfaces' addresses, nil when they cannot be read (tests give
+    /// their own).
+    init(reader: @escaping @Sendable () -> Set<HostAddress>? = LocalAddresses.read) {
+        self.reader = reader
+    }
 
     /// True when `address` is this host's; nil when this host's addresses cannot be read
     /// (then nobody can tell, and the caller must not wave the client through).
-    func contains(_ address: HostAddress) -> Bool? {
-        if address.isLoopback { return true }
+    func contains(_ address: HostAddress, now: NIODeadline = .now()) -> Bool? {
         let (known, read, failed) = self.state.withLock { ($0.addresses, $0.read, $0.failed) }
-        if known.contains(address) { return true }
-        if let read, NIODeadline.now() - read < Self.rereadAfter { return failed ? nil : false }
-        let fresh = Self.read()
-        self.state.withLock { $0 = (fresh ?? [], .now(), fresh == nil) }
+        if address.isLocal(among: known) { return true }
+        if let read, now - read < Self.rereadAfter { return failed ? nil : false }
+        let fresh = self.reader()
+        self.state.withLock { $0 = (fresh ?? [], now, fresh == nil) }
         guard let fresh else { return nil }
-        return fresh.contains(address)
+        return address.isLocal(among: fresh)
     }
 
     static func read() -> Set<HostAddress>? {
@@ -103,7 +109,12 @@ struct PolicyService: Sendable {
             logger.warning("policy request refused: not an smtpd_access_policy request (request=\(LogText.escape(request["request"] ?? "", limit: 64)))")
             return .failure(Early(action: Replies.policyMalformed))
         }
-        let stage = request["protocol_state"] ?? ""
+        // Postfix always names the stage; a request without one cannot be placed, so it must
+        // not pass as "another stage's business".
+        guard let stage = request["protocol_state"], !stage.isEmpty else {
+            logger.warning("policy request refused: no protocol_state attribute")
+            return .failure(Early(action: Replies.policyMalformed))
+        }
         guard stage == "RCPT" || stage == "END-OF-MESSAGE" else { return .failure(Early(action: .dunno)) }
         guard let clientText = request["client_address"], let client = HostAddress(clientText) else {
             logger.warning("policy request deferred: client_address \"\(LogText.escape(request["client_address"] ?? "", limit: 64))\" is not an IP address")
