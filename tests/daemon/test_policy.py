@@ -74,7 +74,7 @@ class FakeSMTPD:
 
 
 def request(state: str, *, client_port: int, server_port: int, recipient: str = "", instance: str = "i1",
-            client: str = "127.0.0.1", server: str = "127.0.0.1", **extra) -> bytes:
+            client: str = "127.0.0.1", server: str = "127.0.0.1", drop: tuple[str, ...] = (), **extra) -> bytes:
     attrs = {
         "request": "smtpd_access_policy", "protocol_state": state, "protocol_name": "ESMTP",
         "client_address": client, "client_name": "localhost", "client_port": str(client_port),
@@ -83,6 +83,8 @@ def request(state: str, *, client_port: int, server_port: int, recipient: str = 
         "instance": instance, "size": "0", "sasl_username": "",
     }
     attrs.update({k: str(v) for k, v in extra.items()})
+    for name in drop:
+        del attrs[name]
     return "".join(f"{k}={v}\n" for k, v in attrs.items()).encode() + b"\n"
 
 
@@ -195,6 +197,44 @@ def test_client_whose_uid_cannot_be_learned_is_deferred(door):
     daemon.wait_log(r"verdict=deferred reason=\"cannot learn the client's uid")
 
 
+@pytest.mark.parametrize("stage", ["RCPT", "END-OF-MESSAGE"])
+def test_a_request_missing_what_the_door_needs_is_deferred_never_dunno(door, stage):
+    """Every attribute the door needs to name the sender, the transaction or the recipient,
+    missing, empty or malformed, gives DEFER 4.3.0 for a real local client (never DUNNO), and
+    the connection serves on."""
+    smtpd, policy_port, daemon, _ = door
+    www = smtpd.client("www-data")
+    p = PolicyClient(policy_port)
+    def ask(**overrides) -> str:
+        attrs = dict(client_port=www, server_port=smtpd.port, recipient="x@example.net", instance="m1")
+        attrs.update(overrides)
+        drop = attrs.pop("drop", ())
+        return p.ask(request(stage, drop=drop, **attrs))
+    if stage == "END-OF-MESSAGE":
+        # An open transaction, so that the whole request would pass.
+        assert p.ask(request("RCPT", client_port=www, server_port=smtpd.port, recipient="friend@example.org",
+                             instance="m1")) == "DUNNO"
+    needed = ["request", "protocol_state", "client_address", "client_port", "server_address", "server_port", "instance"]
+    if stage == "RCPT":
+        needed.append("recipient")
+    for name in needed:
+        missing = ask(drop=(name,))
+        assert missing.startswith("DEFER 4.3.0"), (name, "missing", missing)
+        empty = ask(**{name: ""})
+        assert empty.startswith("DEFER 4.3.0"), (name, "empty", empty)
+    for name, bad in (("client_address", "localhost"), ("client_port", "x25"), ("server_port", "99999"),
+                      ("server_address", "::ffff:not-an-ip")):
+        answer = ask(**{name: bad})
+        assert answer.startswith("DEFER 4.3.0"), (name, bad, answer)
+    daemon.wait_log(r"policy request refused: no protocol_state attribute")
+    daemon.wait_log(r"policy request deferred: no instance attribute")
+    if stage == "RCPT":
+        daemon.wait_log(r"policy request deferred: RCPT without a recipient")
+    # The whole request passes: a stranger within www-data's quota, or the end of the open
+    # transaction.
+    assert ask() == "DUNNO"
+
+
 def test_remote_clients_get_dunno(door):
     smtpd, policy_port, daemon, _ = door
     p = PolicyClient(policy_port)
@@ -266,6 +306,39 @@ def test_peer_check_applies_to_the_policy_listener(lab):
     with pytest.raises((EOFError, ConnectionResetError)):
         p.answer()
     daemon.wait_log(r"warning: policy connect from 127\.0\.0\.1:\d+ uid=0 user=root refused: not in clients")
+
+
+def test_policy_service_on_a_unix_socket(lab):
+    """policy_listen unix:PATH (what a chrooted smtpd reaches under private/): the peer check
+    reads the caller's uid from SO_PEERCRED, and a caller in clients is answered as over TCP."""
+    smtpd = FakeSMTPD()
+    lab.cleanups.append(smtpd.close)
+    path = str(lab.dir / "policy.sock")
+    config = lab.config(listen=f"127.0.0.1:{dl.free_port()}", rules=RULES,
+                        settings=f"policy_listen unix:{path}\nunix_socket_mode 0666")
+    daemon = lab.daemon(config)
+    dl.wait_until(lambda: os.path.exists(path), 10, what="the policy socket")
+    daemon.wait_ready_log()
+    www = smtpd.client("www-data")
+    nobody = smtpd.client("nobody")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    p = PolicyClient.__new__(PolicyClient)
+    p.sock, p.buf = s, b""
+    assert p.ask(request("RCPT", client_port=www, server_port=smtpd.port, recipient="friend@example.org")) == "DUNNO"
+    refused = p.ask(request("RCPT", client_port=nobody, server_port=smtpd.port, recipient="x@example.net", instance="n1"))
+    assert refused == "550 5.7.1 <x@example.net>: not permitted for uid 65534 (nobody)", refused
+    p.close()
+    # nobody may open the socket (mode 0666) but is not in clients: closed without an answer.
+    probe = dl.run_as("nobody", f"""
+import socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); s.settimeout(10); s.connect({path!r})
+s.sendall(b"request=smtpd_access_policy\\nprotocol_state=RCPT\\n\\n")
+print(repr(s.recv(100)))
+""")
+    assert probe.stdout.strip() in ("b''", ""), probe.stdout + probe.stderr
+    daemon.wait_log(r"warning: policy connect from .*uid=65534 user=nobody refused: not in clients")
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="no systemd-socket-activate")
