@@ -12,7 +12,9 @@ struct PostfixAudit {
     func all() -> [AuditCheck] {
         var checks = [self.pickupFilter()]
         checks += self.reinjection()
+        checks.append(self.holdListener())
         checks += self.pickupHeaders()
+        checks.append(self.filterHeaders())
         checks += [self.loginSenderMaps(), self.submitUsers()]
         checks += self.smtpdGuards()
         return checks
