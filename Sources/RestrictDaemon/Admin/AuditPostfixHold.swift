@@ -76,7 +76,7 @@ extension PostfixAudit {
             return .ok(name, "restrictpd.conf holds no mail (no over_quota hold, on_refuse hold, or freeze with frozen hold): hold_relay \(hold) is not used")
         }
         let why = reasons.joined(separator: ", ")
-        let entry = "the \(hold) smtpd entry of etc/postfix/master.cf.restrictpd (-o smtpd_client_restrictions=check_client_access,static:HOLD)"
+        let entry = "the \(hold) smtpd entry of \(SystemAudit.examples)/postfix/master.cf.restrictpd (-o smtpd_client_restrictions=check_client_access,static:HOLD)"
         if InetEndpoint(host: r.relayHost, port: r.relayPort).serves(host: r.holdRelayHost, port: r.holdRelayPort) {
             return .fail(name, "hold_relay \(hold) is relay's address: held mail would be delivered (\(why))",
                          fix: "point hold_relay in restrictpd.conf at the hold listener, \(entry)")

@@ -86,7 +86,7 @@ extension PostfixAudit {
         let value = self.postfix.value("local_login_sender_maps")
         guard !value.isEmpty, value != "static:*" else {
             return .fail("postfix.login-sender-maps", "local_login_sender_maps=\(value.isEmpty ? "(empty)" : value): any local user may choose any envelope sender (bounces of refused mail go to it, past restrictpd)",
-                         fix: "set local_login_sender_maps as in etc/postfix/main.cf.restrictpd, then postfix reload")
+                         fix: "set local_login_sender_maps as in \(SystemAudit.examples)/postfix/main.cf.restrictpd, then postfix reload")
         }
         return .ok("postfix.login-sender-maps", "local_login_sender_maps=\(value)")
     }

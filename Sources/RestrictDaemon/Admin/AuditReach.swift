@@ -99,7 +99,7 @@ struct ReachAudit {
             return .ok(name, "\(user.name) reaches \(address.text); \(state.guarded ? "restrictpd's policy service judges it" : "it does not relay for local clients")")
         }
         return .fail(name, "\(user.name) reaches \(address.text), which relays for local clients without restrictpd's policy service",
-                     fix: "ask the policy service before permit_mynetworks there (see postfix.smtpd-guard:\(door.listener.name)), or close the port to untrusted users: nft -f /usr/share/doc/restrictpd/examples/nftables/restrictpd-no-policy.nft")
+                     fix: "ask the policy service before permit_mynetworks there (see postfix.smtpd-guard:\(door.listener.name)), or close the port to untrusted users: nft -f \(SystemAudit.examples)/nftables/restrictpd-no-policy.nft")
     }
 
     /// Direct SMTP out: a user who can connect to a remote mail server needs no Postfix.

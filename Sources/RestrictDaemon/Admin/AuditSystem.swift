@@ -14,8 +14,9 @@ enum SystemAudit {
     /// Where systemd looks for restrictpd.service (systemd.unit(5), the system instance).
     static let unitDirectories = ["/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system"]
 
-    /// Where the package installs the firewall example (debian/restrictpd.install).
-    static let nftExample = "/usr/share/doc/restrictpd/examples/nftables/restrictpd.nft"
+    /// Where the package installs etc/postfix/ and etc/nftables/ (debian/restrictpd.install).
+    static let examples = "/usr/share/doc/restrictpd/examples"
+    static let nftExample = "\(examples)/nftables/restrictpd.nft"
     static let firewallFix = "nft -f \(nftExample); to keep it across reboots, copy it to /etc/nftables/ and include it from /etc/nftables.conf"
 
     /// `systemctl is-active restrictpd`, where systemd runs and the unit is installed.
