@@ -101,6 +101,7 @@ extension ConfigParser {
         mutating func end() -> Result<Configuration, ConfigErrors> {
             self.endRule()
             self.checkRuleCombinations()
+            self.checkHoldRelay()
             self.config.rules.removeAll { $0.selector == .user(uid: UInt32.max) }
             self.errors += overlappingRanges(self.config.rules, file: self.file)
             if !self.clientsSeen {
@@ -111,6 +112,23 @@ extension ConfigParser {
                 }
             }
             return self.errors.isEmpty ? .success(self.config) : .failure(ConfigErrors(self.errors))
+        }
+
+        /// Held mail sent to `relay` would be delivered: the two must be different listeners.
+        mutating func checkHoldRelay() {
+            let c = self.config
+            guard c.holdRelayPort == c.relayPort, Self.sameHost(c.holdRelayHost, c.relayHost) else { return }
+            let line = self.globalLine["hold_relay"] ?? self.globalLine["relay"] ?? 0
+            let host = c.holdRelayHost.contains(":") ? "[\(c.holdRelayHost)]" : c.holdRelayHost
+            self.error(line, "hold_relay \(host):\(c.holdRelayPort) is relay's address: held mail would be delivered (hold_relay must be the hold listener)")
+        }
+
+        /// Do `a` and `b` name the same host? "localhost" stands for every loopback address.
+        static func sameHost(_ a: String, _ b: String) -> Bool {
+            let a = a.lowercased(), b = b.lowercased()
+            if a == b { return true }
+            if let x = HostAddress(a), let y = HostAddress(b) { return x == y }
+            return (a == "localhost" && HostAddress(b)?.isLoopback == true) || (b == "localhost" && HostAddress(a)?.isLoopback == true)
         }
 
         /// What rules may not carry.

@@ -1,6 +1,7 @@
 // restrictpd --audit's pure parts (the JSON reader and writer, postconf's output, Postfix's
-// list and endpoint syntax, the smtpd guard rule, header_checks actions) and its C helpers
-// (bounded subprocesses; probes as another user, when run as root).
+// list and endpoint syntax, the smtpd guard rule, header_checks actions; the firewall, hold
+// listener and service checks are in AuditWiringTests.swift) and its C helpers (bounded
+// subprocesses; probes as another user, when run as root).
 
 import RestrictPolicy
 import Testing
@@ -12,18 +13,6 @@ import Glibc
 #endif
 
 @Suite struct AuditJSONTests {
-    @Test func readsAnNftRuleset() throws {
-        let text = """
-            {"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
-             {"table": {"family": "inet", "name": "restrictpd", "handle": 3}},
-             {"rule": {"family": "inet", "table": "restrictpd", "expr": [{"reject": null}], "ok": true}}]}
-            """
-        let value = try #require(JSONValue.parse(text))
-        #expect(SystemAudit.hasTable(value, family: "inet", name: "restrictpd"))
-        #expect(!SystemAudit.hasTable(value, family: "ip", name: "restrictpd"))
-        #expect(!SystemAudit.hasTable(.array([]), family: "inet", name: "restrictpd"))
-    }
-
     @Test func decodesEscapes() {
         #expect(JSONValue.parse(#""a\"b\\c\/d\n\u00e9\ud83d\ude00""#) == .string("a\"b\\c/d\né😀"))
         #expect(JSONValue.parse("[1, -2.5e3, true, false, null]") == .array([.number(1), .number(-2500), .bool(true), .bool(false), .null]))

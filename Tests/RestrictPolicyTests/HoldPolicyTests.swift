@@ -24,6 +24,16 @@ private let www = Sender.user(uid: 33, name: "www-data")
         #expect(errors("on_refuse hold\non_refuse reject") == ["t.conf:2: on_refuse given twice (first at line 1)"])
     }
 
+    @Test func holdRelayMustNotBeTheRelay() {
+        let same = "is relay's address: held mail would be delivered (hold_relay must be the hold listener)"
+        #expect(errors("hold_relay 127.0.0.1:10026") == ["t.conf:1: hold_relay 127.0.0.1:10026 " + same])
+        #expect(errors("relay 127.0.0.1:10029\ndefault\n allow *") == ["t.conf:1: hold_relay 127.0.0.1:10029 " + same])
+        #expect(errors("relay localhost:2525\nhold_relay 127.0.0.1:2525") == ["t.conf:2: hold_relay 127.0.0.1:2525 " + same])
+        #expect(errors("relay [::1]:2525\nhold_relay [0:0::1]:2525") == ["t.conf:2: hold_relay [0:0::1]:2525 " + same])
+        #expect(errors("relay 127.0.0.1:2525\nhold_relay 127.0.0.1:2526\ndefault\n allow *") == [])
+        #expect(errors("relay 127.0.0.1:2525\nhold_relay [::1]:2525\ndefault\n allow *") == [])
+    }
+
     @Test func onRefuseHoldHoldsARecipientOutsideTheAllowList() throws {
         let p = Policy(try config("user www-data\n allow @example.org\n on_refuse hold"))
         let e = p.evaluate(sender: www, recipients: ["a@example.org", "x@elsewhere.test"])

@@ -4,8 +4,12 @@ The whole module runs in a network namespace of its own (unshare(CLONE_NEWNET) o
 thread, undone at the end), so the real ports can be used: pickup's content filter on
 127.0.0.1:10027, the reinjection smtpd on 127.0.0.1:10026, the policy service on 10028 and
 an smtpd on 127.0.0.1:25, with a small nftables table "inet restrictpd" that keeps users
-other than root (restrictpd runs as root here) off 10026. Nothing of this touches the
-host's network or firewall.
+other than root (restrictpd runs as root here) off 10026 and the hold listener's 10029, and
+off SMTP ports of other hosts. Nothing of this touches the host's network or firewall.
+
+The audit itself runs in a mount namespace of its own where /run and systemd's unit
+directories are empty but for /run/systemd/system: it sees a systemd that runs and no
+restrictpd.service, whatever this machine runs.
 
 The wiring audits clean (exit 0). Then each fault is injected alone (postconf, a file edit
 or an nft command, then `postfix reload`), the audit must name it in a FAIL line and exit 1,
@@ -34,20 +38,40 @@ ROOT = harness.repo_root()
 MASTER_CF_RESTRICTPD = ROOT / "etc" / "postfix" / "master.cf.restrictpd"
 MAIN_CF_RESTRICTPD = ROOT / "etc" / "postfix" / "main.cf.restrictpd"
 CLONE_NEWNET = 0x40000000
-FILTER, RELAY, POLICY, SMTP = 10027, 10026, 10028, 25
+FILTER, RELAY, POLICY, SMTP, HOLD = 10027, 10026, 10028, 25, 10029
 
-# Only root (restrictpd's user in these tests) may open connections to the reinjection smtpd.
-FIREWALL = f"""table inet restrictpd {{
+# Only root (restrictpd's user in these tests) may open connections to the reinjection smtpd
+# and the hold listener, or SMTP connections to other hosts (there are none in the namespace).
+REINJECTION_RULE = f"tcp dport {{ {RELAY}, {HOLD} }} meta skuid != 0 reject with tcp reset"
+OUTBOUND_RULE = 'oifname != "lo" tcp dport { 25, 465, 587 } meta skuid != 0 reject with tcp reset'
+
+
+def firewall(*rules: str) -> str:
+    body = "\n".join(f"        {r}" for r in rules)
+    return f"""table inet restrictpd {{
     chain output {{
         type filter hook output priority 0; policy accept;
-        tcp dport {RELAY} meta skuid != 0 reject with tcp reset
+{body}
     }}
 }}
 """
 
+
+FIREWALL = firewall(REINJECTION_RULE, OUTBOUND_RULE)
+
+# The audit's view of systemd: running, without restrictpd.service (see the module's text).
+HIDE_SYSTEMD = """set -e
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/system
+for d in /etc/systemd/system /usr/local/lib/systemd/system /lib/systemd/system /usr/lib/systemd/system; do
+    if [ -d "$d" ]; then mount -t tmpfs tmpfs "$d"; fi
+done
+exec "$@"
+"""
+
 pytestmark = [
     pytest.mark.needs_restrictpd,
-    pytest.mark.skipif(not all(shutil.which(t) for t in ("nft", "ip")), reason="needs nft and ip"),
+    pytest.mark.skipif(not all(shutil.which(t) for t in ("nft", "ip", "unshare")), reason="needs nft, ip and unshare"),
 ]
 
 
@@ -146,7 +170,8 @@ class Lab:
     def audit(self, *extra: str, mail_config: bool = False) -> subprocess.CompletedProcess:
         """The audit of this instance, named with --postfix-config or, with `mail_config`,
         through MAIL_CONFIG in the environment."""
-        argv = [str(self.binary), "--audit", "--config", str(self.rpd.config), "--user", "root"]
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", HIDE_SYSTEMD, "sh",
+                str(self.binary), "--audit", "--config", str(self.rpd.config), "--user", "root"]
         env = dict(os.environ)
         env.pop("MAIL_CONFIG", None)
         if mail_config:
@@ -207,7 +232,8 @@ def test_wiring_as_documented_audits_clean(lab):
     names = {name for _, name in checks}
     # The checks the wiring must have passed, by name: each was looked at, none skipped.
     for name in ("postfix.pickup-filter", "postfix.reinjection", "postfix.reinjection-bare-newline",
-                 "postfix.reinjection-policy", "postfix.header-checks", "postfix.login-sender-maps",
+                 "postfix.reinjection-policy", "postfix.hold-listener", "postfix.header-checks",
+                 "postfix.smtp-header-checks", "postfix.login-sender-maps",
                  "postfix.smtpd-guard:smtp", "restrictpd.config", "restrictpd.config-file",
                  "restrictpd.peer-check", "restrictpd.clients", "restrictpd.unknown-rule",
                  f"restrictpd.listener:127.0.0.1:{FILTER}", f"restrictpd.listener:127.0.0.1:{POLICY}",
@@ -217,6 +243,10 @@ def test_wiring_as_documented_audits_clean(lab):
     # Measured, not inferred: www-data's child was turned away by the firewall and got 554.
     assert re.search(rf"OK   reach.filter:www-data:\S+: 127.0.0.1:{FILTER} answers www-data with 554", text), text
     assert re.search(r"OK   reach.smtpd:www-data:smtp: www-data reaches 127.0.0.1:25; restrictpd's policy service judges it", text), text
+    assert "OK   system.firewall: table inet restrictpd guards port 10026 and outbound SMTP (25, 465, 587)" in text, text
+    assert "OK   postfix.hold-listener: restrictpd.conf holds no mail" in text, text
+    # Whether or not this machine runs systemd: the unit is not installed, which is no failure.
+    assert "WARN system.service: restrictpd.service is not installed" in text, text
 
 
 def test_json_matches_text(lab):
@@ -246,17 +276,37 @@ def fault(lab: Lab, inject, undo, reload_postfix: bool = True):
             reload(lab.pf)
 
 
-def header_checks_prepend(lab: Lab):
-    table = lab.pf.etc / "header_checks"
+def header_checks_prepend(lab: Lab, parameter: str = "header_checks"):
+    table = lab.pf.etc / parameter
     table.write_text("/^Subject:/ PREPEND X-Added: above pickup's header\n")
-    postconf(lab.pf, "-e", f"header_checks = regexp:{table}")
+    postconf(lab.pf, "-e", f"{parameter} = regexp:{table}")
+
+
+def set_global(lab: Lab, key: str, value: str | None):
+    """A global line of restrictpd.conf (at the top), or none."""
+    text = re.sub(rf"^{key} .*\n", "", lab.rpd.config.read_text(), flags=re.M)
+    if value is not None:
+        text = f"{key} {value}\n" + text
+    lab.rpd.config.write_text(text)
+
+
+def hold_listener_without_static_hold(lab: Lab):
+    set_global(lab, "over_quota", "hold")
+    postconf(lab.pf, "-P", f"127.0.0.1:{HOLD}/inet/smtpd_client_restrictions=")
+
+
+def hold_listener_restored(lab: Lab):
+    set_global(lab, "over_quota", None)
+    postconf(lab.pf, "-P", f"127.0.0.1:{HOLD}/inet/smtpd_client_restrictions=check_client_access,static:HOLD")
+
+
+def replace_firewall(text: str):
+    harness.run(["nft", "delete", "table", "inet", "restrictpd"])
+    harness.run(["nft", "-f", "-"], input=text.encode())
 
 
 def set_peer_check(lab: Lab, value: str | None):
-    text = re.sub(r"^peer_check .*\n", "", lab.rpd.config.read_text(), flags=re.M)
-    if value is not None:
-        text = f"peer_check {value}\n" + text
-    lab.rpd.config.write_text(text)
+    set_global(lab, "peer_check", value)
 
 
 # (fault id, the FAIL checks it must cause, the FAIL checks it may also cause, inject, undo,
@@ -266,7 +316,8 @@ FAULTS = [
      lambda lab: postconf(lab.pf, "-P", "-X", "pickup/unix/content_filter"),
      lambda lab: postconf(lab.pf, "-P", f"pickup/unix/content_filter=smtp:[127.0.0.1]:{FILTER}"), True),
     ("reinjection-without-forbid-bare-newline", {"postfix.reinjection-bare-newline"}, set(),
-     lambda lab: postconf(lab.pf, "-P", "-X", f"127.0.0.1:{RELAY}/inet/smtpd_forbid_bare_newline"),
+     # Set, not removed: the default is "no" in Postfix 3.7 but "normalize" from 3.9.
+     lambda lab: postconf(lab.pf, "-P", f"127.0.0.1:{RELAY}/inet/smtpd_forbid_bare_newline=no"),
      lambda lab: postconf(lab.pf, "-P", f"127.0.0.1:{RELAY}/inet/smtpd_forbid_bare_newline=reject"), True),
     ("unguarded-loopback-relay", {"postfix.smtpd-guard:smtp"},
      {"reach.smtpd:www-data:smtp", "reach.smtpd:nobody:smtp"},
@@ -275,6 +326,15 @@ FAULTS = [
     ("prepend-on-pickups-path", {"postfix.header-checks"}, set(),
      header_checks_prepend,
      lambda lab: postconf(lab.pf, "-X", "header_checks"), True),
+    # The content filter's smtp client (transport smtp of smtp:[127.0.0.1]:10027) prepends.
+    ("smtp-header-checks-prepend", {"postfix.smtp-header-checks"}, set(),
+     lambda lab: header_checks_prepend(lab, "smtp_header_checks"),
+     lambda lab: postconf(lab.pf, "-X", "smtp_header_checks"), True),
+    # restrictpd.conf holds over-quota mail; the hold listener would deliver it. Without
+    # static:HOLD it is also an smtpd that relays for local clients (the firewall keeps
+    # www-data and nobody off it).
+    ("hold-listener-without-static-hold", {"postfix.hold-listener"}, {f"postfix.smtpd-guard:127.0.0.1:{HOLD}"},
+     hold_listener_without_static_hold, hold_listener_restored, True),
     ("group-writable-config", {"restrictpd.config-file"}, set(),
      lambda lab: os.chmod(lab.rpd.config, 0o664),
      lambda lab: os.chmod(lab.rpd.config, 0o644), False),
@@ -286,6 +346,9 @@ FAULTS = [
      {"reach.relay:nobody", "system.firewall"},
      lambda lab: harness.run(["nft", "delete", "table", "inet", "restrictpd"]),
      lambda lab: harness.run(["nft", "-f", "-"], input=FIREWALL.encode()), False),
+    ("firewall-without-outbound-smtp-rules", {"system.firewall"}, set(),
+     lambda lab: replace_firewall(firewall(REINJECTION_RULE)),
+     lambda lab: replace_firewall(FIREWALL), False),
 ]
 
 
@@ -350,16 +413,13 @@ def test_silent_port_is_bounded_and_leaves_nothing_behind(lab):
     """A firewall that drops instead of refusing: each probe of 10026 waits out its own
     deadline, the audit still ends in bounded time, passes, and no child is left."""
     import time
-    dropping = FIREWALL.replace("reject with tcp reset", "drop")
-    harness.run(["nft", "delete", "table", "inet", "restrictpd"])
-    harness.run(["nft", "-f", "-"], input=dropping.encode())
+    replace_firewall(FIREWALL.replace("reject with tcp reset", "drop"))
     try:
         started = time.monotonic()
         rc, checks, text = lab.checks()
         elapsed = time.monotonic() - started
     finally:
-        harness.run(["nft", "delete", "table", "inet", "restrictpd"])
-        harness.run(["nft", "-f", "-"], input=FIREWALL.encode())
+        replace_firewall(FIREWALL)
     assert rc == 0, text
     assert "www-data cannot connect to 127.0.0.1:10026 (Connection timed out)" in text, text
     assert elapsed < 20, f"audit took {elapsed:.1f}s"
@@ -372,3 +432,12 @@ def test_mail_config_names_the_instance(lab):
     r = lab.audit(mail_config=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"OK   postfix.postconf: read {lab.pf.etc} through postconf" in r.stdout
+
+
+def test_hold_listener_as_shipped_holds(lab):
+    """restrictpd.conf holds mail, and the shipped hold listener holds everything: clean."""
+    with fault(lab, lambda: set_global(lab, "over_quota", "hold"), lambda: set_global(lab, "over_quota", None), False):
+        rc, checks, text = lab.checks()
+    assert rc == 0, text
+    assert f"OK   postfix.hold-listener: 127.0.0.1:{HOLD}/inet at hold_relay 127.0.0.1:{HOLD} holds every message it accepts (over_quota hold)" in text, text
+    assert f"OK   system.firewall: table inet restrictpd guards port {RELAY}, {HOLD} and outbound SMTP" in text, text

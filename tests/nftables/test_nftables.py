@@ -19,6 +19,7 @@ skipped otherwise. Users that do not exist here are played by stand-ins (see
 users()); with restrict, postfix and www-data present the files load unchanged."""
 
 import itertools
+import json
 import os
 import pathlib
 import pwd
@@ -291,6 +292,47 @@ nft list tables
                        timeout=CMD_TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(r.stdout.splitlines()) == ["table inet restrictpd", "table inet restrictpd_no_policy"]
+
+
+AUDIT_FIXTURES = ROOT / "Tests" / "RestrictDaemonTests" / "AuditFirewallFixtures.swift"
+
+
+def audit_fixture(name):
+    """One `nft -j list ruleset` fixture of restrictpd --audit's firewall tests."""
+    m = re.search(rf'static let {name} = #"""\n(.*?)\n"""#', AUDIT_FIXTURES.read_text(), flags=re.S)
+    assert m, f"{name} missing from {AUDIT_FIXTURES}"
+    return m.group(1)
+
+
+def comparable(ruleset_json):
+    """A ruleset without what differs from one load or machine to the next: metainfo, the
+    handles, and the uids the user names resolved to."""
+    def strip(v):
+        if isinstance(v, dict):
+            if v.get("left") == {"meta": {"key": "skuid"}}:
+                return {**v, "right": "UID"}
+            return {k: strip(x) for k, x in v.items() if k != "handle"}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+    items = json.loads(ruleset_json)["nftables"]
+    return [strip(i) for i in items if "metainfo" not in i]
+
+
+@needs
+@pytest.mark.parametrize("name,text", [("shipped", lambda: ruleset(*users()[:2])),
+                                       ("noPolicyAlone", lambda: no_policy_ruleset(users()[1]))],
+                         ids=["restrictpd.nft", "restrictpd-no-policy.nft"])
+def test_audit_fixtures_are_what_the_files_load_to(tmp_path, name, text):
+    """The audit's firewall parser is tested on fixtures; they must still be what the
+    shipped files load to, or a change to a file goes past the audit's tests."""
+    f = tmp_path / "r.nft"
+    f.write_text(text())
+    r = subprocess.run(["unshare", "-n", "sh", "-c", f"nft -f {f} && nft -j list ruleset"],
+                       capture_output=True, text=True, timeout=CMD_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert comparable(r.stdout) == comparable(audit_fixture(name)), \
+        f"regenerate {name} in {AUDIT_FIXTURES.name} (see its opening comment)"
 
 
 @needs

@@ -73,7 +73,7 @@ extension Admin {
         if let configuration {
             checks += ReachAudit(configuration: configuration, postfix: postfixAudit, probe: probe).all()
         }
-        checks += SystemAudit.all()
+        checks += SystemAudit.all(effective)
         return checks
     }
 

@@ -12,7 +12,9 @@ struct PostfixAudit {
     func all() -> [AuditCheck] {
         var checks = [self.pickupFilter()]
         checks += self.reinjection()
+        checks.append(self.holdListener())
         checks += self.pickupHeaders()
+        checks.append(self.filterHeaders())
         checks += [self.loginSenderMaps(), self.submitUsers()]
         checks += self.smtpdGuards()
         return checks
@@ -22,7 +24,7 @@ struct PostfixAudit {
     func pickupFilter() -> AuditCheck {
         let name = "postfix.pickup-filter"
         let listen = self.restrictpd.listen.map(\.description)
-        let fix = "in master.cf, give pickup \"-o content_filter=\(self.filterSpec)\" (etc/postfix/master.cf.restrictpd), then postfix reload"
+        let fix = "in master.cf, give pickup \"-o content_filter=\(self.filterSpec)\" (\(SystemAudit.examples)/postfix/master.cf.restrictpd), then postfix reload"
         guard let pickup = self.postfix.service("pickup", type: "unix") else {
             return .fail(name, "master.cf has no pickup service: mail from sendmail(1) is never picked up", fix: fix)
         }
@@ -56,7 +58,7 @@ struct PostfixAudit {
         let services = self.reinjectionServices
         guard !services.isEmpty else {
             return [.fail("postfix.reinjection", "no smtpd service in master.cf listens on \(relay), where restrictpd relays allowed mail",
-                          fix: "add the \(relay) smtpd entry of etc/postfix/master.cf.restrictpd to master.cf, then postfix reload")]
+                          fix: "add the \(relay) smtpd entry of \(SystemAudit.examples)/postfix/master.cf.restrictpd to master.cf, then postfix reload")]
         }
         var checks = [AuditCheck.ok("postfix.reinjection", "smtpd service \(services.map(\.id).joined(separator: " ")) receives restrictpd's relay at \(relay)")]
         for s in services {

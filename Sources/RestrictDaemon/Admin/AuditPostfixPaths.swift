@@ -44,8 +44,14 @@ extension PostfixAudit {
     }
 
     func headerChecks(_ maps: [String], cleanup: String) -> AuditCheck {
-        let name = "postfix.header-checks"
-        guard !maps.isEmpty else { return .ok(name, "no header_checks in \(cleanup), pickup's cleanup") }
+        let fix = "remove the PREPEND lines, or keep header_checks off local mail: \"-o receive_override_options=no_header_body_checks\" on pickup in master.cf"
+        return Self.headerTables("postfix.header-checks", maps, parameter: "header_checks", place: "\(cleanup), pickup's cleanup", fix: fix)
+    }
+
+    /// The verdict on header tables that act on local mail before restrictpd reads pickup's
+    /// header: a PREPEND fails, a REPLACE or a table that cannot be read warns.
+    static func headerTables(_ name: String, _ maps: [String], parameter: String, place: String, fix: String) -> AuditCheck {
+        guard !maps.isEmpty else { return .ok(name, "no \(parameter) in \(place)") }
         var prepends: [String] = [], replaces: [String] = [], unreadable: [String] = []
         for map in maps {
             switch HeaderMap.actions(map) {
@@ -55,15 +61,14 @@ extension PostfixAudit {
                 if actions.contains("REPLACE") { replaces.append(map) }
             }
         }
-        let fix = "remove the PREPEND lines, or keep header_checks off local mail: \"-o receive_override_options=no_header_body_checks\" on pickup in master.cf"
         if !prepends.isEmpty {
-            return .fail(name, "\(prepends.joined(separator: " ")) PREPENDs headers in \(cleanup), pickup's cleanup: a header above pickup's turns local mail into \"unknown\"", fix: fix)
+            return .fail(name, "\(prepends.joined(separator: " ")) PREPENDs headers in \(place): a header above pickup's turns local mail into \"unknown\"", fix: fix)
         }
         if !replaces.isEmpty || !unreadable.isEmpty {
             let what = replaces.map { "\($0) REPLACEs headers" } + unreadable.map { "\($0) cannot be read here" }
-            return .warn(name, what.joined(separator: "; ") + " (\(cleanup)): make sure nothing rewrites or precedes pickup's Received: header", fix: fix)
+            return .warn(name, what.joined(separator: "; ") + " (\(place)): make sure nothing rewrites or precedes pickup's Received: header", fix: fix)
         }
-        return .ok(name, "\(maps.joined(separator: " ")) in \(cleanup) neither PREPENDs nor REPLACEs")
+        return .ok(name, "\(maps.joined(separator: " ")) in \(place) neither PREPENDs nor REPLACEs")
     }
 
     /// A milter on locally submitted mail can insert a header above pickup's (a DKIM signer
@@ -81,7 +86,7 @@ extension PostfixAudit {
         let value = self.postfix.value("local_login_sender_maps")
         guard !value.isEmpty, value != "static:*" else {
             return .fail("postfix.login-sender-maps", "local_login_sender_maps=\(value.isEmpty ? "(empty)" : value): any local user may choose any envelope sender (bounces of refused mail go to it, past restrictpd)",
-                         fix: "set local_login_sender_maps as in etc/postfix/main.cf.restrictpd, then postfix reload")
+                         fix: "set local_login_sender_maps as in \(SystemAudit.examples)/postfix/main.cf.restrictpd, then postfix reload")
         }
         return .ok("postfix.login-sender-maps", "local_login_sender_maps=\(value)")
     }

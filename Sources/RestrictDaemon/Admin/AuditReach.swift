@@ -64,7 +64,7 @@ struct ReachAudit {
         if outcome.broken { return Self.broken(name, outcome) }
         guard !outcome.connected else {
             return .fail(name, "\(user.name) (uid \(user.uid)) can connect to the reinjection smtpd at \(address.text): mail sent there skips restrictpd",
-                         fix: "load the firewall (nft -f /etc/nftables/restrictpd.nft, from etc/nftables/) so that only restrictpd's user reaches port \(endpoint.port)")
+                         fix: "load the firewall example so that only restrictpd's user reaches port \(endpoint.port): " + SystemAudit.firewallFix)
         }
         return .ok(name, "\(user.name) cannot connect to \(address.text) (\(outcome.reason))")
     }
@@ -99,7 +99,7 @@ struct ReachAudit {
             return .ok(name, "\(user.name) reaches \(address.text); \(state.guarded ? "restrictpd's policy service judges it" : "it does not relay for local clients")")
         }
         return .fail(name, "\(user.name) reaches \(address.text), which relays for local clients without restrictpd's policy service",
-                     fix: "ask the policy service before permit_mynetworks there (see postfix.smtpd-guard:\(door.listener.name)), or close the port to untrusted users (etc/nftables/restrictpd.nft)")
+                     fix: "ask the policy service before permit_mynetworks there (see postfix.smtpd-guard:\(door.listener.name)), or close the port to untrusted users: nft -f \(SystemAudit.examples)/nftables/restrictpd-no-policy.nft")
     }
 
     /// Direct SMTP out: a user who can connect to a remote mail server needs no Postfix.
@@ -112,7 +112,7 @@ struct ReachAudit {
         if outcome.broken { return Self.broken(name, outcome) }
         guard !outcome.connected else {
             return .fail(name, "user \(user.name) can open SMTP connections out (\(address.text) accepted)",
-                         fix: "load the outbound rules of etc/nftables/restrictpd.nft: only postfix may connect to port 25, 465 and 587 of other hosts")
+                         fix: "load the outbound rules of the firewall example, which let only postfix connect to port 25, 465 and 587 of other hosts: " + SystemAudit.firewallFix)
         }
         return .ok(name, "\(user.name) cannot connect to \(address.text) (\(outcome.reason))")
     }

@@ -74,7 +74,7 @@ extension PostfixAudit {
         guard state.relaysLocal else { return .ok(name, "\(door.listener.id)\(via) does not relay for local clients (\(state.lists))") }
         let policy = self.restrictpd.policyListen.first.map { "check_policy_service \(Self.policySpec($0))" } ?? "check_policy_service inet:127.0.0.1:10028 (and policy_listen 127.0.0.1:10028 in restrictpd.conf)"
         return .fail(name, "any local user can relay through port \(AuditEndpoints.endpoint(of: door.listener)?.port ?? 0) (\(door.listener.id)\(via)): permit_mynetworks without restrictpd's policy service (\(state.lists))",
-                     fix: "put \"\(policy)\" before permit_mynetworks in smtpd_relay_restrictions (main.cf, or the service's -o override in master.cf), as in etc/postfix/main.cf.restrictpd")
+                     fix: "put \"\(policy)\" before permit_mynetworks in smtpd_relay_restrictions (main.cf, or the service's -o override in master.cf), as in \(SystemAudit.examples)/postfix/main.cf.restrictpd")
     }
 
     /// How main.cf names a policy_listen address.
