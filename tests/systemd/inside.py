@@ -677,6 +677,33 @@ def step_security_score():
     log(m.group(0))
 
 
+def open_files(pid):
+    """The (soft, hard) limit on open files of a process, from /proc/PID/limits."""
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    m = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M)
+    check(m, f"no open-files line in /proc/{pid}/limits")
+    return int(m.group(1)), int(m.group(2))
+
+
+def step_limits_read():
+    """systemd reads the unit's limits as debian/restrictpd.service writes them; the daemon
+    runs with the file limit. Whether the cgroup carries memory.max and pids.max depends on
+    the controllers the host hands the container: shown, not judged (run-qemu checks them)."""
+    props = unit_props("restrictpd.service", "LimitNOFILE", "LimitNOFILESoft", "TasksMax", "MemoryHigh", "MemoryMax", "ControlGroup")
+    want = {"LimitNOFILE": "65536", "LimitNOFILESoft": "65536", "TasksMax": "1024",
+            "MemoryHigh": str(768 << 20), "MemoryMax": str(1 << 30)}
+    check(all(props.get(k) == v for k, v in want.items()), f"unit properties {props}, expected {want}")
+    # systemd cannot raise a limit above its own hard one, which nspawn inherits from
+    # whoever started it on the host: the daemon gets the lower of the two.
+    ceiling = open_files(1)[1]
+    daemon = open_files(main_pid())
+    check(daemon == (min(65536, ceiling),) * 2, f"the daemon's open files {daemon}, PID 1's hard limit {ceiling}")
+    cgroup = Path(f"/sys/fs/cgroup{props['ControlGroup']}")
+    files = {n: (cgroup / n).read_text().strip() if (cgroup / n).exists() else "absent" for n in ("memory.max", "pids.max")}
+    log(f"{', '.join(f'{k}={v}' for k, v in want.items())}")
+    log(f"the daemon's open files soft {daemon[0]}, hard {daemon[1]} (PID 1's hard limit {ceiling}); cgroup here: {files}")
+
+
 def step_audit():
     """restrictpd --audit on the live system, where the binary has it: its report is shown
     (the wiring here is the test's, not a production one, so its verdicts are not judged)."""
@@ -764,6 +791,7 @@ STEPS = [
     ("configuration error stops the unit", step_config_error_stops_unit),
     ("reinstall with a broken configuration", step_reinstall_with_broken_config),
     ("systemd-analyze security", step_security_score),
+    ("limits as systemd reads them", step_limits_read),
     ("restrictpd --audit", step_audit),
     ("remove", step_remove),
     ("purge", step_purge),
