@@ -574,6 +574,57 @@ def step_socket_activation():
     check(listening(FILTER_PORT), "nothing listens on 10027 after going back to the service's own socket")
 
 
+HOLD_PORT = 10029
+HOLD_USER = "rpdhold"
+
+
+def postqueue_entries():
+    """postqueue -j: one dict per queued message (queue_name, queue_id, recipients, ...)."""
+    out = run("postqueue", "-j").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def step_hold():
+    """on_refuse hold for a test user, through the hold listener (127.0.0.1:10029, from
+    master.cf.restrictpd, restrictpd's default hold_relay): its message to a stranger waits
+    in Postfix's hold queue, the journal says verdict=held held_as=ID, nothing is
+    delivered; postsuper -H ID delivers it exactly once, without passing restrictpd again."""
+    check(listening(HOLD_PORT), f"nothing listens on the hold listener 127.0.0.1:{HOLD_PORT}")
+    if run("id", HOLD_USER, check_rc=False).returncode != 0:
+        run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", HOLD_USER)
+    write_rules(RULES.replace("user www-data", f"user {HOLD_USER}\n    allow @localhost\n    on_refuse hold\nuser www-data"))
+    since = journal_mark()
+    run("systemctl", "reload", "restrictpd")
+    wait_journal(r"reloaded /etc/restrictpd\.conf", since)
+    token = f"hold{int(time.time())}"
+    rcpt = "stranger-hold@example.net"
+    sendmail(rcpt, token, user=HOLD_USER)
+    line = wait_journal(rf"user={HOLD_USER} .*to=<{re.escape(rcpt)}> verdict=held .*held_as=[0-9A-Za-z]+", since)[0]
+    held_id = re.search(r"held_as=([0-9A-Za-z]+)", line).group(1)
+
+    def held():
+        return [q for q in postqueue_entries() if q.get("queue_name") == "hold" and q.get("queue_id") == held_id]
+    [entry] = wait_until(held, 15, f"{held_id} in the hold queue")
+    check([r["address"] for r in entry["recipients"]] == [rcpt], f"held entry {entry}")
+    time.sleep(3)  # a few of the test's 2 s queue runs: held mail stays put
+    check(held(), f"{held_id} left the hold queue on its own")
+    check(not [m for m in sink_messages() if f"<{rcpt}>" in m["rcpts"]], "held mail reached the sink")
+    log(f"journal: {line}")
+    log(f"postqueue -j: {held_id} queue_name=hold, recipients {rcpt}; nothing delivered after 3 s")
+    released = journal_mark()
+    run("postsuper", "-H", held_id)
+    wait_delivered(rcpt, token)
+    wait_until(lambda: not [q for q in postqueue_entries() if q.get("queue_id") == held_id], 15, f"{held_id} to leave the queue")
+    time.sleep(2)
+    copies = [m for m in sink_messages() if f"<{rcpt}>" in m["rcpts"] and token in m["data"]]
+    check(len(copies) == 1, f"released mail delivered {len(copies)} times")
+    again = [e for e in decisions(released) if rcpt in e.get("RESTRICTPD_TO", "")]
+    check(not again, f"released mail passed restrictpd again: {messages(again)}")
+    log(f"postsuper -H {held_id}: delivered once, no new decision line")
+    write_rules()
+    run("systemctl", "reload", "restrictpd")
+
+
 WATCHDOG_TEST_SEC = 5
 
 
@@ -787,6 +838,7 @@ STEPS = [
     ("reload good then bad", step_reload_good_then_bad),
     ("stop drains", step_stop_drains),
     ("socket activation", step_socket_activation),
+    ("hold queue (on_refuse hold)", step_hold),
     ("watchdog restarts a hung daemon", step_watchdog_restarts_hung_daemon),
     ("configuration error stops the unit", step_config_error_stops_unit),
     ("reinstall with a broken configuration", step_reinstall_with_broken_config),
