@@ -556,7 +556,9 @@ def step_stop_drains():
 
 def step_socket_activation():
     """restrictpd.socket enabled, the service stopped: the first connection (Postfix's, for
-    a message sent with sendmail) starts the service on systemd's socket."""
+    a message sent with sendmail) starts the service on systemd's socket. Stopped again with
+    the socket still listening, the first connection to the policy port (smtpd asking
+    about a message on port 25) starts it too."""
     check(is_active("restrictpd.service") == "inactive", "the service should be stopped here")
     run("systemctl", "enable", "--now", "restrictpd.socket")
     check(is_active("restrictpd.socket") == "active", "restrictpd.socket is not active")
@@ -568,6 +570,17 @@ def step_socket_activation():
     check(is_active("restrictpd.service") == "active", "the service is not active after the connection")
     lines = wait_journal(r"listening on smtp \(fd 3, from systemd\)", since)
     log(f"mail delivered through the socket-activated service; {lines[0]}")
+    run("systemctl", "stop", "restrictpd.service")
+    check(is_active("restrictpd.service") == "inactive", "the service did not stop")
+    check(is_active("restrictpd.socket") == "active" and listening(10028), "the socket does not listen on 10028 any more")
+    since = journal_mark()
+    answer = smtp_as("root", "policy-socket@example.com", token + "p")
+    check(answer.startswith("250"), f"root over SMTP with the service stopped: {answer}")
+    wait_delivered("policy-socket@example.com", token + "p")
+    check(is_active("restrictpd.service") == "active", "the service is not active after the policy connection")
+    lines = wait_journal(r"listening on \S+ \(fd \d+, from systemd\) \(policy service\)", since)
+    wait_journal(r"door=smtp .*to=<policy-socket@example\.com> verdict=relayed", since)
+    log(f"policy request on 10028 started the service; {lines[0]}; the door's decision relayed")
     run("systemctl", "disable", "--now", "restrictpd.socket")
     run("systemctl", "restart", "restrictpd.service")
     check(is_active("restrictpd.service") == "active", "the service did not start on its own sockets again")
