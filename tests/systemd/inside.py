@@ -556,7 +556,9 @@ def step_stop_drains():
 
 def step_socket_activation():
     """restrictpd.socket enabled, the service stopped: the first connection (Postfix's, for
-    a message sent with sendmail) starts the service on systemd's socket."""
+    a message sent with sendmail) starts the service on systemd's socket. Stopped again with
+    the socket still listening, the first connection to the policy port (smtpd asking
+    about a message on port 25) starts it too."""
     check(is_active("restrictpd.service") == "inactive", "the service should be stopped here")
     run("systemctl", "enable", "--now", "restrictpd.socket")
     check(is_active("restrictpd.socket") == "active", "restrictpd.socket is not active")
@@ -568,10 +570,72 @@ def step_socket_activation():
     check(is_active("restrictpd.service") == "active", "the service is not active after the connection")
     lines = wait_journal(r"listening on smtp \(fd 3, from systemd\)", since)
     log(f"mail delivered through the socket-activated service; {lines[0]}")
+    run("systemctl", "stop", "restrictpd.service")
+    check(is_active("restrictpd.service") == "inactive", "the service did not stop")
+    check(is_active("restrictpd.socket") == "active" and listening(10028), "the socket does not listen on 10028 any more")
+    since = journal_mark()
+    answer = smtp_as("root", "policy-socket@example.com", token + "p")
+    check(answer.startswith("250"), f"root over SMTP with the service stopped: {answer}")
+    wait_delivered("policy-socket@example.com", token + "p")
+    check(is_active("restrictpd.service") == "active", "the service is not active after the policy connection")
+    lines = wait_journal(r"listening on \S+ \(fd \d+, from systemd\) \(policy service\)", since)
+    wait_journal(r"door=smtp .*to=<policy-socket@example\.com> verdict=relayed", since)
+    log(f"policy request on 10028 started the service; {lines[0]}; the door's decision relayed")
     run("systemctl", "disable", "--now", "restrictpd.socket")
     run("systemctl", "restart", "restrictpd.service")
     check(is_active("restrictpd.service") == "active", "the service did not start on its own sockets again")
     check(listening(FILTER_PORT), "nothing listens on 10027 after going back to the service's own socket")
+
+
+HOLD_PORT = 10029
+HOLD_USER = "rpdhold"
+
+
+def postqueue_entries():
+    """postqueue -j: one dict per queued message (queue_name, queue_id, recipients, ...)."""
+    out = run("postqueue", "-j").stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def step_hold():
+    """on_refuse hold for a test user, through the hold listener (127.0.0.1:10029, from
+    master.cf.restrictpd, restrictpd's default hold_relay): its message to a stranger waits
+    in Postfix's hold queue, the journal says verdict=held held_as=ID, nothing is
+    delivered; postsuper -H ID delivers it exactly once, without passing restrictpd again."""
+    check(listening(HOLD_PORT), f"nothing listens on the hold listener 127.0.0.1:{HOLD_PORT}")
+    if run("id", HOLD_USER, check_rc=False).returncode != 0:
+        run("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", HOLD_USER)
+    write_rules(RULES.replace("user www-data", f"user {HOLD_USER}\n    allow @localhost\n    on_refuse hold\nuser www-data"))
+    since = journal_mark()
+    run("systemctl", "reload", "restrictpd")
+    wait_journal(r"reloaded /etc/restrictpd\.conf", since)
+    token = f"hold{int(time.time())}"
+    rcpt = "stranger-hold@example.net"
+    sendmail(rcpt, token, user=HOLD_USER)
+    line = wait_journal(rf"user={HOLD_USER} .*to=<{re.escape(rcpt)}> verdict=held .*held_as=[0-9A-Za-z]+", since)[0]
+    held_id = re.search(r"held_as=([0-9A-Za-z]+)", line).group(1)
+
+    def held():
+        return [q for q in postqueue_entries() if q.get("queue_name") == "hold" and q.get("queue_id") == held_id]
+    [entry] = wait_until(held, 15, f"{held_id} in the hold queue")
+    check([r["address"] for r in entry["recipients"]] == [rcpt], f"held entry {entry}")
+    time.sleep(3)  # a few of the test's 2 s queue runs: held mail stays put
+    check(held(), f"{held_id} left the hold queue on its own")
+    check(not [m for m in sink_messages() if f"<{rcpt}>" in m["rcpts"]], "held mail reached the sink")
+    log(f"journal: {line}")
+    log(f"postqueue -j: {held_id} queue_name=hold, recipients {rcpt}; nothing delivered after 3 s")
+    released = journal_mark()
+    run("postsuper", "-H", held_id)
+    wait_delivered(rcpt, token)
+    wait_until(lambda: not [q for q in postqueue_entries() if q.get("queue_id") == held_id], 15, f"{held_id} to leave the queue")
+    time.sleep(2)
+    copies = [m for m in sink_messages() if f"<{rcpt}>" in m["rcpts"] and token in m["data"]]
+    check(len(copies) == 1, f"released mail delivered {len(copies)} times")
+    again = [e for e in decisions(released) if rcpt in e.get("RESTRICTPD_TO", "")]
+    check(not again, f"released mail passed restrictpd again: {messages(again)}")
+    log(f"postsuper -H {held_id}: delivered once, no new decision line")
+    write_rules()
+    run("systemctl", "reload", "restrictpd")
 
 
 WATCHDOG_TEST_SEC = 5
@@ -664,17 +728,64 @@ def step_reinstall_with_broken_config(deb):
     check(is_active("restrictpd.service") == "active", "not active again after the fix")
 
 
-def step_security_score():
-    """systemd-analyze security on the live unit: 1.1 or better."""
-    r = run("systemd-analyze", "security", "--no-pager", "restrictpd.service", check_rc=False)
+UNIT_FILE = "/lib/systemd/system/restrictpd.service"
+
+
+def exposure(*argv):
+    """systemd-analyze security's overall exposure level for restrictpd.service, and its
+    findings (the lines marked ✗)."""
+    r = run("systemd-analyze", "security", "--no-pager", *argv, check_rc=False)
     m = re.search(r"Overall exposure level for restrictpd\.service: ([0-9.]+)", r.stdout)
-    check(m, f"no overall exposure level in:\n{r.stdout}{r.stderr}")
-    score = float(m.group(1))
-    for line in r.stdout.splitlines():
-        if line.startswith("✗"):
-            log(" ".join(line.split()))
-    check(score <= 1.1, f"exposure {score} is above 1.1")
-    log(m.group(0))
+    check(m, f"no overall exposure level from systemd-analyze security {' '.join(argv)}:\n{r.stdout}{r.stderr}")
+    return float(m.group(1)), [" ".join(line.split()) for line in r.stdout.splitlines() if line.startswith("✗")]
+
+
+def step_security_score():
+    """systemd-analyze security on the running unit scores the same as or better than the
+    shipped unit file alone, analysed offline on this same system (scripts/package-check
+    bounds that score): nothing at run time (a drop-in, a missing kernel feature) weakens
+    the sandbox the file asks for. The file is analysed in a root of its own, since
+    systemd-analyze also reads the system's drop-ins for a unit given by path."""
+    live, findings = exposure("restrictpd.service")
+    root = Path("/run/restrictpd-test-shipped-unit")
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "lib/systemd/system").mkdir(parents=True)
+    shutil.copy(UNIT_FILE, root / "lib/systemd/system/restrictpd.service")
+    offline, offline_findings = exposure("--offline=true", f"--root={root}", "restrictpd.service")
+    shutil.rmtree(root)
+    for line in findings:
+        log(line)
+    for line in sorted(set(findings) ^ set(offline_findings)):
+        log(f"{'live only' if line in findings else 'offline only'}: {line}")
+    log(f"exposure: live unit {live}, shipped file {UNIT_FILE} alone, offline {offline}")
+    check(live <= offline, f"the live unit's exposure {live} is worse than the shipped file's {offline}")
+
+
+def open_files(pid):
+    """The (soft, hard) limit on open files of a process, from /proc/PID/limits."""
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    m = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M)
+    check(m, f"no open-files line in /proc/{pid}/limits")
+    return int(m.group(1)), int(m.group(2))
+
+
+def step_limits_read():
+    """systemd reads the unit's limits as debian/restrictpd.service writes them; the daemon
+    runs with the file limit. Whether the cgroup carries memory.max and pids.max depends on
+    the controllers the host hands the container: shown, not judged (run-qemu checks them)."""
+    props = unit_props("restrictpd.service", "LimitNOFILE", "LimitNOFILESoft", "TasksMax", "MemoryHigh", "MemoryMax", "ControlGroup")
+    want = {"LimitNOFILE": "65536", "LimitNOFILESoft": "65536", "TasksMax": "1024",
+            "MemoryHigh": str(768 << 20), "MemoryMax": str(1 << 30)}
+    check(all(props.get(k) == v for k, v in want.items()), f"unit properties {props}, expected {want}")
+    # systemd cannot raise a limit above its own hard one, which nspawn inherits from
+    # whoever started it on the host: the daemon gets the lower of the two.
+    ceiling = open_files(1)[1]
+    daemon = open_files(main_pid())
+    check(daemon == (min(65536, ceiling),) * 2, f"the daemon's open files {daemon}, PID 1's hard limit {ceiling}")
+    cgroup = Path(f"/sys/fs/cgroup{props['ControlGroup']}")
+    files = {n: (cgroup / n).read_text().strip() if (cgroup / n).exists() else "absent" for n in ("memory.max", "pids.max")}
+    log(f"{', '.join(f'{k}={v}' for k, v in want.items())}")
+    log(f"the daemon's open files soft {daemon[0]}, hard {daemon[1]} (PID 1's hard limit {ceiling}); cgroup here: {files}")
 
 
 def step_audit():
@@ -760,10 +871,12 @@ STEPS = [
     ("reload good then bad", step_reload_good_then_bad),
     ("stop drains", step_stop_drains),
     ("socket activation", step_socket_activation),
+    ("hold queue (on_refuse hold)", step_hold),
     ("watchdog restarts a hung daemon", step_watchdog_restarts_hung_daemon),
     ("configuration error stops the unit", step_config_error_stops_unit),
     ("reinstall with a broken configuration", step_reinstall_with_broken_config),
     ("systemd-analyze security", step_security_score),
+    ("limits as systemd reads them", step_limits_read),
     ("restrictpd --audit", step_audit),
     ("remove", step_remove),
     ("purge", step_purge),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs inside the QEMU (TCG) test system, which has a real kernel of its own: the checks of
 the unit's sandbox that systemd-nspawn on a shared host kernel accepts but does not enforce
-(IPAddressDeny=/IPAddressAllow=, DevicePolicy=, the file limit). Reuses inside.py's helpers
+(IPAddressDeny=/IPAddressAllow=, DevicePolicy=, the limits). Reuses inside.py's helpers
 and its first steps (install the package, wire Postfix, mail through it).
 
     python3 qemu_inside.py /path/to/restrictpd_VERSION_ARCH.deb
@@ -121,19 +121,66 @@ def step_device_policy():
     log(f"probe in the unit's cgroup: /dev/vda {probed.split()[0]}, /dev/null {probed.split()[1]}; outside: {outside}")
 
 
+# The unit's limits (debian/restrictpd.service), as the kernel should carry them.
+NOFILE = 65536
+TASKS_MAX = 1024
+MEMORY_HIGH = 768 << 20
+MEMORY_MAX = 1 << 30
+
+
+def cgroup_file(name):
+    cgroup = unit_props("restrictpd.service", "ControlGroup")["ControlGroup"]
+    check(cgroup, "restrictpd.service has no cgroup")
+    return Path(f"/sys/fs/cgroup{cgroup}/{name}").read_text().strip()
+
+
 def step_limits():
-    """The file limit the daemon runs with under the real kernel (the unit sets none: the
-    daemon raises its soft limit to systemd's hard default), and the memory the unit's
-    cgroup accounts (the unit sets no MemoryMax=)."""
+    """The unit's limits in force: the daemon's open-file limit (soft and hard) in
+    /proc/PID/limits, and memory.high, memory.max and pids.max in the service's cgroup."""
     pid = inside.main_pid()
-    limits = Path(f"/proc/{pid}/limits").read_text()
-    m = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M)
-    check(m, f"no open-files line in /proc/{pid}/limits")
-    soft, hard = int(m.group(1)), int(m.group(2))
-    check(soft == hard and soft >= 65536, f"open files soft {soft}, hard {hard}")
-    props = unit_props("restrictpd.service", "MemoryCurrent", "MemoryMax", "TasksCurrent", "TasksMax", "LimitNOFILE")
-    check(props["MemoryCurrent"].isdigit(), f"no memory accounting: {props}")
-    log(f"open files soft {soft} = hard {hard}; {props}")
+    soft, hard = inside.open_files(pid)
+    check(soft == hard == NOFILE, f"open files soft {soft}, hard {hard}; the unit sets LimitNOFILE={NOFILE}")
+    got = {name: cgroup_file(name) for name in ("memory.high", "memory.max", "pids.max", "memory.current", "pids.current")}
+    want = {"memory.high": str(MEMORY_HIGH), "memory.max": str(MEMORY_MAX), "pids.max": str(TASKS_MAX)}
+    check(all(got[k] == v for k, v in want.items()), f"the service's cgroup has {got}, the unit asks for {want}")
+    log(f"/proc/{pid}/limits: open files soft {soft}, hard {hard}")
+    log("cgroup: " + ", ".join(f"{k} {v}" for k, v in got.items()))
+
+
+# A transient service with small limits of the same kinds, each exceeded on purpose.
+OVER_MEMORY = "b = b'x' * (256 << 20)\n"  # 256 MiB touched, past a 64 MiB MemoryMax=
+OVER_TASKS = """
+import threading, time
+started = 0
+try:
+    for _ in range(64):
+        threading.Thread(target=time.sleep, args=(5,), daemon=True).start()
+        started += 1
+except RuntimeError as e:
+    print(f"threads started: {started}; then: {e}", flush=True)
+    raise SystemExit(3)
+"""
+
+
+def transient(name, code, *props):
+    """Runs python CODE as a transient service with PROPS; its Result= and output."""
+    argv = ["systemd-run", f"--unit={name}", "--wait", "--pipe", "--collect"]
+    argv += [f"--property={p}" for p in props]
+    r = run(*argv, "/usr/bin/python3", "-c", code, check_rc=False, timeout=60)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+def step_limits_enforced():
+    """The kernel enforces these kinds of limit on a service here: one that touches 256 MiB
+    under MemoryMax=64M is OOM-killed; one that starts 64 threads under TasksMax=16 is
+    refused the 16th."""
+    rc, out = transient("test-memory-max", OVER_MEMORY, "MemoryMax=64M", "MemorySwapMax=0")
+    check(rc != 0 and "Finished with result: oom-kill" in out, f"256 MiB under MemoryMax=64M: exit {rc}, {out}")
+    log(f"MemoryMax=64M, 256 MiB touched: exit {rc}, " + " ".join(ln for ln in out.splitlines() if "result" in ln))
+    rc, out = transient("test-tasks-max", OVER_TASKS, "TasksMax=16")
+    m = re.search(r"threads started: (\d+)", out)
+    check(rc == 3 and m and 8 <= int(m.group(1)) < 16, f"64 threads under TasksMax=16: exit {rc}, {out}")
+    log(f"TasksMax=16, 64 threads: {out.splitlines()[0]}")
 
 
 # Only what needs the kernel of its own: the rest (Postfix, mail, the journal, reload, ...)
@@ -142,7 +189,8 @@ STEPS = [
     ("install the package", inside.step_install_package),
     ("IPAddressDeny/IPAddressAllow enforced", step_ip_address_filter),
     ("DevicePolicy enforced", step_device_policy),
-    ("limits", step_limits),
+    ("limits of the unit", step_limits),
+    ("limits enforced by the kernel", step_limits_enforced),
 ]
 
 if __name__ == "__main__":
