@@ -74,10 +74,12 @@ public protocol FreezeStore: Sendable {
 }
 
 extension Policy {
-    /// The freeze rule for `sender`: its rule's, else the global one.
-    public func freezeRule(for sender: Sender) -> FreezeRule? {
+    /// The freeze rule for `sender`: its rule's, else the global one. `groups`: the sender's
+    /// groups, so that a `group` rule's setting counts (no default: forgetting them would
+    /// silently fall back to the `default` rule).
+    public func freezeRule(for sender: Sender, groups: [UInt32]) -> FreezeRule? {
         guard sender.uid != nil else { return nil }
-        return self.rule(for: sender)?.freeze ?? self.configuration.freeze
+        return self.rule(for: sender, groups: groups)?.freeze ?? self.configuration.freeze
     }
 
     /// True when some rule or the global settings freeze: only then is the store asked

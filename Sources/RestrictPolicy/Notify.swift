@@ -44,10 +44,11 @@ public struct Notification: Sendable, Equatable {
 }
 
 extension Policy {
-    /// The share of its quota (percent) at which `sender` is warned about, if any.
-    public func warnAt(for sender: Sender) -> Int? {
+    /// The share of its quota (percent) at which `sender` is warned about, if any (`groups`:
+    /// the sender's, for `group` rules).
+    public func warnAt(for sender: Sender, groups: [UInt32]) -> Int? {
         guard sender.uid != nil else { return nil }
-        return self.rule(for: sender)?.warnAt ?? self.configuration.warnAt
+        return self.rule(for: sender, groups: groups)?.warnAt ?? self.configuration.warnAt
     }
 
     /// True when `outcome` has used `percent` of its limit or more (an admitted message only:
@@ -56,14 +57,15 @@ extension Policy {
         outcome.admitted && outcome.limit > 0 && outcome.used * 100 >= outcome.limit * percent
     }
 
-    /// Where notifications about `uid` go: its rule's list, else the global one.
-    public func notifyAddresses(uid: UInt32) -> [String] {
-        self.rule(for: .user(uid: uid, name: nil))?.notify ?? self.configuration.notify
+    /// Where notifications about `uid` go: its rule's list, else the global one (`groups`:
+    /// the uid's, for `group` rules).
+    public func notifyAddresses(uid: UInt32, groups: [UInt32]) -> [String] {
+        self.rule(for: .user(uid: uid, name: nil), groups: groups)?.notify ?? self.configuration.notify
     }
 }
 
 public struct NotificationBook: Sendable {
-    /// Sample recipients listed in one message.
+    /// Recipients listed in one message, over all its events; also the most events kept.
     public static let maxSamples = 20
     public let interval: Int64
     /// Messages an hour, over all UIDs.

@@ -192,7 +192,7 @@ final class SessionDriver {
         let request = Policy.quotaRequest(
             evaluation, sender: sender, now: self.runtime.clock(), held: held, recipients: recipients.count, heldVolume: volume)
         guard let request else {
-            return self.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: nil))
+            return self.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: nil), groups: groups)
         }
         self.later { driver -> Result<QuotaOutcome, any Error> in
             do {
@@ -202,15 +202,15 @@ final class SessionDriver {
             }
         } then: { driver, outcome in
             if case .success(let o) = outcome, let quota = request.quota {
-                driver.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: driver.ruleset)
+                driver.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: driver.ruleset, groups: groups)
             }
-            return driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome))
+            return driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome), groups: groups)
         }
         return []
     }
 
-    private func decided(_ evaluation: Evaluation, _ sender: Sender, _ verdict: Verdict) -> [SessionAction] {
-        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset)
+    private func decided(_ evaluation: Evaluation, _ sender: Sender, _ verdict: Verdict, groups: [UInt32]) -> [SessionAction] {
+        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset, groups: groups)
         return self.machine.decided(verdict)
     }
 

@@ -26,11 +26,14 @@ final class Notifier: Sendable {
     static let maxAttempts = 8
     static let maxOutbox = 1000
     private let state: Mutex<State>
+    /// The runtime's cache of users' groups: a `group` rule's notify list needs them.
+    private let userGroups: UserGroups
 
-    init(_ configuration: Configuration) {
+    init(_ configuration: Configuration, userGroups: UserGroups) {
         let book = NotificationBook(
             interval: Int64(configuration.value(.notifyInterval)), limit: configuration.value(.notifyLimit))
         self.state = Mutex(State(book: book))
+        self.userGroups = userGroups
     }
 
     /// A decision line's record, when it is one the admin hears of (refused or held, of a
@@ -44,8 +47,21 @@ final class Notifier: Sendable {
         self.add(event, policy: policy)
     }
 
+    /// Notes `event` for the admins its uid's rule names (a `group` rule's too: the uid's
+    /// groups come from the cache, or are looked up off the caller's thread).
     func add(_ event: NotifyEvent, policy: Policy) {
-        let addresses = policy.notifyAddresses(uid: event.uid)
+        guard policy.needsGroups else { return self.add(event, to: policy.notifyAddresses(uid: event.uid, groups: [])) }
+        if let groups = self.userGroups.cached(event.uid) {
+            return self.add(event, to: policy.notifyAddresses(uid: event.uid, groups: groups))
+        }
+        let userGroups = self.userGroups
+        Task {
+            let groups = await userGroups.groups(event.uid)
+            self.add(event, to: policy.notifyAddresses(uid: event.uid, groups: groups))
+        }
+    }
+
+    private func add(_ event: NotifyEvent, to addresses: [String]) {
         guard !addresses.isEmpty else { return }
         self.state.withLock { $0.book.add(event, to: addresses) }
     }
