@@ -167,9 +167,14 @@ def test_messages_cap_and_freeze_hold_across_the_farm(lab, pg):
         out = admin(config_a, "--stats", "33").stdout
         return "relayed 2," in out and 'messages="0/2 per hour"' in out
     dl.wait_until(stats_seen, timeout=20, interval=1.0, what="--stats with both daemons' decisions")
+    # ... and the freeze, in --quota's words, on either host.
+    for config in (config_a, config_b):
+        out = admin(config, "--stats", "33").stdout
+        assert "  FROZEN since " in out and "its mail is held or deferred until restrictpd --thaw" in out, out
     thawed = admin(config_a, "--thaw", "33")
     assert thawed.returncode == 0 and "thawed (scope capfarm)" in thawed.stdout, thawed.stdout + thawed.stderr
     assert "FROZEN" not in admin(config_b, "--quota", "33").stdout
+    assert "FROZEN" not in admin(config_b, "--stats", "33").stdout
     # Thawed on both: the cap, not the freeze, defers the next message.
     before = b.log().count("over the messages cap")
     code, _ = dl.send_message(port_b, ["after@ok.org"], uid=33)

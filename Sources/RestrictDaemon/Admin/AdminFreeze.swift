@@ -57,9 +57,13 @@ extension Admin {
     static func frozenLines(_ list: [FrozenState]) -> [String] {
         list.map { state in
             let name = Users.lookup(uid: state.uid)?.name
-            let phrase = Sender.user(uid: state.uid, name: name).phrase
-            return "\(phrase): FROZEN since \(timestamp(state.since)) (freeze after \(LogText.escape(state.reason))); "
-                + "its mail is held or deferred until restrictpd --thaw \(name ?? String(state.uid))"
+            return "\(Sender.user(uid: state.uid, name: name).phrase): \(self.frozenPhrase(state, name: name))"
         }
+    }
+
+    /// What --quota and --stats say of a frozen UID: "FROZEN since ... (freeze after ...); ...".
+    static func frozenPhrase(_ state: FrozenState, name: String?) -> String {
+        "FROZEN since \(timestamp(state.since)) (freeze after \(LogText.escape(state.reason))); "
+            + "its mail is held or deferred until restrictpd --thaw \(name ?? String(state.uid))"
     }
 }
