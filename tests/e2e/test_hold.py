@@ -144,7 +144,7 @@ def test_freeze_after_three_refusals_holds_everything_until_thaw(postfix, sink, 
     for i in range(1, 4):
         send(postfix, rpdtest_user, f"stranger{i}@example.com", f"e2e freeze: refusal {i}")
         rpd.wait_log(rf"to=<stranger{i}@example\.com> verdict=refused", timeout=DELIVERY_TIMEOUT)
-    [crit] = rpd.wait_log(rf"fatal: uid \d+ \({rpdtest_user}\) frozen: 3 refused, over-quota or held messages "
+    [crit] = rpd.wait_log(rf"crit: uid \d+ \({rpdtest_user}\) frozen: 3 refused, over-quota or held messages "
                           rf"\(freeze after 3 refusals per hour\); every message is held until restrictpd --thaw {rpdtest_user}")
     assert "FROZEN since" in rpd.quota(rpdtest_user)
     # --stats says so too, in --quota's words, once the refusals reached its statistics.

@@ -103,6 +103,9 @@ VISIBLE = [
     OLD + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<w@lab> to=<spam@example.net> '
     'verdict=refused reason="<spam@example.net> not on the allow list" script="33:contact.php"',
     OLD + 'error: hold relay: cannot connect to 127.0.0.1:10029: connection refused; message deferred',
+    OLD + 'crit: uid 33 (www-data) frozen: 3 refused, over-quota or held messages (freeze after 3 refusals '
+    'per hour); every message is held until restrictpd --thaw www-data',
+    # The freeze line stays visible whatever its prefix.
     OLD + 'fatal: uid 33 (www-data) frozen: 3 refused, over-quota or held messages (freeze after 3 refusals '
     'per hour); every message is held until restrictpd --thaw www-data',
     RFC + 'uid 33 (www-data) thawed by restrictpd --thaw',
