@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,17 @@ def test_messages_cap_and_freeze_hold_across_the_farm(lab, pg):
     # The cap is the farm's: one message on each daemon, then both defer.
     assert dl.send_message(port_a, ["one@ok.org"], uid=33)[0] == 250
     assert dl.send_message(port_b, ["two@ok.org"], uid=33)[0] == 250
-    for n, port in enumerate([port_a, port_b, port_a]):
-        code, lines = dl.send_message(port, [f"more{n}@ok.org"], uid=33)
+    # Two deferred messages, then Postfix retrying the first on the other host: deferred again
+    # but not counted again towards freezing (its queue id is counted in the window).
+    for n, port, queue_id in [(0, port_a, "MORE0"), (1, port_b, "MORE1"), (0, port_b, "MORE0")]:
+        code, lines = dl.send_message(port, [f"more{n}@ok.org"], uid=33, queue_id=queue_id)
         assert code == 451 and "4.7.1" in lines[0], lines
+    time.sleep(1)
+    assert "FROZEN" not in admin(config_a, "--quota", "33").stdout, "a retry counted as a new refusal"
+    code, lines = dl.send_message(port_a, ["more2@ok.org"], uid=33, queue_id="MORE2")
+    assert code == 451 and "4.7.1" in lines[0], lines
     assert len(lab.relay.messages) == 2
-    assert a.log().count("over the messages cap") + b.log().count("over the messages cap") == 3
+    assert a.log().count("over the messages cap") + b.log().count("over the messages cap") == 4
     test = admin(config_b, "--test", "33", "x@ok.org")
     assert test.returncode == 2 and 'messages="0/2 per hour"' in test.stdout, test.stdout + test.stderr
     # The third refusal, counted on either daemon, froze uid 33 for both.

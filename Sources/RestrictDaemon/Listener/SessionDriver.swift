@@ -36,6 +36,8 @@ final class SessionDriver {
     private var clientFlush = false
     private var relayFlush = false
     private var finished = false
+    /// Pickup's queue id of the message being decided (a retried message strikes once).
+    private var decidingQueueID: String?
     /// Drivers alive in this process: a session's driver must go with its connection.
     static let live = Mutex(0)
 
@@ -126,7 +128,8 @@ final class SessionDriver {
         case .identify(let uid):
             if let cached = self.runtime.userNames.cached(uid) { return self.machine.identified(user: cached) }
             self.later { await $0.runtime.userNames.name(uid) } then: { $0.machine.identified(user: $1) }
-        case .decide(let sender, let recipients):
+        case .decide(let sender, let recipients, let queueID):
+            self.decidingQueueID = queueID
             return self.decide(sender, recipients)
         case .abortRelay:
             self.relay.abort()
@@ -210,7 +213,8 @@ final class SessionDriver {
     }
 
     private func decided(_ evaluation: Evaluation, _ sender: Sender, _ verdict: Verdict, groups: [UInt32]) -> [SessionAction] {
-        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset, groups: groups)
+        self.runtime.strike(
+            sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset, groups: groups, queueID: self.decidingQueueID)
         return self.machine.decided(verdict)
     }
 

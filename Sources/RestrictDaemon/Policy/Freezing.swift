@@ -19,8 +19,10 @@ extension Runtime {
     }
 
     /// Counts a verdict that strikes (Policy.strikes) towards its sender's freeze rule
-    /// (`groups`: the sender's, as the verdict was judged with them, for `group` rules).
-    func strike(_ sender: Sender, evaluation: Evaluation, verdict: Verdict, ruleset: Ruleset, groups: [UInt32]) {
+    /// (`groups`: the sender's, as the verdict was judged with them, for `group` rules;
+    /// `queueID`: the message's, so that Postfix's retries of it count once; nil at the SMTP
+    /// door, where every refused recipient counts).
+    func strike(_ sender: Sender, evaluation: Evaluation, verdict: Verdict, ruleset: Ruleset, groups: [UInt32], queueID: String?) {
         guard Policy.strikes(evaluation, verdict), let uid = sender.uid,
             let rule = ruleset.policy.freezeRule(for: sender, groups: groups),
             let freezes = self.freezes
@@ -32,7 +34,7 @@ extension Runtime {
         // A task of its own: the store's write transaction must not delay the session's answer.
         Task {
             do {
-                let outcome = try await freezes.strike(uid: uid, rule: rule, now: now)
+                let outcome = try await freezes.strike(uid: uid, rule: rule, now: now, queueID: queueID)
                 guard outcome.froze else { return }
                 Self.logFreeze(sender, rule: rule, count: outcome.count, action: action, logger: logger)
                 let event = NotifyEvent(

@@ -211,7 +211,7 @@ struct PolicyService: Sendable {
         groups: [UInt32], record: DecisionRecord, logger: Logger
     ) -> PolicyAction {
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
-        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: ruleset, groups: groups)
+        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: ruleset, groups: groups, queueID: nil)
         return self.refuse(verdict, record: record, atEnd: false, logger: logger)
     }
 
@@ -284,7 +284,8 @@ struct PolicyService: Sendable {
                     sweptDead = true
                     continue
                 }
-                self.runtime.strike(r.sender, evaluation: r.evaluation, verdict: verdict, ruleset: self.runtime.ruleset, groups: r.groups)
+                self.runtime.strike(
+                    r.sender, evaluation: r.evaluation, verdict: verdict, ruleset: self.runtime.ruleset, groups: r.groups, queueID: nil)
                 return self.refuse(verdict, record: record, atEnd: false, logger: logger)
             }
             let reserved = self.runtime.reservations.withLock { res in
