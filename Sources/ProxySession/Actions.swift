@@ -56,8 +56,9 @@ public enum SessionAction: Sendable, Equatable {
     case rememberHello(SMTPCommand, SMTPReply)
     /// Look up the user name of `uid`; answer with `identified(user:)`.
     case identify(uid: UInt32)
-    /// Ask the policy; answer with `decided(_:)`.
-    case decide(sender: Sender, recipients: [String])
+    /// Ask the policy; answer with `decided(_:)`. `queueID`: pickup's, from the first header
+    /// (freezing counts a retried message once).
+    case decide(sender: Sender, recipients: [String], queueID: String?)
     /// Close the relay connection at once: the relay discards the message in progress.
     case abortRelay
     /// Open a new connection to the hold relay and make it the session's relay until

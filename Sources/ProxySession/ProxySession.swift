@@ -663,7 +663,7 @@ public struct ProxySession: Sendable {
         case .pickup(let uid, _, _, _): sender = .user(uid: uid, name: m.record.user)
         case .unidentified(let reason): sender = .unidentified(reason: reason)
         }
-        actions.append(.decide(sender: sender, recipients: m.record.to))
+        actions.append(.decide(sender: sender, recipients: m.record.to, queueID: m.identity.queueID))
         self.enter(.deciding(m))
     }
 

@@ -7,22 +7,31 @@ import CSQLite
 
 extension QuotaConnection {
     private static let pruneEvents = "DELETE FROM refusal_event WHERE uid = ?1 AND at < ?2"
-    private static let insertEvent = "INSERT INTO refusal_event (uid, at) VALUES (?1, ?2)"
+    private static let insertEvent = "INSERT INTO refusal_event (uid, at, queue_id) VALUES (?1, ?2, ?3)"
+    private static let seenEvent = "SELECT count(*) FROM refusal_event WHERE uid = ?1 AND queue_id = ?2 AND at >= ?3"
     private static let countEvents = "SELECT count(*) FROM refusal_event WHERE uid = ?1 AND at >= ?2"
     private static let selectFrozen = "SELECT uid, since, reason FROM frozen_uid WHERE uid = ?1"
     private static let insertFrozen = "INSERT OR IGNORE INTO frozen_uid (uid, since, reason) VALUES (?1, ?2, ?3)"
 
-    func strike(uid: UInt32, rule: FreezeRule, now: Int64) throws -> StrikeOutcome {
+    func strike(uid: UInt32, rule: FreezeRule, now: Int64, queueID: String?) throws -> StrikeOutcome {
         try self.execute("BEGIN IMMEDIATE", "starting a write transaction")
         do {
             let id = Int64(uid)
             let start = rule.windowStart(now: now)
             try self.run(Self.pruneEvents, [.integer(id), .integer(start)], "pruning refusals")
-            try self.run(Self.insertEvent, [.integer(id), .integer(now)], "counting a refusal")
+            var seen: Int64 = 0
+            if let queueID {
+                try self.query(Self.seenEvent, [.integer(id), .text(queueID), .integer(start)], "looking for a retry") {
+                    seen = sqlite3_column_int64($0, 0)
+                }
+            }
+            if seen == 0 {
+                try self.run(Self.insertEvent, [.integer(id), .integer(now), queueID.map { .text($0) } ?? .null], "counting a refusal")
+            }
             var count: Int64 = 0
             try self.query(Self.countEvents, [.integer(id), .integer(start)], "counting refusals") { count = sqlite3_column_int64($0, 0) }
             var froze = false
-            if rule.freezes(count: Int(count)), try self.frozen(uid: uid) == nil {
+            if seen == 0, rule.freezes(count: Int(count)), try self.frozen(uid: uid) == nil {
                 try self.run(Self.insertFrozen, [.integer(id), .integer(now), .text(rule.description)], "freezing")
                 froze = true
             }
@@ -64,8 +73,8 @@ extension QuotaConnection {
 }
 
 extension QuotaDatabase: FreezeStore {
-    public func strike(uid: UInt32, rule: FreezeRule, now: Int64) async throws -> StrikeOutcome {
-        try await self.onQueue { try $0.strike(uid: uid, rule: rule, now: now) }
+    public func strike(uid: UInt32, rule: FreezeRule, now: Int64, queueID: String?) async throws -> StrikeOutcome {
+        try await self.onQueue { try $0.strike(uid: uid, rule: rule, now: now, queueID: queueID) }
     }
 
     public func frozen(uid: UInt32) async throws -> FrozenState? {
@@ -91,8 +100,8 @@ extension QuotaDatabase: FreezeStore {
 }
 
 extension LazyQuotaStore: FreezeStore {
-    public func strike(uid: UInt32, rule: FreezeRule, now: Int64) async throws -> StrikeOutcome {
-        try await self.database().strike(uid: uid, rule: rule, now: now)
+    public func strike(uid: UInt32, rule: FreezeRule, now: Int64, queueID: String?) async throws -> StrikeOutcome {
+        try await self.database().strike(uid: uid, rule: rule, now: now, queueID: queueID)
     }
 
     public func frozen(uid: UInt32) async throws -> FrozenState? {

@@ -327,6 +327,7 @@ final class QuotaConnection: @unchecked Sendable {
     enum Value {
         case integer(Int64)
         case text(String)
+        case null
     }
 
     func handle(_ operation: String) throws -> OpaquePointer {
@@ -372,6 +373,8 @@ final class QuotaConnection: @unchecked Sendable {
                 rc = sqlite3_bind_int64(statement, index, n)
             case .text(let s):
                 rc = sqlite3_bind_text64(statement, index, s, sqlite3_uint64(s.utf8.count), Self.transient, UInt8(SQLITE_UTF8))
+            case .null:
+                rc = sqlite3_bind_null(statement, index)
             }
             guard rc == SQLITE_OK else { throw self.failure(rc, operation) }
         }

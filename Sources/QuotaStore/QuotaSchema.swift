@@ -65,6 +65,12 @@ enum QuotaSchema {
         ) STRICT, WITHOUT ROWID;
         CREATE INDEX stats_hour_by_hour ON stats_hour (hour);
         """,
+        // 3 -> 4: the queue id of a counted refusal (NULL without one, as at the SMTP door),
+        // so that Postfix retrying one deferred message counts once per freeze window.
+        """
+        ALTER TABLE refusal_event ADD COLUMN queue_id TEXT;
+        CREATE INDEX refusal_event_by_queue_id ON refusal_event (uid, queue_id) WHERE queue_id IS NOT NULL;
+        """,
     ]
 
     static var currentVersion: Int32 { Int32(migrations.count) }

@@ -14,7 +14,7 @@ public import RestrictPolicy
 
 enum PostgresFreezeSQL {
     static func strike(
-        uid: UInt32, rule: FreezeRule, now: Int64, scope: String, on connection: PostgresConnection, logger: Logger
+        uid: UInt32, rule: FreezeRule, now: Int64, queueID: String?, scope: String, on connection: PostgresConnection, logger: Logger
     ) async throws -> StrikeOutcome {
         try await PostgresQuotaSQL.transaction(on: connection, logger: logger) {
             let id = Int64(uid)
@@ -23,14 +23,17 @@ enum PostgresFreezeSQL {
                 "SELECT pg_advisory_xact_lock(hashtext(\(scope) || ' freeze'), \(PostgresQuotaSQL.lockKey(id)))", logger: logger)
             try await connection.query(
                 "DELETE FROM restrictpd_refusal WHERE scope = \(scope) AND uid = \(id) AND at < \(start)", logger: logger)
-            try await connection.query(
-                "INSERT INTO restrictpd_refusal (scope, uid, at) VALUES (\(scope), \(id), \(now))", logger: logger)
+            let seen = try await Self.counted(queueID, uid: id, since: start, scope: scope, on: connection, logger: logger)
+            if !seen {
+                try await connection.query(
+                    "INSERT INTO restrictpd_refusal (scope, uid, at, queue_id) VALUES (\(scope), \(id), \(now), \(queueID))", logger: logger)
+            }
             let rows = try await connection.query(
                 "SELECT count(*) FROM restrictpd_refusal WHERE scope = \(scope) AND uid = \(id) AND at >= \(start)", logger: logger)
             var count: Int64 = 0
             for try await n in rows.decode(Int64.self) { count = n }
             var froze = false
-            if rule.freezes(count: Int(count)) {
+            if !seen, rule.freezes(count: Int(count)) {
                 // Frozen already: the since and the reason stay.
                 let inserted = try await connection.query(
                     """
@@ -41,6 +44,21 @@ enum PostgresFreezeSQL {
             }
             return StrikeOutcome(count: Int(count), froze: froze)
         }
+    }
+
+    /// True when a refusal of `queueID` (a retried message) is counted since `start`.
+    private static func counted(
+        _ queueID: String?, uid: Int64, since start: Int64, scope: String, on connection: PostgresConnection, logger: Logger
+    ) async throws -> Bool {
+        guard let queueID else { return false }
+        let rows = try await connection.query(
+            """
+            SELECT count(*) FROM restrictpd_refusal
+            WHERE scope = \(scope) AND uid = \(uid) AND queue_id = \(queueID) AND at >= \(start)
+            """, logger: logger)
+        var n: Int64 = 0
+        for try await c in rows.decode(Int64.self) { n = c }
+        return n > 0
     }
 
     /// The frozen uids of the scope (only `uid` when given), by uid.
@@ -81,9 +99,10 @@ enum PostgresFreezeSQL {
 
 extension PostgresQuotaStore: FreezeStore {
     /// On the pool, within `state_timeout`, as a decision.
-    public func strike(uid: UInt32, rule: FreezeRule, now: Int64) async throws -> StrikeOutcome {
+    public func strike(uid: UInt32, rule: FreezeRule, now: Int64, queueID: String?) async throws -> StrikeOutcome {
         try await self.pooled("counting a refusal") { connection in
-            try await PostgresFreezeSQL.strike(uid: uid, rule: rule, now: now, scope: self.settings.scope, on: connection, logger: self.logger)
+            try await PostgresFreezeSQL.strike(
+                uid: uid, rule: rule, now: now, queueID: queueID, scope: self.settings.scope, on: connection, logger: self.logger)
         }
     }
 

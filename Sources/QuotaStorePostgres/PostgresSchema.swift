@@ -89,6 +89,15 @@ enum PostgresSchema {
             """,
             "CREATE INDEX restrictpd_stats_by_hour ON restrictpd_stats (scope, hour)",
         ],
+        // 2 -> 3: the queue id of a counted refusal (NULL without one, as at the SMTP door),
+        // so that Postfix retrying one deferred message counts once per freeze window.
+        [
+            "ALTER TABLE restrictpd_refusal ADD COLUMN queue_id text",
+            """
+            CREATE INDEX restrictpd_refusal_by_queue_id ON restrictpd_refusal (scope, uid, queue_id)
+                WHERE queue_id IS NOT NULL
+            """,
+        ],
     ]
 
     static var currentVersion: Int { migrations.count }

@@ -126,7 +126,7 @@ public enum Daemon {
         switch ConfigurationLoader.load(options.configPath) {
         case .success(let c): configuration = c
         case .failure(let errors):
-            for e in errors.errors { logger.critical("\(e)") }
+            for e in errors.errors { logger.fatal("\(e)") }
             return .failure(.configuration)
         }
         warnAboutConfiguration(configuration, logger: logger)
@@ -136,14 +136,14 @@ public enum Daemon {
         case .failure(let failure): return .failure(failure)
         }
         guard !sockets.isEmpty else {
-            logger.critical("nothing to listen on")
+            logger.fatal("nothing to listen on")
             return .failure(.other)
         }
         let statePassword: String?
         do {
             statePassword = try QuotaStores.password(configuration)
         } catch {
-            logger.critical("state_password_file: \(error)")
+            logger.fatal("state_password_file: \(error)")
             return .failure(.configuration)
         }
         if let failure = dropPrivileges(options, logger: logger) { return .failure(failure) }
@@ -172,7 +172,7 @@ public enum Daemon {
         if !passed.isEmpty { return .success(systemdSockets(passed, configuration: configuration, logger: logger)) }
         let gid = configuration.unixSocketGroup.flatMap { Users.groupID(name: $0) }
         if let name = configuration.unixSocketGroup, gid == nil {
-            logger.critical("unix_socket_group: no group named \(name)")
+            logger.fatal("unix_socket_group: no group named \(name)")
             return .failure(.configuration)
         }
         var sockets: [PreparedDaemon.Socket] = []
@@ -182,7 +182,7 @@ public enum Daemon {
                 let fd = try ListenSocket.open(address, mode: configuration.unixSocketMode, group: gid)
                 sockets.append((fd, policy ? "\(address) (policy service)" : "\(address)", policy))
             } catch {
-                logger.critical("cannot listen on \(address): \(error)")
+                logger.fatal("cannot listen on \(address): \(error)")
                 return .failure(.other)
             }
         }
@@ -214,13 +214,13 @@ public enum Daemon {
     static func dropPrivileges(_ options: DaemonOptions, logger: Logger) -> StartFailure? {
         guard getuid() == 0, options.user != "root" else { return nil }
         guard let user = Users.lookup(name: options.user) else {
-            logger.critical("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
+            logger.fatal("user \(options.user) does not exist (create it with adduser --system \(options.user), or pass --user root)")
             return .other
         }
         do {
             try Privileges.dropWhileSingleThreaded(to: user)
         } catch {
-            logger.critical("cannot drop privileges to \(options.user): \(error)")
+            logger.fatal("cannot drop privileges to \(options.user): \(error)")
             return .other
         }
         logger.info("running as \(options.user) (uid \(user.uid))")
@@ -290,7 +290,7 @@ public enum Daemon {
                 if socket.policy { listeners.policy.append(listener) } else { listeners.smtp.append(listener) }
                 logger.info("listening on \(socket.name)")
             } catch {
-                logger.critical("cannot listen on \(socket.name): \(error)")
+                logger.fatal("cannot listen on \(socket.name): \(error)")
                 return nil
             }
         }

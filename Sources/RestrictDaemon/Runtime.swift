@@ -87,7 +87,7 @@ public final class Runtime: Sendable {
     let counters = Mutex(Counters())
     let draining = Mutex(false)
     let userNames = UserNames()
-    let userGroups = UserGroups()
+    let userGroups: UserGroups
     /// Decisions not yet added to the store's statistics (`flushStats`).
     let stats = Mutex(StatsAccumulator())
     let clock: @Sendable () -> Int64
@@ -106,7 +106,9 @@ public final class Runtime: Sendable {
         self.reservations = Mutex(Reservations(timeout: Int64(ruleset.configuration.value(.policyReservationTimeout))))
         self.store = store
         self.freezes = store as? any FreezeStore
-        self.notifier = Notifier(ruleset.configuration)
+        let userGroups = UserGroups()
+        self.userGroups = userGroups
+        self.notifier = Notifier(ruleset.configuration, userGroups: userGroups)
         self.logger = logger
         self.clock = clock
     }

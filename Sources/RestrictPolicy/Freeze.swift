@@ -67,17 +67,29 @@ public struct StrikeOutcome: Sendable, Equatable {
 /// file; the PostgreSQL database, per scope).
 public protocol FreezeStore: Sendable {
     /// Counts one refused, over-quota or held message of `uid` at `now` and, when the count in
-    /// the rule's window reaches its limit, freezes the UID; in one transaction.
-    func strike(uid: UInt32, rule: FreezeRule, now: Int64) async throws -> StrikeOutcome
+    /// the rule's window reaches its limit, freezes the UID; in one transaction. A message
+    /// whose `queueID` is already counted in the window (Postfix retrying a deferred message)
+    /// is not counted again: the outcome is the count as it stands. Without a queue id (the
+    /// SMTP door) every call counts.
+    func strike(uid: UInt32, rule: FreezeRule, now: Int64, queueID: String?) async throws -> StrikeOutcome
     /// The UID's frozen state, nil when it is not frozen.
     func frozen(uid: UInt32) async throws -> FrozenState?
 }
 
+extension FreezeStore {
+    /// A strike without a queue id: it always counts.
+    public func strike(uid: UInt32, rule: FreezeRule, now: Int64) async throws -> StrikeOutcome {
+        try await self.strike(uid: uid, rule: rule, now: now, queueID: nil)
+    }
+}
+
 extension Policy {
-    /// The freeze rule for `sender`: its rule's, else the global one.
-    public func freezeRule(for sender: Sender) -> FreezeRule? {
+    /// The freeze rule for `sender`: its rule's, else the global one. `groups`: the sender's
+    /// groups, so that a `group` rule's setting counts (no default: forgetting them would
+    /// silently fall back to the `default` rule).
+    public func freezeRule(for sender: Sender, groups: [UInt32]) -> FreezeRule? {
         guard sender.uid != nil else { return nil }
-        return self.rule(for: sender)?.freeze ?? self.configuration.freeze
+        return self.rule(for: sender, groups: groups)?.freeze ?? self.configuration.freeze
     }
 
     /// True when some rule or the global settings freeze: only then is the store asked

@@ -44,10 +44,11 @@ public struct Notification: Sendable, Equatable {
 }
 
 extension Policy {
-    /// The share of its quota (percent) at which `sender` is warned about, if any.
-    public func warnAt(for sender: Sender) -> Int? {
+    /// The share of its quota (percent) at which `sender` is warned about, if any (`groups`:
+    /// the sender's, for `group` rules).
+    public func warnAt(for sender: Sender, groups: [UInt32]) -> Int? {
         guard sender.uid != nil else { return nil }
-        return self.rule(for: sender)?.warnAt ?? self.configuration.warnAt
+        return self.rule(for: sender, groups: groups)?.warnAt ?? self.configuration.warnAt
     }
 
     /// True when `outcome` has used `percent` of its limit or more (an admitted message only:
@@ -56,14 +57,15 @@ extension Policy {
         outcome.admitted && outcome.limit > 0 && outcome.used * 100 >= outcome.limit * percent
     }
 
-    /// Where notifications about `uid` go: its rule's list, else the global one.
-    public func notifyAddresses(uid: UInt32) -> [String] {
-        self.rule(for: .user(uid: uid, name: nil))?.notify ?? self.configuration.notify
+    /// Where notifications about `uid` go: its rule's list, else the global one (`groups`:
+    /// the uid's, for `group` rules).
+    public func notifyAddresses(uid: UInt32, groups: [UInt32]) -> [String] {
+        self.rule(for: .user(uid: uid, name: nil), groups: groups)?.notify ?? self.configuration.notify
     }
 }
 
 public struct NotificationBook: Sendable {
-    /// Sample recipients listed in one message.
+    /// Recipients listed in one message, over all its events; also the most events kept.
     public static let maxSamples = 20
     public let interval: Int64
     /// Messages an hour, over all UIDs.
@@ -73,7 +75,14 @@ public struct NotificationBook: Sendable {
         var addresses: [String]
         var since: Int64
         var counts: [NotifyEvent.Kind: Int] = [:]
+        /// Events listed, their recipients cut so that at most maxSamples are listed in all.
         var samples: [NotifyEvent] = []
+        var listed = 0
+        /// Recipients and events not listed.
+        var moreRecipients = 0
+        var moreEvents = 0
+        /// The last quota figure an event carried ("17/20 per day").
+        var quota: String?
         var last: NotifyEvent
     }
     private var pending: [UInt32: Pending] = [:]
@@ -91,20 +100,40 @@ public struct NotificationBook: Sendable {
         var p = self.pending[event.uid] ?? Pending(addresses: addresses, since: event.time, last: event)
         p.addresses = addresses
         p.counts[event.kind, default: 0] += 1
-        if p.samples.count < Self.maxSamples { p.samples.append(event) }
+        let room = Self.maxSamples - p.listed
+        if p.samples.count < Self.maxSamples, room > 0 || event.recipients.isEmpty {
+            var sample = event
+            sample.recipients = Array(event.recipients.prefix(room))
+            p.listed += sample.recipients.count
+            p.moreRecipients += event.recipients.count - sample.recipients.count
+            p.samples.append(sample)
+        } else {
+            p.moreRecipients += event.recipients.count
+            p.moreEvents += 1
+        }
+        if let quota = event.quota { p.quota = quota }
         p.last = event
         self.pending[event.uid] = p
     }
 
+    /// The UIDs whose message `due(now:)` would send now, in order.
+    public func dueUIDs(now: Int64) -> [UInt32] {
+        let room = max(0, self.limit - self.sent.filter { now - $0 < 3600 }.count)
+        let ready = self.pending.keys.sorted().filter { uid in self.lastSent[uid].map { now - $0 >= self.interval } ?? true }
+        return Array(ready.prefix(room))
+    }
+
     /// The messages to send now: a UID's pending events when its last message is at least an
-    /// interval old, within the hourly limit (the rest waits for a later call).
-    public mutating func due(now: Int64, host: String) -> [Notification] {
+    /// interval old, within the hourly limit (the rest waits for a later call). `quotas`: what
+    /// is left of each UID's quota now, where its rule has one ("17/20 per day"); a UID not
+    /// in it shows the figure its last event with one carried.
+    public mutating func due(now: Int64, host: String, quotas: [UInt32: String] = [:]) -> [Notification] {
+        let uids = self.dueUIDs(now: now)
         self.sent.removeAll { now - $0 >= 3600 }
         var out: [Notification] = []
-        for uid in self.pending.keys.sorted() {
-            guard let p = self.pending[uid], self.lastSent[uid].map({ now - $0 >= self.interval }) ?? true else { continue }
-            guard self.sent.count < self.limit else { break }
-            out.append(Self.render(p, host: host))
+        for uid in uids {
+            guard let p = self.pending[uid] else { continue }
+            out.append(Self.render(p, host: host, quota: quotas[uid] ?? p.quota))
             self.pending[uid] = nil
             self.lastSent[uid] = now
             self.sent.append(now)
@@ -116,7 +145,7 @@ public struct NotificationBook: Sendable {
 }
 
 extension NotificationBook {
-    static func render(_ p: Pending, host: String) -> Notification {
+    static func render(_ p: Pending, host: String, quota: String?) -> Notification {
         let e = p.last
         // Names, addresses and reasons came from outside: escaped and bounded, as in the log.
         let user = e.user.map { LogText.escape($0, limit: 64) }
@@ -130,14 +159,8 @@ extension NotificationBook {
         if p.counts[.frozen] != nil {
             lines.append("The user is FROZEN: every message of it is held or deferred until restrictpd --thaw \(word).")
         }
-        if let quota = e.quota { lines.append("Quota left after the last message: \(quota).") }
-        lines += ["", "Messages (up to \(Self.maxSamples)):"]
-        for s in p.samples {
-            let rcpts = s.recipients.prefix(Self.maxSamples).map { "<\(LogText.escape($0))>" }.joined(separator: ", ")
-            lines.append("  \(s.kind.rawValue)  queue id \(LogText.escape(s.queueID ?? "none", limit: 64))  to \(rcpts)")
-            lines.append("      \(LogText.escape(s.reason, limit: 512))")
-            if let script = s.script { lines.append("      script (a hint the sender can forge): \(script)") }
-        }
+        if let quota { lines.append("Arbitrary recipients left of the quota (left/limit): \(LogText.escape(quota, limit: 64)).") }
+        lines += [""] + Self.samples(p)
         lines += [
             "", "What to do:",
             "  postqueue -p                 list the queue; held mail is marked with !",
@@ -150,6 +173,25 @@ extension NotificationBook {
         ]
         let subject = "restrictpd: \(who): \(counts)"
         return Notification(uid: e.uid, to: p.addresses, subject: subject, body: lines.joined(separator: "\n") + "\n")
+    }
+
+    /// The events with their recipients (at most maxSamples in all) and queue ids, and how
+    /// many were left out.
+    static func samples(_ p: Pending) -> [String] {
+        var lines = ["Messages (up to \(Self.maxSamples) recipients in all):"]
+        for s in p.samples {
+            let rcpts = s.recipients.map { "<\(LogText.escape($0))>" }.joined(separator: ", ")
+            let to = rcpts.isEmpty ? "" : "  to \(rcpts)"
+            lines.append("  \(s.kind.rawValue)  queue id \(LogText.escape(s.queueID ?? "none", limit: 64))\(to)")
+            lines.append("      \(LogText.escape(s.reason, limit: 512))")
+            // As the decision line shows it (already escaped there), labelled for what it is.
+            if let script = s.script { lines.append("      script=\"\(script)\" (a hint: the sender can forge this header)") }
+        }
+        if p.moreRecipients > 0 || p.moreEvents > 0 {
+            let events = p.moreEvents > 0 ? " (\(p.moreEvents) more events not listed)" : ""
+            lines.append("  ... and \(p.moreRecipients) more recipients\(events).")
+        }
+        return lines
     }
 
     /// "2026-11-29 22:43:57 UTC", by arithmetic (days to civil date, proleptic Gregorian).

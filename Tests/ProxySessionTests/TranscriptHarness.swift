@@ -90,7 +90,7 @@ struct Harness {
                 for r in replies { queue.append(contentsOf: machine.relayReplied(r)) }
             case .rememberHello: break
             case .identify(let uid): queue.append(contentsOf: machine.identified(user: uid == 33 ? "www-data" : "root"))
-            case .decide(_, let recipients):
+            case .decide(_, let recipients, _):
                 out.decisions.append(recipients)
                 queue.append(contentsOf: machine.decided(self.verdict(recipients)))
             case .abortRelay: out.aborts += 1

@@ -100,6 +100,27 @@ enum FreezeContract {
         #expect(try await db.strike(uid: 33, rule: FreezeRule(limit: 3, period: .day), now: t0 + 7200) == StrikeOutcome(count: 3, froze: true))
     }
 
+    /// Postfix retrying one deferred message: its queue id counts once in the window.
+    static func aRetriedMessageCountsOncePerWindow(_ db: some FreezeUnderTest) async throws {
+        let q = "4dLk2X1a7Tz9"
+        for dt: Int64 in [0, 300, 900] {
+            #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + dt, queueID: q) == StrikeOutcome(count: 1, froze: false))
+        }
+        #expect(try await db.frozen(uid: 33) == nil)
+        // Other messages, and strikes without a queue id (the SMTP door), count as before.
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1000, queueID: "5eMm3Y2b8Ua0") == StrikeOutcome(count: 2, froze: false))
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1100, queueID: nil) == StrikeOutcome(count: 3, froze: true))
+        #expect(try await db.strike(uid: 33, rule: threePerHour, now: t0 + 1150, queueID: nil) == StrikeOutcome(count: 4, froze: false))
+        // The same queue id of another uid is another message; once its first try has left
+        // the window, a retry counts again.
+        #expect(try await db.strike(uid: 34, rule: threePerHour, now: t0 + 1200, queueID: q) == StrikeOutcome(count: 1, froze: false))
+        #expect(try await db.strike(uid: 34, rule: threePerHour, now: t0 + 1300, queueID: "6fNn4Z3c9Vb1") == StrikeOutcome(count: 2, froze: false))
+        #expect(try await db.strike(uid: 34, rule: threePerHour, now: t0 + 1200 + 3599, queueID: q) == StrikeOutcome(count: 2, froze: false))
+        #expect(try await db.strike(uid: 34, rule: threePerHour, now: t0 + 1200 + 3601, queueID: q) == StrikeOutcome(count: 2, froze: false))
+        #expect(try await db.strike(uid: 34, rule: threePerHour, now: t0 + 1200 + 3602, queueID: q) == StrikeOutcome(count: 2, froze: false))
+        #expect(try await db.strike(uid: 34, rule: threePerHour, now: t0 + 1300 + 3601, queueID: nil) == StrikeOutcome(count: 2, froze: false))
+    }
+
     static func thawForgets(_ db: some FreezeUnderTest) async throws {
         for i in 0..<3 { _ = try await db.strike(uid: 33, rule: threePerHour, now: t0 + Int64(i)) }
         #expect(try await db.frozenList(uid: 33).map(\.uid) == [33])
@@ -130,6 +151,7 @@ enum FreezeContract {
     @Test func thirdFreezes() async throws { let d = try TempDir(); try await FreezeContract.theThirdRefusalInTheHourFreezes(try store(d)) }
     @Test func window() async throws { let d = try TempDir(); try await FreezeContract.refusalsOutsideTheWindowDoNotCount(try store(d)) }
     @Test func thaw() async throws { let d = try TempDir(); try await FreezeContract.thawForgets(try store(d)) }
+    @Test func retries() async throws { let d = try TempDir(); try await FreezeContract.aRetriedMessageCountsOncePerWindow(try store(d)) }
     @Test func concurrent() async throws {
         let d = try TempDir()
         try await FreezeContract.concurrentStrikesFreezeOnce([try store(d), try store(d)])
@@ -152,6 +174,11 @@ struct PostgresFreezeContract {
         let s = try await TestPostgres.store()
         defer { s.shutdown() }
         try await FreezeContract.thawForgets(s)
+    }
+    @Test func retries() async throws {
+        let s = try await TestPostgres.store()
+        defer { s.shutdown() }
+        try await FreezeContract.aRetriedMessageCountsOncePerWindow(s)
     }
     /// Two hosts of one scope: their strikes count together and freeze once.
     @Test func concurrent() async throws {

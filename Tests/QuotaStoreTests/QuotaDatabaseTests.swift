@@ -249,7 +249,7 @@ private func openingOrUsingThrows(_ path: String) async -> Bool {
         let dir = try TempDir()
         let db = try QuotaDatabase(path: dir.file("quota.db"))
         #expect(try db.testingInteger("PRAGMA user_version") == Int64(QuotaDatabase.schemaVersion))
-        #expect(QuotaDatabase.schemaVersion == 3)
+        #expect(QuotaDatabase.schemaVersion == 4)
         #expect(try db.testingInteger("PRAGMA application_id") == Int64(QuotaSchema.applicationID))
         #expect(try db.testingInteger("SELECT count(*) FROM pragma_journal_mode WHERE journal_mode = 'wal'") == 1)
         // Reopening a current file changes nothing and keeps the rows.

@@ -45,4 +45,27 @@ struct NotifierTests {
         #expect(relay.log.connections.count == 1)
         await relay.stop()
     }
+
+    /// A `group` rule's notify list: the uid's groups come from NSS (root is in group 0 here),
+    /// not cached before, so the event waits for the lookup.
+    @Test func aGroupRulesNotifyListIsUsed() async throws {
+        let text = "notify admin@example.org\ngroup 0\n    allow *\n    notify wheel@example.org\ndefault\n    allow @localhost\n"
+        var config = try ConfigParser.parse(text, file: "t.conf", users: UserResolver { _ in nil }, groups: GroupResolver { _ in nil }).get()
+        let relay = try await ScriptedRelay.start(RelayScript())
+        config.relayPort = relay.port
+        let runtime = Runtime(ruleset: Ruleset(config), store: FakeQuotaStore(), logger: Logger(label: "test"), clock: { Self.t0 })
+        #expect(runtime.userGroups.cached(0) == nil)
+        runtime.notifier.add(
+            NotifyEvent(kind: .refused, uid: 0, user: "root", time: Self.t0, recipients: ["x@example.com"], queueID: "Q1", reason: "x"),
+            policy: runtime.ruleset.policy)
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        for _ in 0..<100 where relay.log.connections.first?.endsOfData != 1 {
+            await runtime.notifier.tick(runtime: runtime, eventLoop: loop, host: "lab", now: Self.t0)
+            try await Task.sleep(nanoseconds: 50_000_000)
+        }
+        try await eventually("the relay has the notification") { relay.log.connections.first?.endsOfData == 1 }
+        #expect(relay.log.connection.commands.contains("RCPT TO:<wheel@example.org>"))
+        #expect(!relay.log.connection.commands.contains("RCPT TO:<admin@example.org>"))
+        await relay.stop()
+    }
 }

@@ -128,4 +128,28 @@ private let t0: Int64 = 1_700_000_000
         #expect(await one.sent[(Int64(1) << 32) + 2000]?.count == 1)
         #expect(await one.sent[3001] == nil)
     }
+
+    /// freeze, warn and notify set in a `group` rule apply to its members; the global
+    /// settings to everyone else.
+    @Test func freezeWarnAndNotifyOfAGroupRule() throws {
+        let p = Policy(try groupConfig("""
+            freeze after 9 refusals per day
+            warn at 90%
+            notify admin@example.org
+            group sites
+                arbitrary 10 per day
+                freeze after 2 refusals per hour
+                warn at 50%
+                notify web@example.org
+            default
+                allow @localhost
+            """))
+        let member = Sender.user(uid: 3001, name: nil)
+        #expect(p.freezeRule(for: member, groups: [2000]) == FreezeRule(limit: 2, period: .hour))
+        #expect(p.warnAt(for: member, groups: [2000]) == 50)
+        #expect(p.notifyAddresses(uid: 3001, groups: [50, 2000]) == ["web@example.org"])
+        #expect(p.freezeRule(for: member, groups: [50]) == FreezeRule(limit: 9, period: .day))
+        #expect(p.warnAt(for: member, groups: []) == 90)
+        #expect(p.notifyAddresses(uid: 3001, groups: [50]) == ["admin@example.org"])
+    }
 }

@@ -72,9 +72,11 @@ def wait_for_binary(timeout: float = 120.0) -> str:
 
 
 
-def pickup_message(uid: int = 0, body: bytes = b"hello\r\n", subject: bytes = b"test") -> bytes:
-    """A message as Postfix's pickup hands it on: the Received header first. No final dot."""
-    return (PICKUP_HEADER.replace(b"{uid}", str(uid).encode())
+def pickup_message(uid: int = 0, body: bytes = b"hello\r\n", subject: bytes = b"test",
+                   queue_id: str = "ABC123") -> bytes:
+    """A message as Postfix's pickup hands it on: the Received header first. No final dot.
+    Postfix keeps a message's queue id across retries: give each new message its own."""
+    return (PICKUP_HEADER.replace(b"{uid}", str(uid).encode()).replace(b"ABC123", queue_id.encode())
             + b"From: sender@lab.localdomain\r\nSubject: " + subject + b"\r\n\r\n" + body)
 
 
@@ -470,7 +472,7 @@ class Client:
 
 def send_message(port: int | None, rcpts: Sequence[str], *, uid: int = 0, host: str = "127.0.0.1",
                  unix: str | None = None, body: bytes = b"hello\r\n",
-                 mail_from: str = "sender@lab.localdomain") -> tuple[int, list[str]]:
+                 mail_from: str = "sender@lab.localdomain", queue_id: str = "ABC123") -> tuple[int, list[str]]:
     """One whole session (EHLO, MAIL, RCPT..., DATA, message, QUIT). Returns the end-of-data reply."""
     with Client(port, host, unix=unix) as c:
         code, lines = c.reply()
@@ -484,7 +486,7 @@ def send_message(port: int | None, rcpts: Sequence[str], *, uid: int = 0, host: 
             assert code == 250, lines
         code, lines = c.cmd("DATA")
         assert code == 354, lines
-        c.send(pickup_message(uid, body) + b".\r\n")
+        c.send(pickup_message(uid, body, queue_id=queue_id) + b".\r\n")
         result = c.reply()
         try:
             c.cmd("QUIT", timeout=3)

@@ -282,7 +282,7 @@ def main():
               f"peak open fds {peak_fds}")
         print(f"daemon alive during the run: {alive_during}; a session afterwards: {after}; "
               f"exit status after SIGTERM: {rc}")
-        warnings = [ln for ln in log.splitlines() if "warning" in ln or "error" in ln or "fatal" in ln]
+        warnings = [ln for ln in log.splitlines() if "warning" in ln or "error" in ln or "fatal" in ln or "crit:" in ln]
         print(f"log: {len(log.splitlines())} lines, {len(warnings)} warnings/errors")
         for ln in warnings[:5]:
             print("   ", ln[:200])

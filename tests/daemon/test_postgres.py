@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,17 @@ def test_messages_cap_and_freeze_hold_across_the_farm(lab, pg):
     # The cap is the farm's: one message on each daemon, then both defer.
     assert dl.send_message(port_a, ["one@ok.org"], uid=33)[0] == 250
     assert dl.send_message(port_b, ["two@ok.org"], uid=33)[0] == 250
-    for n, port in enumerate([port_a, port_b, port_a]):
-        code, lines = dl.send_message(port, [f"more{n}@ok.org"], uid=33)
+    # Two deferred messages, then Postfix retrying the first on the other host: deferred again
+    # but not counted again towards freezing (its queue id is counted in the window).
+    for n, port, queue_id in [(0, port_a, "MORE0"), (1, port_b, "MORE1"), (0, port_b, "MORE0")]:
+        code, lines = dl.send_message(port, [f"more{n}@ok.org"], uid=33, queue_id=queue_id)
         assert code == 451 and "4.7.1" in lines[0], lines
+    time.sleep(1)
+    assert "FROZEN" not in admin(config_a, "--quota", "33").stdout, "a retry counted as a new refusal"
+    code, lines = dl.send_message(port_a, ["more2@ok.org"], uid=33, queue_id="MORE2")
+    assert code == 451 and "4.7.1" in lines[0], lines
     assert len(lab.relay.messages) == 2
-    assert a.log().count("over the messages cap") + b.log().count("over the messages cap") == 3
+    assert a.log().count("over the messages cap") + b.log().count("over the messages cap") == 4
     test = admin(config_b, "--test", "33", "x@ok.org")
     assert test.returncode == 2 and 'messages="0/2 per hour"' in test.stdout, test.stdout + test.stderr
     # The third refusal, counted on either daemon, froze uid 33 for both.
@@ -167,9 +174,14 @@ def test_messages_cap_and_freeze_hold_across_the_farm(lab, pg):
         out = admin(config_a, "--stats", "33").stdout
         return "relayed 2," in out and 'messages="0/2 per hour"' in out
     dl.wait_until(stats_seen, timeout=20, interval=1.0, what="--stats with both daemons' decisions")
+    # ... and the freeze, in --quota's words, on either host.
+    for config in (config_a, config_b):
+        out = admin(config, "--stats", "33").stdout
+        assert "  FROZEN since " in out and "its mail is held or deferred until restrictpd --thaw" in out, out
     thawed = admin(config_a, "--thaw", "33")
     assert thawed.returncode == 0 and "thawed (scope capfarm)" in thawed.stdout, thawed.stdout + thawed.stderr
     assert "FROZEN" not in admin(config_b, "--quota", "33").stdout
+    assert "FROZEN" not in admin(config_b, "--stats", "33").stdout
     # Thawed on both: the cap, not the freeze, defers the next message.
     before = b.log().count("over the messages cap")
     code, _ = dl.send_message(port_b, ["after@ok.org"], uid=33)

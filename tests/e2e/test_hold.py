@@ -125,6 +125,11 @@ def test_missing_hold_listener_defers_and_sends_nothing(postfix, sink, restrictp
 # the freeze is in the state database and survives SIGKILL and a restart
 
 
+def stats(rpd, user: str) -> str:
+    argv = [str(rpd.binary), "--stats", user, "-c", str(rpd.config)]
+    return harness.run(argv, timeout=30).stdout.decode(errors="replace")
+
+
 def thaw(rpd, user: str) -> str:
     argv = [str(rpd.binary), "--thaw", user, "-c", str(rpd.config)]
     return harness.run(argv, timeout=30).stdout.decode(errors="replace")
@@ -139,9 +144,13 @@ def test_freeze_after_three_refusals_holds_everything_until_thaw(postfix, sink, 
     for i in range(1, 4):
         send(postfix, rpdtest_user, f"stranger{i}@example.com", f"e2e freeze: refusal {i}")
         rpd.wait_log(rf"to=<stranger{i}@example\.com> verdict=refused", timeout=DELIVERY_TIMEOUT)
-    [crit] = rpd.wait_log(rf"fatal: uid \d+ \({rpdtest_user}\) frozen: 3 refused, over-quota or held messages "
+    [crit] = rpd.wait_log(rf"crit: uid \d+ \({rpdtest_user}\) frozen: 3 refused, over-quota or held messages "
                           rf"\(freeze after 3 refusals per hour\); every message is held until restrictpd --thaw {rpdtest_user}")
     assert "FROZEN since" in rpd.quota(rpdtest_user)
+    # --stats says so too, in --quota's words, once the refusals reached its statistics.
+    harness.wait_until(lambda: "FROZEN since" in stats(rpd, rpdtest_user) or None, 30, 1, "--stats showing the freeze")
+    assert (f"  FROZEN since " in stats(rpd, rpdtest_user)
+            and f"its mail is held or deferred until restrictpd --thaw {rpdtest_user}" in stats(rpd, rpdtest_user))
 
     def allowed_is_held(n: int):
         rcpt = f"friend{n}@localhost"
@@ -166,6 +175,7 @@ def test_freeze_after_three_refusals_holds_everything_until_thaw(postfix, sink, 
     out = thaw(rpd, rpdtest_user)
     assert f"({rpdtest_user}): thawed" in out
     assert "FROZEN" not in rpd.quota(rpdtest_user)
+    assert "FROZEN" not in stats(rpd, rpdtest_user)
     send(postfix, rpdtest_user, "friend4@localhost", "e2e freeze: after the thaw")
     sink.wait_for(1, DELIVERY_TIMEOUT, match=lambda m: "friend4@localhost" in m.rcpts)
     rpd.wait_log(r"to=<friend4@localhost> verdict=relayed")

@@ -495,7 +495,7 @@ def test_a_frozen_uid_is_held_at_rcpt_even_for_allowed_recipients(door, door_res
     for i in (1, 2):
         [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, [f"dave{i}@example.com"])], user=WWW)
         assert harness.reply_to(s, "RCPT")[0] == 550, s
-    rpd.wait_log(r"fatal: uid 33 \(www-data\) frozen: 2 refused, over-quota or held messages")
+    rpd.wait_log(r"crit: uid 33 \(www-data\) frozen: 2 refused, over-quota or held messages")
     [s] = harness.smtp_sessions(door.port, [harness.transaction(WWW_FROM, ["webmaster@example.org"])], user=WWW)
     assert harness.reply_to(s, "RCPT")[0] == 250, s
     rpd.wait_log(r'door=smtp .*to=<webmaster@example\.org> verdict=held reason="uid frozen since \d+ \(2 refusals per hour\)"')

@@ -71,6 +71,10 @@ ROUTINE = [
     # SystemCallFilter, EACCES without it): a few lines at every start, and the daemon is fine.
     OLD + "Failed to set thread priority for worker thread: pqc=0x5599bf43d930 errno=1",
     RFC + "Failed to set thread priority for worker thread: pqc=0x564324e83ca0 errno=13",
+    # A notification the relay took: the event it reports has a visible line of its own, and
+    # the mail is in the admin's mailbox.
+    OLD + "notification about uid 33 sent to admin@example.org: 250 2.0.0 Ok: queued as 4dLk2X1a7Tz9",
+    RFC + "notification about uid 0 sent to admin@example.org,ops@example.org: 250 2.0.0 Ok",
     # "systemctl reload" runs restrictpd --check-config first (ExecReload=); it logs this.
     OLD + "/etc/restrictpd.conf: OK: 5 rules, listen 127.0.0.1:10027, relay 127.0.0.1:10026",
 ]
@@ -103,6 +107,9 @@ VISIBLE = [
     OLD + 'warning: 62F36F78196: uid=33 user=www-data door=pickup from=<w@lab> to=<spam@example.net> '
     'verdict=refused reason="<spam@example.net> not on the allow list" script="33:contact.php"',
     OLD + 'error: hold relay: cannot connect to 127.0.0.1:10029: connection refused; message deferred',
+    OLD + 'crit: uid 33 (www-data) frozen: 3 refused, over-quota or held messages (freeze after 3 refusals '
+    'per hour); every message is held until restrictpd --thaw www-data',
+    # The freeze line stays visible whatever its prefix.
     OLD + 'fatal: uid 33 (www-data) frozen: 3 refused, over-quota or held messages (freeze after 3 refusals '
     'per hour); every message is held until restrictpd --thaw www-data',
     RFC + 'uid 33 (www-data) thawed by restrictpd --thaw',
@@ -135,6 +142,13 @@ VISIBLE = [
     RFC + "warning: connect from [::1]:45678 uid=65534 user=nobody refused: not in clients",
     OLD + "warning: connect from 127.0.0.1:45678 refused: cannot learn the peer's uid: sock_diag failed",
     OLD + "warning: connect from 127.0.0.1:45678 refused: 100 sessions already (max_sessions)",
+    # A notification that did not go out: the admin hears of the event only here.
+    OLD + "warning: notification about uid 33 not sent (try 1), again in 60 s: relay answered MAIL FROM:<> with "
+    "451 4.3.0 try later",
+    OLD + "error: notification about uid 33 given up after 8 tries: relay answered DATA with 554 5.5.1 no",
+    OLD + "error: notification about uid 33 dropped: 1000 notifications already wait to be sent",
+    # A failed notification whose reply would match the sent line without its prefix.
+    OLD + "notification about uid 33 not sent (try 1), again in 60 s: 250 sent to x: 250 ok",
     # Warnings and errors.
     OLD + "warning: peer_check is off: any local user who can connect can claim any uid",
     OLD + "fatal: /etc/restrictpd.conf:12: unknown user 'www-date'",

@@ -186,7 +186,8 @@ public enum Admin {
         for uid in byUID.keys.sorted() {
             let name = Users.lookup(uid: uid)?.name
             let sender = Sender.user(uid: uid, name: name)
-            let quota = policy.rule(for: sender)?.quota
+            let groups = policy.needsGroups ? Users.groups(uid: uid) ?? [] : []
+            let quota = policy.rule(for: sender, groups: groups)?.quota
             let windowStart = quota?.period.map { now - $0.seconds }
             let live = (byUID[uid] ?? []).filter { e in windowStart.map { e.lastSeen >= $0 } ?? true }
             if let quota {

@@ -7,7 +7,8 @@ import SMTPCore
 
 extension Admin {
     /// `restrictpd --thaw USER`: the UID's mail flows again and its counted refusals are
-    /// forgotten. Logged at notice, as the freeze was at crit, where the daemon logs.
+    /// forgotten. Logged at notice, as the freeze was at crit: to the journal, with its
+    /// fields, wherever journald runs (even from a shell), else to syslog.
     public static func thaw(configPath: String, user: String) -> AdminOutput {
         var out = AdminOutput()
         guard let configuration = load(configPath, into: &out) else { return out }
@@ -47,7 +48,7 @@ extension Admin {
             return
         }
         out.stdout.append("\(s.phrase): thawed\(farm); its mail flows again")
-        let logger = Logger(label: "restrictpd") { RestrictLogHandler(label: $0, target: LogTarget.auto.resolved(), level: .info) }
+        let logger = Logger(label: "restrictpd") { RestrictLogHandler(label: $0, target: LogTarget.auto.resolved(admin: true), level: .info) }
         logger.notice(
             "\(s.phrase) thawed by restrictpd --thaw",
             metadata: [LogKey.event: "thaw", LogKey.uid: .string(String(uid)), LogKey.user: .string(LogText.escape(user, limit: 64))])
@@ -57,9 +58,13 @@ extension Admin {
     static func frozenLines(_ list: [FrozenState]) -> [String] {
         list.map { state in
             let name = Users.lookup(uid: state.uid)?.name
-            let phrase = Sender.user(uid: state.uid, name: name).phrase
-            return "\(phrase): FROZEN since \(timestamp(state.since)) (freeze after \(LogText.escape(state.reason))); "
-                + "its mail is held or deferred until restrictpd --thaw \(name ?? String(state.uid))"
+            return "\(Sender.user(uid: state.uid, name: name).phrase): \(self.frozenPhrase(state, name: name))"
         }
+    }
+
+    /// What --quota and --stats say of a frozen UID: "FROZEN since ... (freeze after ...); ...".
+    static func frozenPhrase(_ state: FrozenState, name: String?) -> String {
+        "FROZEN since \(timestamp(state.since)) (freeze after \(LogText.escape(state.reason))); "
+            + "its mail is held or deferred until restrictpd --thaw \(name ?? String(state.uid))"
     }
 }

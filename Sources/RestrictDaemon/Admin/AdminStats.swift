@@ -1,7 +1,7 @@
 // restrictpd --stats [USER] [--since 24h] [--json]: per uid, the messages relayed, refused
 // and deferred and the distinct strangers, in total and per hour, from the store's hourly
-// statistics (SQLite, or PostgreSQL for this host's scope); and what is used of each volume
-// cap now. Read-only.
+// statistics (SQLite, or PostgreSQL for this host's scope); what is used of each volume cap
+// now; and whether the uid is frozen, in --quota's words. Read-only.
 
 import Glibc
 import QuotaStore
@@ -15,6 +15,8 @@ struct UserStats {
     let name: String?
     let hours: [StatsRow]
     let caps: [VolumeCapState]
+    /// Set when the uid is frozen now.
+    var frozen: FrozenState? = nil
 
     func total(_ field: KeyPath<StatsRow, Int>) -> Int { self.hours.reduce(0) { $0 + $1[keyPath: field] } }
 }
@@ -46,8 +48,10 @@ extension Admin {
                 let rows = try await postgres.stats(uid: only, since: firstHour)
                 let plan = self.statsPlan(rows, configuration: configuration)
                 let states = try await postgres.capStates(plan.compactMap(\.caps), now: now)
+                let frozen = try await postgres.frozenList(uid: only)
                 var next = states.makeIterator()
-                return plan.map { p in UserStats(uid: p.uid, name: p.name, hours: p.hours, caps: p.caps == nil ? [] : next.next() ?? []) }
+                let users = plan.map { p in UserStats(uid: p.uid, name: p.name, hours: p.hours, caps: p.caps == nil ? [] : next.next() ?? []) }
+                return self.withFrozen(users, frozen)
             }
             guard let read = self.value(read, into: &out) else { return out }
             users = read
@@ -60,6 +64,7 @@ extension Admin {
                     let caps = try p.caps.map { try db.capStates(uid: $0.uid, budget: $0.budget, caps: $0.caps, now: now) } ?? []
                     return UserStats(uid: p.uid, name: p.name, hours: p.hours, caps: caps)
                 }
+                users = self.withFrozen(users, try db.frozenList(uid: only))
             } catch {
                 out.stderr.append("restrictpd: \(error)")
                 out.status = 1
@@ -83,6 +88,16 @@ extension Admin {
         }
     }
 
+    /// `users` with the frozen state of each that is in `frozen`.
+    static func withFrozen(_ users: [UserStats], _ frozen: [FrozenState]) -> [UserStats] {
+        let byUID = Dictionary(frozen.map { ($0.uid, $0) }, uniquingKeysWith: { first, _ in first })
+        return users.map { u in
+            var u = u
+            u.frozen = byUID[u.uid]
+            return u
+        }
+    }
+
     static func statsText(_ users: [UserStats], since: Int64) -> [String] {
         guard !users.isEmpty else { return ["no statistics since \(timestamp(since))"] }
         var lines: [String] = []
@@ -91,6 +106,7 @@ extension Admin {
             var line = "\(who): relayed \(u.total(\.relayed)), refused \(u.total(\.refused)), deferred \(u.total(\.deferred)), held \(u.total(\.held)), strangers \(u.total(\.strangers))"
             for state in u.caps { line += "; \(state.cap.kind.rawValue)=\"\(state)\"" }
             lines.append(line)
+            if let frozen = u.frozen { lines.append("  " + self.frozenPhrase(frozen, name: u.name)) }
             for h in u.hours {
                 lines.append("  \(timestamp(h.hour * 3600))  relayed \(h.relayed) refused \(h.refused) deferred \(h.deferred) held \(h.held) strangers \(h.strangers)")
             }
@@ -110,9 +126,12 @@ extension Admin {
                 "{\"hour\":\(h.hour * 3600),\"time\":\(JSONText.quote(timestamp(h.hour * 3600))),\(counts(h.relayed, h.refused, h.deferred, h.held, h.strangers))}"
             }
             let name = u.name.map(JSONText.quote) ?? "null"
+            let frozen = u.frozen.map { f in
+                "{\"since\":\(f.since),\"time\":\(JSONText.quote(timestamp(f.since))),\"reason\":\(JSONText.quote(f.reason))}"
+            } ?? "null"
             return "{\"uid\":\(u.uid),\"user\":\(name),"
                 + counts(u.total(\.relayed), u.total(\.refused), u.total(\.deferred), u.total(\.held), u.total(\.strangers))
-                + ",\"caps\":{\(caps.joined(separator: ","))},\"hours\":[\(hours.joined(separator: ","))]}"
+                + ",\"frozen\":\(frozen),\"caps\":{\(caps.joined(separator: ","))},\"hours\":[\(hours.joined(separator: ","))]}"
         }
         return "{\"since\":\(since),\"until\":\(now),\"users\":[\(entries.joined(separator: ","))]}"
     }

@@ -36,6 +36,8 @@ final class SessionDriver {
     private var clientFlush = false
     private var relayFlush = false
     private var finished = false
+    /// Pickup's queue id of the message being decided (a retried message strikes once).
+    private var decidingQueueID: String?
     /// Drivers alive in this process: a session's driver must go with its connection.
     static let live = Mutex(0)
 
@@ -126,7 +128,8 @@ final class SessionDriver {
         case .identify(let uid):
             if let cached = self.runtime.userNames.cached(uid) { return self.machine.identified(user: cached) }
             self.later { await $0.runtime.userNames.name(uid) } then: { $0.machine.identified(user: $1) }
-        case .decide(let sender, let recipients):
+        case .decide(let sender, let recipients, let queueID):
+            self.decidingQueueID = queueID
             return self.decide(sender, recipients)
         case .abortRelay:
             self.relay.abort()
@@ -192,7 +195,7 @@ final class SessionDriver {
         let request = Policy.quotaRequest(
             evaluation, sender: sender, now: self.runtime.clock(), held: held, recipients: recipients.count, heldVolume: volume)
         guard let request else {
-            return self.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: nil))
+            return self.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: nil), groups: groups)
         }
         self.later { driver -> Result<QuotaOutcome, any Error> in
             do {
@@ -202,15 +205,16 @@ final class SessionDriver {
             }
         } then: { driver, outcome in
             if case .success(let o) = outcome, let quota = request.quota {
-                driver.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: driver.ruleset)
+                driver.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: driver.ruleset, groups: groups)
             }
-            return driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome))
+            return driver.decided(evaluation, sender, Policy.verdict(evaluation, sender: sender, outcome: outcome), groups: groups)
         }
         return []
     }
 
-    private func decided(_ evaluation: Evaluation, _ sender: Sender, _ verdict: Verdict) -> [SessionAction] {
-        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset)
+    private func decided(_ evaluation: Evaluation, _ sender: Sender, _ verdict: Verdict, groups: [UInt32]) -> [SessionAction] {
+        self.runtime.strike(
+            sender, evaluation: evaluation, verdict: verdict, ruleset: self.ruleset, groups: groups, queueID: self.decidingQueueID)
         return self.machine.decided(verdict)
     }
 

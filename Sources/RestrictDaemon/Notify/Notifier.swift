@@ -26,11 +26,14 @@ final class Notifier: Sendable {
     static let maxAttempts = 8
     static let maxOutbox = 1000
     private let state: Mutex<State>
+    /// The runtime's cache of users' groups: a `group` rule's notify list needs them.
+    private let userGroups: UserGroups
 
-    init(_ configuration: Configuration) {
+    init(_ configuration: Configuration, userGroups: UserGroups) {
         let book = NotificationBook(
             interval: Int64(configuration.value(.notifyInterval)), limit: configuration.value(.notifyLimit))
         self.state = Mutex(State(book: book))
+        self.userGroups = userGroups
     }
 
     /// A decision line's record, when it is one the admin hears of (refused or held, of a
@@ -44,8 +47,21 @@ final class Notifier: Sendable {
         self.add(event, policy: policy)
     }
 
+    /// Notes `event` for the admins its uid's rule names (a `group` rule's too: the uid's
+    /// groups come from the cache, or are looked up off the caller's thread).
     func add(_ event: NotifyEvent, policy: Policy) {
-        let addresses = policy.notifyAddresses(uid: event.uid)
+        guard policy.needsGroups else { return self.add(event, to: policy.notifyAddresses(uid: event.uid, groups: [])) }
+        if let groups = self.userGroups.cached(event.uid) {
+            return self.add(event, to: policy.notifyAddresses(uid: event.uid, groups: groups))
+        }
+        let userGroups = self.userGroups
+        Task {
+            let groups = await userGroups.groups(event.uid)
+            self.add(event, to: policy.notifyAddresses(uid: event.uid, groups: groups))
+        }
+    }
+
+    private func add(_ event: NotifyEvent, to addresses: [String]) {
         guard !addresses.isEmpty else { return }
         self.state.withLock { $0.book.add(event, to: addresses) }
     }
@@ -64,13 +80,25 @@ final class Notifier: Sendable {
     }
 
     func tick(runtime: Runtime, eventLoop: any EventLoop, host: String, now: Int64) async {
-        let ready = self.state.withLock { s -> [Outgoing] in
-            for n in s.book.due(now: now, host: host) where s.outbox.count < Self.maxOutbox {
+        var quotas: [UInt32: String] = [:]
+        for uid in self.state.withLock({ $0.book.dueUIDs(now: now) }) {
+            quotas[uid] = await Self.quotaLeft(uid: uid, runtime: runtime, now: now)
+        }
+        let (ready, dropped) = self.state.withLock { s -> ([Outgoing], [Notification]) in
+            var dropped: [Notification] = []
+            for n in s.book.due(now: now, host: host, quotas: quotas) {
+                guard s.outbox.count < Self.maxOutbox else {
+                    dropped.append(n)
+                    continue
+                }
                 s.outbox.append(Outgoing(notification: n, next: now))
             }
             let ready = s.outbox.filter { $0.next <= now }
             s.outbox.removeAll { $0.next <= now }
-            return ready
+            return (ready, dropped)
+        }
+        for n in dropped {
+            runtime.logger.error("notification about uid \(n.uid) dropped: \(Self.maxOutbox) notifications already wait to be sent")
         }
         for var item in ready {
             do {
@@ -89,6 +117,19 @@ final class Notifier: Sendable {
                 self.state.withLock { $0.outbox.append(retry) }
             }
         }
+    }
+
+    /// What is left of `uid`'s quota of arbitrary recipients now ("17/20 per day"), when its
+    /// rule has one; nil otherwise or when the store cannot say (the mail then shows the
+    /// figure its events carried). Asks the store without recording anything.
+    static func quotaLeft(uid: UInt32, runtime: Runtime, now: Int64) async -> String? {
+        let policy = runtime.ruleset.policy
+        let groups = policy.needsGroups ? await runtime.userGroups.groups(uid) : []
+        guard let rule = policy.rule(for: .user(uid: uid, name: nil), groups: groups), let quota = rule.quota, quota.limit > 0
+        else { return nil }
+        let request = QuotaRequest(uid: uid, addresses: [], quota: quota, now: now, record: false, budget: rule.budget)
+        guard let outcome = try? await runtime.store.admit(request) else { return nil }
+        return quota.remaining(after: outcome)
     }
 
     struct Refused: Error, CustomStringConvertible {

@@ -18,9 +18,13 @@ extension Runtime {
         return try await freezes.frozen(uid: uid)
     }
 
-    /// Counts a verdict that strikes (Policy.strikes) towards its sender's freeze rule.
-    func strike(_ sender: Sender, evaluation: Evaluation, verdict: Verdict, ruleset: Ruleset) {
-        guard Policy.strikes(evaluation, verdict), let uid = sender.uid, let rule = ruleset.policy.freezeRule(for: sender),
+    /// Counts a verdict that strikes (Policy.strikes) towards its sender's freeze rule
+    /// (`groups`: the sender's, as the verdict was judged with them, for `group` rules;
+    /// `queueID`: the message's, so that Postfix's retries of it count once; nil at the SMTP
+    /// door, where every refused recipient counts).
+    func strike(_ sender: Sender, evaluation: Evaluation, verdict: Verdict, ruleset: Ruleset, groups: [UInt32], queueID: String?) {
+        guard Policy.strikes(evaluation, verdict), let uid = sender.uid,
+            let rule = ruleset.policy.freezeRule(for: sender, groups: groups),
             let freezes = self.freezes
         else { return }
         let now = self.clock()
@@ -30,7 +34,7 @@ extension Runtime {
         // A task of its own: the store's write transaction must not delay the session's answer.
         Task {
             do {
-                let outcome = try await freezes.strike(uid: uid, rule: rule, now: now)
+                let outcome = try await freezes.strike(uid: uid, rule: rule, now: now, queueID: queueID)
                 guard outcome.froze else { return }
                 Self.logFreeze(sender, rule: rule, count: outcome.count, action: action, logger: logger)
                 let event = NotifyEvent(
@@ -63,8 +67,11 @@ extension Runtime {
     /// `warn at N%`: a notice line and a notification the first time in a quota window that
     /// `sender` has used that share of its quota. Which UIDs were warned is kept in memory
     /// (a restart may warn once more).
-    func warnIfDue(_ sender: Sender, quota: Quota, outcome: QuotaOutcome, ruleset: Ruleset) {
-        guard let uid = sender.uid, let percent = ruleset.policy.warnAt(for: sender), Policy.warns(outcome, percent: percent) else { return }
+    /// `groups`: the sender's, for `group` rules.
+    func warnIfDue(_ sender: Sender, quota: Quota, outcome: QuotaOutcome, ruleset: Ruleset, groups: [UInt32]) {
+        guard let uid = sender.uid, let percent = ruleset.policy.warnAt(for: sender, groups: groups),
+            Policy.warns(outcome, percent: percent)
+        else { return }
         let now = self.clock()
         let window = quota.period?.seconds ?? Int64.max
         let first = self.warned.withLock { warned -> Bool in

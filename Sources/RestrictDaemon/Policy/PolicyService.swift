@@ -207,11 +207,11 @@ struct PolicyService: Sendable {
             self.log(record, level: .info, logger: logger)
             return .dunno
         case .refused:
-            return self.strike(evaluation, outcome: nil, sender: sender, ruleset: ruleset, record: record, logger: logger)
+            return self.strike(evaluation, outcome: nil, sender: sender, ruleset: ruleset, groups: groups, record: record, logger: logger)
         case .needsQuota(let addresses, _, _, _, let caps, let budget):
             self.runtime.reservations.withLock { $0.setCaps(instance: instance, caps: caps, budget: budget) }
             let reservation = Reservation(
-                opening: opening, sender: sender, recipient: recipient, key: addresses.first, evaluation: evaluation)
+                opening: opening, sender: sender, recipient: recipient, key: addresses.first, evaluation: evaluation, groups: groups)
             return await self.reserve(reservation, record: record, logger: logger)
         }
     }
@@ -219,10 +219,10 @@ struct PolicyService: Sendable {
     /// A refusal at RCPT that counts towards freezing (each refused recipient counts).
     private func strike(
         _ evaluation: Evaluation, outcome: Result<QuotaOutcome, any Error>?, sender: Sender, ruleset: Ruleset,
-        record: DecisionRecord, logger: Logger
+        groups: [UInt32], record: DecisionRecord, logger: Logger
     ) -> PolicyAction {
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
-        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: ruleset)
+        self.runtime.strike(sender, evaluation: evaluation, verdict: verdict, ruleset: ruleset, groups: groups, queueID: nil)
         return self.refuse(verdict, record: record, atEnd: false, logger: logger)
     }
 
@@ -257,6 +257,8 @@ struct PolicyService: Sendable {
         let recipient: String
         let key: String?
         let evaluation: Evaluation
+        /// The sender's groups, for `group` rules.
+        let groups: [UInt32]
     }
 
     /// Asks the store whether the recipient fits (the arbitrary quota and the caps, with what
@@ -293,7 +295,8 @@ struct PolicyService: Sendable {
                     sweptDead = true
                     continue
                 }
-                self.runtime.strike(r.sender, evaluation: r.evaluation, verdict: verdict, ruleset: self.runtime.ruleset)
+                self.runtime.strike(
+                    r.sender, evaluation: r.evaluation, verdict: verdict, ruleset: self.runtime.ruleset, groups: r.groups, queueID: nil)
                 return self.refuse(verdict, record: record, atEnd: false, logger: logger)
             }
             let reserved = self.runtime.reservations.withLock { res in
@@ -361,7 +364,11 @@ struct PolicyService: Sendable {
             outcome = .failure(error)
         }
         let verdict = Policy.verdict(evaluation, sender: sender, outcome: outcome)
-        if case .success(let o) = outcome, let quota { self.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: self.runtime.ruleset) }
+        if case .success(let o) = outcome, let quota {
+            let ruleset = self.runtime.ruleset
+            let groups = ruleset.policy.needsGroups ? await self.runtime.userGroups.groups(uid) : []
+            self.runtime.warnIfDue(sender, quota: quota, outcome: o, ruleset: ruleset, groups: groups)
+        }
         guard verdict.kind == .relay else { return self.refuse(verdict, record: record, atEnd: true, logger: logger) }
         self.runtime.countStats(uid: uid, user: record.user, verdict: .relay, strangers: verdict.strangers)
         (record.reason, record.quota) = (verdict.reason, verdict.quota)

@@ -23,8 +23,10 @@ enum LogKey {
     static let recipients = "recipients"
     static let relay = "relay"
     static let heldQueueID = "held_queue_id"
-    /// freeze, thaw: events other than a message's decision.
+    /// freeze, thaw, warn, fatal: events other than a message's decision.
     static let event = "event"
+    /// The event of a line after which the daemon stops (Logger.fatal).
+    static let fatalEvent = "fatal"
     static let script = "script"
     static let peer = "peer"
     static let peerUID = "peer_uid"

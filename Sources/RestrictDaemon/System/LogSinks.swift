@@ -14,15 +14,34 @@ import Glibc
 public enum LogTarget: String, Sendable, CaseIterable {
     case auto, journal, syslog, stderr
 
+    static let journalSocket = "/run/systemd/journal/socket"
+
     /// auto: the journal when systemd started us (and its socket is there), else syslog when a
     /// syslog socket exists, else standard error. sd_journal_sendv returns success even with no
     /// journald listening, so the decision is made from the environment, not from its result.
-    public func resolved() -> LogTarget {
+    /// `admin`: an admin command (--thaw) run from a shell, not by systemd, whose notice must
+    /// still reach the journal with its fields (RESTRICTPD_EVENT=thaw) where there is one.
+    public func resolved(admin: Bool = false) -> LogTarget {
+        self.resolved(
+            admin: admin, underSystemd: getenv("INVOCATION_ID") != nil || getenv("JOURNAL_STREAM") != nil,
+            journal: SystemFiles.exists(Self.journalSocket), syslog: SystemFiles.exists("/dev/log"))
+    }
+
+    /// The choice itself, from what the environment offers.
+    func resolved(admin: Bool, underSystemd: Bool, journal: Bool, syslog: Bool) -> LogTarget {
         guard self == .auto else { return self }
-        let underSystemd = getenv("INVOCATION_ID") != nil || getenv("JOURNAL_STREAM") != nil
-        if underSystemd, SystemFiles.exists("/run/systemd/journal/socket") { return .journal }
-        if SystemFiles.exists("/dev/log") { return .syslog }
+        if journal, underSystemd || admin { return .journal }
+        if syslog { return .syslog }
         return .stderr
+    }
+}
+
+extension Logger {
+    /// A line after which the daemon stops (a start that cannot go on): logged at crit with
+    /// Postfix's `fatal:` prefix and RESTRICTPD_EVENT=fatal. Other crit lines, which the
+    /// daemon outlives (a freeze), say `crit:`.
+    func fatal(_ message: @autoclosure () -> Logger.Message) {
+        self.critical(message(), metadata: [LogKey.event: .string(LogKey.fatalEvent)])
     }
 }
 
@@ -72,9 +91,9 @@ public struct RestrictLogHandler: LogHandler {
             if let extra = event.metadata { merged.merge(extra) { _, new in new } }
             Self.journal(level: level, message: "\(message)", metadata: merged)
         case .syslog:
-            crs_syslog(Self.priority(level), "\(Self.prefix(level))\(message)")
+            crs_syslog(Self.priority(level), "\(Self.prefix(level, metadata: event.metadata))\(message)")
         case .stderr:
-            var line = "restrictpd[\(getpid())]: \(Self.prefix(level))\(message)\n"
+            var line = "restrictpd[\(getpid())]: \(Self.prefix(level, metadata: event.metadata))\(message)\n"
             line.withUTF8 { buf in
                 guard let base = buf.baseAddress else { return }
                 var offset = 0
@@ -87,14 +106,16 @@ public struct RestrictLogHandler: LogHandler {
         }
     }
 
-    /// Postfix's manner: "warning: ..." and "error: ..."; info lines bare.
-    static func prefix(_ level: Logger.Level) -> String {
+    /// Postfix's manner: "warning: ..." and "error: ..."; info lines bare. A crit line is
+    /// "fatal: ..." only when the daemon stops after it (Logger.fatal), else "crit: ...":
+    /// an admin reading "fatal" takes the daemon for dead.
+    static func prefix(_ level: Logger.Level, metadata: Logger.Metadata? = nil) -> String {
         switch level {
         case .trace, .debug: return "debug: "
         case .info, .notice: return ""
         case .warning: return "warning: "
         case .error: return "error: "
-        case .critical: return "fatal: "
+        case .critical: return metadata?[LogKey.event] == .string(LogKey.fatalEvent) ? "fatal: " : "crit: "
         }
     }
 
@@ -111,7 +132,7 @@ public struct RestrictLogHandler: LogHandler {
 
     static func journal(level: Logger.Level, message: String, metadata: Logger.Metadata) {
         var fields = [
-            "MESSAGE=\(prefix(level))\(message)",
+            "MESSAGE=\(prefix(level, metadata: metadata))\(message)",
             "PRIORITY=\(priority(level))",
             "SYSLOG_IDENTIFIER=restrictpd",
             "SYSLOG_FACILITY=\(LOG_MAIL >> 3)",
