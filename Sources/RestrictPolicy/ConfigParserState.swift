@@ -114,21 +114,27 @@ extension ConfigParser {
             return self.errors.isEmpty ? .success(self.config) : .failure(ConfigErrors(self.errors))
         }
 
-        /// Held mail sent to `relay` would be delivered: the two must be different listeners.
+        /// Held mail sent to `relay` would be delivered: where anything can be held, the two
+        /// must be different listeners. A configuration that never holds does not use
+        /// hold_relay, so its value does not matter.
         mutating func checkHoldRelay() {
             let c = self.config
-            guard c.holdRelayPort == c.relayPort, Self.sameHost(c.holdRelayHost, c.relayHost) else { return }
+            guard !c.holdReasons.isEmpty, c.holdRelayPort == c.relayPort, Self.sameHost(c.holdRelayHost, c.relayHost) else { return }
             let line = self.globalLine["hold_relay"] ?? self.globalLine["relay"] ?? 0
             let host = c.holdRelayHost.contains(":") ? "[\(c.holdRelayHost)]" : c.holdRelayHost
             self.error(line, "hold_relay \(host):\(c.holdRelayPort) is relay's address: held mail would be delivered (hold_relay must be the hold listener)")
         }
 
-        /// Do `a` and `b` name the same host? "localhost" stands for every loopback address.
+        /// May `a` and `b` reach the same listener? The same address, or two loopback
+        /// addresses ("localhost" among them): one master.cf entry without an address listens
+        /// on all of them.
         static func sameHost(_ a: String, _ b: String) -> Bool {
             let a = a.lowercased(), b = b.lowercased()
             if a == b { return true }
+            let loopback = { (h: String) in h == "localhost" || HostAddress(h)?.isLoopback == true }
+            if loopback(a) && loopback(b) { return true }
             if let x = HostAddress(a), let y = HostAddress(b) { return x == y }
-            return (a == "localhost" && HostAddress(b)?.isLoopback == true) || (b == "localhost" && HostAddress(a)?.isLoopback == true)
+            return false
         }
 
         /// What rules may not carry.
