@@ -94,13 +94,37 @@ struct PolicyService: Sendable {
     /// The answer to one request; logs each recipient's verdict.
     func answer(_ request: PolicyRequest, logger: Logger) async -> PolicyAction {
         switch self.localClient(request, logger: logger) {
-        case .failure(let early): return early.action
+        case .failure(let early):
+            guard let remote = early.remote else { return early.action }
+            return await self.remoteUnlessTheKernelKnowsIt(request, stage: remote.stage, client: remote.client, logger: logger)
         case .success(let (stage, client)): return await self.judge(request, stage: stage, client: client, logger: logger)
         }
     }
 
-    /// An answer given before the client's UID is asked for.
-    struct Early: Error { let action: PolicyAction }
+    /// An answer given before the client's UID is asked for; `remote` when the answer is DUNNO
+    /// because the client's address is not among this host's.
+    struct Early: Error {
+        let action: PolicyAction
+        var remote: (stage: String, client: HostAddress)? = nil
+    }
+
+    /// The interfaces' addresses are read at most once a second, so an address the host
+    /// gained since (an IPv6 temporary address, a new DHCP lease) looks remote for up to a
+    /// second. The kernel has the last word: if it holds the client's end of the connection,
+    /// the client is on this host and is judged; otherwise DUNNO, as for any remote client.
+    private func remoteUnlessTheKernelKnowsIt(
+        _ request: PolicyRequest, stage: String, client: HostAddress, logger: Logger
+    ) async -> PolicyAction {
+        guard let c = Self.connection(request, client: client),
+            (try? await PeerCredentials.uid(
+                client: c.clientAddress, clientPort: c.clientPort, server: c.serverAddress, serverPort: c.serverPort)) != nil
+        else {
+            logger.debug("policy: client \(client) is not on this host: DUNNO")
+            return .dunno
+        }
+        logger.notice("policy: client \(client) is on this host, though not among the interface addresses last read: judged")
+        return await self.judge(request, stage: stage, client: client, logger: logger)
+    }
 
     /// The request's stage and client when the request is one to judge: a well-formed
     /// smtpd_access_policy request, at RCPT or END-OF-MESSAGE, from a client on this host.
@@ -125,8 +149,7 @@ struct PolicyService: Sendable {
             logger.error("policy request deferred: cannot read this host's addresses to tell whether \(client) is local")
             return .failure(Early(action: Replies.policyUnidentified))
         case false?:
-            logger.debug("policy: client \(client) is not on this host: DUNNO")
-            return .failure(Early(action: .dunno))
+            return .failure(Early(action: .dunno, remote: (stage, client)))
         case true?:
             return .success((stage, client))
         }
