@@ -142,6 +142,7 @@ private func audit(_ r: Configuration, main: [String: String] = [:], services: [
     static let output = #"{"chain": {"family": "inet", "table": "restrictpd", "name": "output", "hook": "output"}}, {"chain": {"family": "inet", "table": "restrictpd", "name": "other"}}"#
     static func dport(_ right: String) -> String { #"{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": \#(right)}}"# }
     static let skuid = #"{"match": {"op": "!=", "left": {"meta": {"key": "skuid"}}, "right": 0}}"#
+    static let owner = #"{"match": {"op": "==", "left": {"meta": {"key": "skuid"}}, "right": 0}}"#
 
     @Test func ruleShapes() throws {
         // A range and drop count; a rule that only accepts, a rule outside an output base chain,
@@ -152,11 +153,33 @@ private func audit(_ r: Configuration, main: [String: String] = [:], services: [
         #expect(!accepting.guardsOutbound(25))
         let elsewhere = try #require(try self.table(Self.ruleset(chains: Self.output, rules: [("other", Self.dport("25") + ", " + Self.skuid + #", {"reject": null}"#)])))
         #expect(!elsewhere.guardsOutbound(25))
-        let jumpRules = [("output", Self.dport("25") + #", {"jump": {"target": "other"}}"#), ("other", Self.skuid + #", {"accept": null}"#)]
+        let jumpRules = [("output", Self.dport("25") + #", {"jump": {"target": "other"}}"#), ("other", Self.owner + #", {"accept": null}"#)]
         #expect(try self.table(Self.ruleset(chains: Self.output, rules: jumpRules))?.guardsOutbound(25) == false)
         let refusing = jumpRules + [("other", #"{"reject": null}"#)]
         #expect(try self.table(Self.ruleset(chains: Self.output, rules: refusing))?.guardsOutbound(25) == true)
         #expect(try self.table(Self.ruleset(chains: Self.output, rules: refusing, family: "ip")) == nil)
+    }
+
+    /// Rules that name the owner the wrong way round, or come too late, guard nothing.
+    @Test func whatLooksLikeAGuardButIsNot() throws {
+        let guarded = { (rules: [(chain: String, expr: String)]) in try self.table(Self.ruleset(chains: Self.output, rules: rules))?.guardsOutbound(25) }
+        // Drops root's connections only.
+        #expect(try guarded([("output", Self.dport("25") + ", " + Self.owner + #", {"drop": null}"#)]) == false)
+        // Accepts everyone but root, then refuses root.
+        let allButRoot = [("output", Self.dport("25") + #", {"jump": {"target": "other"}}"#),
+                          ("other", Self.skuid + #", {"accept": null}"#), ("other", #"{"reject": null}"#)]
+        #expect(try guarded(allButRoot) == false)
+        // A refusal with a condition of its own does not refuse the rest.
+        let conditional = [("output", Self.dport("25") + #", {"jump": {"target": "other"}}"#),
+                           ("other", Self.owner + #", {"accept": null}"#), ("other", Self.dport("26") + #", {"reject": null}"#)]
+        #expect(try guarded(conditional) == false)
+        // The shipped shape, with an accept of port 25 before it, or of everything.
+        let guardRule = ("output", Self.dport("25") + ", " + Self.skuid + #", {"reject": null}"#)
+        #expect(try guarded([guardRule]) == true)
+        #expect(try guarded([("output", Self.dport("25") + #", {"accept": null}"#), guardRule]) == false)
+        #expect(try guarded([("output", Self.dport("587") + #", {"accept": null}"#), guardRule]) == true)
+        #expect(try guarded([("output", #"{"accept": null}"#), guardRule]) == false)
+        #expect(try guarded([guardRule, ("output", Self.dport("25") + #", {"accept": null}"#)]) == true)
     }
 }
 

@@ -1,8 +1,11 @@
 // restrictpd --audit: what table inet restrictpd of `nft -j list ruleset` guards. A port is
-// guarded when a rule of an output base chain matches "tcp dport" on it and either checks the
-// socket's owner itself (meta skuid) and rejects or drops, or jumps to a chain that does (the
-// shape of etc/nftables/restrictpd.nft). A rule with oifname "lo" covers only this host's
-// ports; one with oifname != "lo" only other hosts'.
+// guarded when a rule of an output base chain matches "tcp dport" on it and either refuses
+// every socket owner but some itself (meta skuid != ... reject or drop), or jumps to a chain
+// that lets only listed owners through (meta skuid == ... accept) and then refuses the rest
+// unconditionally (the shape of etc/nftables/restrictpd.nft). An earlier rule of the base
+// chain that may accept the port first leaves it unguarded. A rule with oifname "lo" covers
+// only this host's ports; one with oifname != "lo" only other hosts'. Anything this reading
+// does not understand counts as not guarded: a false FAIL, never a false OK.
 
 /// The ports table inet restrictpd guards, for connections over loopback and to other hosts.
 struct FirewallTable: Sendable, Equatable {
@@ -29,20 +32,61 @@ struct FirewallTable: Sendable, Equatable {
                 rules[chain, default: []].append(expr)
             }
         }
+        return Self.guarded(outputChains.sorted(), rules: rules)
+    }
+
+    /// The ports the base chains guard, read rule by rule in order.
+    static func guarded(_ baseChains: [String], rules: [String: [[JSONValue]]]) -> FirewallTable {
         var found = FirewallTable()
-        for chain in outputChains.sorted() {
+        for chain in baseChains {
+            var opened = FirewallTable()
             for expr in rules[chain] ?? [] {
                 let ports = Self.dports(expr)
-                guard !ports.isEmpty else { continue }
-                let target = expr.lazy.compactMap { ($0["jump"] ?? $0["goto"])?["target"]?.stringValue }.first
-                let checks = Self.checksOwner(expr) && Self.refuses(expr)
-                guard checks || target.map({ Self.chainChecksOwner(rules[$0] ?? []) }) == true else { continue }
                 let scope = Self.interfaceScope(expr)
-                if scope != .outbound { found.loopback += ports }
-                if scope != .loopback { found.outbound += ports }
+                let target = expr.lazy.compactMap { ($0["jump"] ?? $0["goto"])?["target"]?.stringValue }.first
+                let guards = !ports.isEmpty
+                    && (Self.refusesAllButSome(expr) || target.map { Self.chainGuards(rules[$0] ?? []) } == true)
+                if guards {
+                    let unopened = { (open: [ClosedRange<Int>]) in ports.filter { r in !open.contains { $0.overlaps(r) } } }
+                    if scope != .outbound { found.loopback += unopened(opened.loopback) }
+                    if scope != .loopback { found.outbound += unopened(opened.outbound) }
+                } else if Self.accepts(expr) || target.map({ (rules[$0] ?? []).contains(where: Self.accepts) }) == true {
+                    // It may let a connection through before a later guard sees it.
+                    let all = [0...65535]
+                    if scope != .outbound { opened.loopback += ports.isEmpty ? all : ports }
+                    if scope != .loopback { opened.outbound += ports.isEmpty ? all : ports }
+                }
             }
         }
         return found
+    }
+
+    /// One rule that refuses every socket owner but those it names: meta skuid != ... with
+    /// reject or drop.
+    static func refusesAllButSome(_ expr: [JSONValue]) -> Bool {
+        self.refuses(expr) && self.matches(expr).contains { self.isMeta($0.left, "skuid") && $0.op == "!=" }
+    }
+
+    /// A chain that accepts only listed socket owners (meta skuid == ... accept) and refuses
+    /// everything else: its rules in order, until one refuses unconditionally (or refuses all
+    /// but some owners). Another jump, or an accept on other grounds, is not understood.
+    static func chainGuards(_ rules: [[JSONValue]]) -> Bool {
+        for expr in rules {
+            if expr.contains(where: { $0["jump"] != nil || $0["goto"] != nil }) { return false }
+            if self.accepts(expr) {
+                let listed = self.matches(expr).contains { self.isMeta($0.left, "skuid") && ($0.op == "==" || $0.op == "in") }
+                if !listed { return false }
+                continue
+            }
+            if self.refuses(expr) && (self.unconditional(expr) || self.refusesAllButSome(expr)) { return true }
+        }
+        return false
+    }
+
+    /// No match but on the protocol ("reject with tcp reset" adds meta l4proto tcp): for the
+    /// TCP connections in question, a rule that always applies.
+    static func unconditional(_ expr: [JSONValue]) -> Bool {
+        self.matches(expr).allSatisfy { self.isMeta($0.left, "l4proto") || self.isMeta($0.left, "nfproto") }
     }
 
     /// {"match": {"op": OP, "left": LEFT, "right": RIGHT}} items of a rule.
@@ -77,14 +121,9 @@ struct FirewallTable: Sendable, Equatable {
         return a...b
     }
 
-    static func checksOwner(_ expr: [JSONValue]) -> Bool { self.matches(expr).contains { self.isMeta($0.left, "skuid") } }
-
     static func refuses(_ expr: [JSONValue]) -> Bool { expr.contains { $0["reject"] != nil || $0["drop"] != nil } }
 
-    /// A chain that lets some socket owners through and refuses the rest.
-    static func chainChecksOwner(_ rules: [[JSONValue]]) -> Bool {
-        rules.contains(where: self.checksOwner) && rules.contains(where: self.refuses)
-    }
+    static func accepts(_ expr: [JSONValue]) -> Bool { expr.contains { $0["accept"] != nil } }
 
     enum Scope { case loopback, outbound, any }
 
