@@ -10,6 +10,8 @@
 
 public import Logging
 import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
 import PostgresNIO
 public import QuotaStore
 public import RestrictPolicy
@@ -17,7 +19,13 @@ public import RestrictPolicy
 public final class PostgresQuotaStore: QuotaStore, Sendable {
     public let settings: PostgresStoreSettings
     let logger: Logger
-    let client: PostgresClient
+    /// One pool per event loop of the group the sessions run on, its connections on that
+    /// loop, `state_pool` connections shared out among them: a decision asked on a loop uses
+    /// that loop's pool, so the query is written and its answer read on the thread the session
+    /// runs on, with no wake-up of another thread in between. Callers on no loop (the admin's
+    /// commands, tests) take the pools in turn.
+    let clients: [(loop: any EventLoop, client: PostgresClient)]
+    private let turn = NIOLockedValueBox(0)
     /// Tries per decision for a retryable failure (see `PostgresStoreError.isRetryable`).
     static let attempts = 3
 
@@ -34,7 +42,22 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public init(settings: PostgresStoreSettings, logger: Logger) {
         self.settings = settings
         self.logger = logger
-        self.client = PostgresClient(configuration: PostgresConfiguration.client(settings), backgroundLogger: logger)
+        let loops = Array(MultiThreadedEventLoopGroup.singleton.makeIterator().prefix(max(1, settings.pool)))
+        self.clients = loops.enumerated().map { index, loop in
+            var configuration = PostgresConfiguration.client(settings)
+            configuration.options.maximumConnections = settings.pool / loops.count + (index < settings.pool % loops.count ? 1 : 0)
+            return (loop, PostgresClient(configuration: configuration, eventLoopGroup: loop, backgroundLogger: logger))
+        }
+    }
+
+    /// The pool of the loop the caller runs on, else the next in turn.
+    private var client: PostgresClient {
+        for entry in self.clients where entry.loop.inEventLoop { return entry.client }
+        let index = self.turn.withLockedValue { turn in
+            defer { turn = (turn + 1) % self.clients.count }
+            return turn
+        }
+        return self.clients[index].client
     }
 
     /// The redacted URI, for messages.
@@ -44,8 +67,12 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public func start() {
         self.state.withLockedValue { state in
             guard state.running == nil else { return }
-            let client = self.client
-            state.running = Task { await client.run() }
+            let clients = self.clients.map(\.client)
+            state.running = Task {
+                await withDiscardingTaskGroup { group in
+                    for client in clients { group.addTask { await client.run() } }
+                }
+            }
         }
     }
 

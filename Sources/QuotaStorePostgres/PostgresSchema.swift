@@ -98,6 +98,30 @@ enum PostgresSchema {
                 WHERE queue_id IS NOT NULL
             """,
         ],
+        // 3 -> 4: a decision in one statement (PostgresAdmitFunction), and the volume the
+        // caps count kept per second: restrictpd_volume has one row per scope, budget and
+        // second in which messages were admitted (their number, the sum of their recipients)
+        // where restrictpd_message had one per message. A cap's window starts on a second, so
+        // the counts are the same; a busy uid's window is read in as many rows as seconds it
+        // sent in, and a message adds to its second's row in place.
+        [
+            """
+            CREATE TABLE restrictpd_volume (
+                scope      text   NOT NULL,
+                uid        bigint NOT NULL,
+                at         bigint NOT NULL,
+                messages   bigint NOT NULL,
+                recipients bigint NOT NULL,
+                PRIMARY KEY (scope, uid, at)
+            )
+            """,
+            """
+            INSERT INTO restrictpd_volume (scope, uid, at, messages, recipients)
+            SELECT scope, uid, at, count(*), sum(recipients) FROM restrictpd_message GROUP BY scope, uid, at
+            """,
+            "DROP TABLE restrictpd_message",
+            PostgresAdmitFunction.create,
+        ],
     ]
 
     static var currentVersion: Int { migrations.count }

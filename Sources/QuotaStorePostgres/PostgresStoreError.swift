@@ -58,6 +58,9 @@ public struct PostgresStoreError: Error, CustomStringConvertible, Sendable {
     /// Wraps any error from postgres-nio in words, never with the query's parameters.
     static func wrap(_ error: any Error, location: String, operation: String) -> PostgresStoreError {
         if let own = error as? PostgresStoreError { return own }
+        if let answer = error as? PostgresAnswerError {
+            return PostgresStoreError(.server, location: location, message: "\(operation): \(answer.message)")
+        }
         guard let psql = error as? PSQLError else {
             return PostgresStoreError(.connection, location: location, message: "\(operation): \(error)")
         }
@@ -83,4 +86,10 @@ public struct PostgresStoreError: Error, CustomStringConvertible, Sendable {
         guard let psql = error as? PSQLError else { return false }
         return psql.code == .serverClosedConnection || psql.code == .uncleanShutdown || psql.code == .clientClosedConnection
     }
+}
+
+/// The database answered, but not as this build expects (no row, or a decision that
+/// `QuotaArithmetic` does not take from what it read).
+struct PostgresAnswerError: Error {
+    let message: String
 }

@@ -129,6 +129,49 @@ struct PostgresStoreTests {
         }
     }
 
+    /// A version 3 schema's message rows become per-second volume rows (4) that count the
+    /// same: three messages in one second and one in another, 2 + 1 + 4 and 3 recipients.
+    @Test func versionThreeMessageRowsKeepTheirCounts() async throws {
+        let store = try await TestPostgres.store(scope: "s")
+        defer { store.shutdown() }
+        let namespace = "migration_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+        let location = store.location
+        try await store.withOwnConnection("testing") { c in
+            let logger = Logger(label: "test")
+            try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA \(namespace)"), logger: logger)
+            do {
+                try await c.query(PostgresQuery(unsafeSQL: "SET search_path TO \(namespace)"), logger: logger)
+                try await c.query(PostgresQuery(unsafeSQL: PostgresSchema.versionTable), logger: logger)
+                for migration in PostgresSchema.migrations[0..<3] {
+                    for statement in migration { try await c.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
+                }
+                try await c.query("INSERT INTO restrictpd_schema (singleton, version) VALUES (true, 3)", logger: logger)
+                for (at, recipients) in [(t0, 2), (t0, 1), (t0, 4), (t0 + 60, 3)] {
+                    try await c.query(
+                        "INSERT INTO restrictpd_message VALUES ('s', 33, \(at), \(Int64(recipients)))", logger: logger)
+                }
+                let (from, to) = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
+                #expect(from == 3 && to == PostgresSchema.currentVersion)
+                let caps = VolumeCaps(
+                    messages: VolumeCap(kind: .messages, limit: 5, period: .hour),
+                    recipients: VolumeCap(kind: .recipients, limit: 100, period: .hour))
+                let states = try await PostgresQuotaSQL.capStates(
+                    uid: 33, budget: nil, caps: caps, now: t0 + 120, scope: "s", on: c, logger: logger)
+                #expect(states.map(\.used) == [4, 10])
+                // The fifth message fits the cap of 5, a sixth does not.
+                let request = QuotaRequest(uid: 33, addresses: [], quota: nil, now: t0 + 120, caps: caps, recipients: 1)
+                #expect(try await PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+                #expect(try await !PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+                let rows = try await c.query("SELECT count(*) FROM restrictpd_volume", logger: logger)
+                for try await n in rows.decode(Int64.self) { #expect(n == 3) }
+            } catch {
+                _ = try? await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+                throw error
+            }
+            try await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+        }
+    }
+
     /// Statistics are the scope's: the hosts of a farm add to the same rows, --stats on any
     /// of them reads them all, another scope has its own; a host prunes only its scope's hours.
     @Test func statisticsAreKeptPerScope() async throws {
@@ -194,5 +237,80 @@ struct PostgresStoreTests {
         }
         guard bound else { throw PostgresStoreError(.connection, location: "-", message: "no free port") }
         return Int(UInt16(bigEndian: address.sin_port))
+    }
+}
+
+/// The PostgreSQL store decides in the database (`restrictpd_admit`), the SQLite store with
+/// `QuotaArithmetic`: the same random requests, given to both, get the same outcomes and
+/// leave the same counted addresses and volume. The requests mix quotas with and without a
+/// period, held addresses, decisions that record nothing, both volume caps, `max_recipients`,
+/// held volume, a shared budget and a clock that moves across the windows; a disagreement on
+/// admitting would also make the PostgreSQL store throw.
+@Suite("PostgreSQL decides as SQLite does", .enabled(if: TestPostgres.uri != nil, Comment(rawValue: TestPostgres.missing)))
+struct PostgresDifferentialTests {
+    struct Generator {
+        var state: UInt64
+        mutating func next(_ n: Int) -> Int {
+            self.state = self.state &* 6364136223846793005 &+ 1442695040888963407
+            return Int((self.state >> 33) % UInt64(n))
+        }
+        mutating func chance(_ percent: Int) -> Bool { self.next(100) < percent }
+    }
+
+    static func randomRequest(_ g: inout Generator, now: Int64) -> QuotaRequest {
+        let pool = ["a@x.org", "b@x.org", "c@x.org", "d@x.org", "e@x.org", "f@x.org", "g@x.org"]
+        var addresses: [String] = []
+        for _ in 0..<g.next(4) { addresses.append(pool[g.next(pool.count)]) }
+        if !g.chance(10) { addresses = addresses.reduce(into: []) { if !$0.contains($1) { $0.append($1) } } }
+        let periods: [QuotaPeriod?] = [.hour, .day, nil]
+        let quota: Quota? = g.chance(85) ? Quota(limit: 1 + g.next(5), period: periods[g.next(3)]) : nil
+        var held: Set<String> = []
+        if g.chance(20) { held.insert(pool[g.next(pool.count)]) }
+        var caps = VolumeCaps.none
+        if g.chance(50) { caps.messages = VolumeCap(kind: .messages, limit: 1 + g.next(6), period: g.chance(50) ? .hour : .day) }
+        if g.chance(40) { caps.recipients = VolumeCap(kind: .recipients, limit: 1 + g.next(12), period: g.chance(50) ? .hour : .day) }
+        if g.chance(20) { caps.maxRecipients = 1 + g.next(4) }
+        let heldVolume = g.chance(20) ? HeldVolume(messages: g.next(2), recipients: g.next(3)) : .zero
+        let uid = UInt32(40 + g.next(2))
+        let budget: Int64? = g.chance(25) ? (1 << 32) + 7 : nil
+        return QuotaRequest(
+            uid: uid, addresses: quota == nil ? [] : addresses, quota: quota, now: now, held: quota == nil ? [] : held,
+            record: !g.chance(15), caps: caps, recipients: addresses.count + g.next(3), heldVolume: heldVolume, budget: budget)
+    }
+
+    @Test func randomRequestsGetTheSameOutcomes() async throws {
+        let sqlite = try SQLiteUnderTest()
+        let postgres = try await PostgresUnderTest()
+        var g = Generator(state: 0x5EED_2026_1207)
+        var now = t0
+        var admitted = 0
+        var rowsSeen = 0
+        for step in 0..<600 {
+            now += Int64([0, 1, 60, 600, 1800, 4000][g.next(6)])
+            let request = Self.randomRequest(&g, now: now)
+            let expected = try await sqlite.admit(request)
+            let got = try await postgres.admit(request)
+            #expect(got == expected, "step \(step): \(request)")
+            if expected.admitted { admitted += 1 }
+            guard got == expected else { return }
+            // Every 25 steps: the same counted addresses, and the same volume in both windows.
+            guard step % 25 == 24 else { continue }
+            for uid: UInt32 in [40, 41] {
+                let rows = try await postgres.entries(uid: uid).sorted { $0.address < $1.address }
+                #expect(rows == (try await sqlite.entries(uid: uid).sorted { $0.address < $1.address }), "step \(step)")
+                rowsSeen += rows.count
+                let caps = VolumeCaps(
+                    messages: VolumeCap(kind: .messages, limit: 100, period: .day),
+                    recipients: VolumeCap(kind: .recipients, limit: 100, period: .hour))
+                for budget: Int64? in [nil, (1 << 32) + 7] {
+                    #expect(
+                        try await postgres.capStates(uid: uid, budget: budget, caps: caps, now: now)
+                            == sqlite.capStates(uid: uid, budget: budget, caps: caps, now: now), "step \(step)")
+                }
+            }
+        }
+        // Both kinds of answer, and counted addresses, were exercised.
+        #expect(admitted > 100 && admitted < 500)
+        #expect(rowsSeen > 20)
     }
 }
