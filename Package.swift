@@ -38,6 +38,15 @@ let package = Package(
             dependencies: ["SMTPCore", "RestrictPolicy", .product(name: "NIOCore", package: "swift-nio")],
             swiftSettings: strict
         ),
+        // Runs a task's jobs on one NIO event loop (sessions, and the quota store's work for them).
+        .target(
+            name: "LoopExecutor",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: strict
+        ),
         // Configuration, rules, quota arithmetic; no I/O.
         .target(name: "RestrictPolicy", dependencies: ["SMTPCore"], swiftSettings: strict),
         .systemLibrary(
@@ -67,7 +76,7 @@ let package = Package(
         .target(
             name: "QuotaStorePostgres",
             dependencies: [
-                "RestrictPolicy", "QuotaStore",
+                "RestrictPolicy", "QuotaStore", "LoopExecutor",
                 .product(name: "PostgresNIO", package: "postgres-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -80,7 +89,8 @@ let package = Package(
         .target(
             name: "RestrictDaemon",
             dependencies: [
-                "SMTPCore", "RestrictPolicy", "ProxySession", "QuotaStore", "QuotaStorePostgres", "CSystemd", "CRestrictSys",
+                "SMTPCore", "RestrictPolicy", "ProxySession", "QuotaStore", "QuotaStorePostgres", "LoopExecutor", "CSystemd",
+                "CRestrictSys",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

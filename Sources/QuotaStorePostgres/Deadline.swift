@@ -7,6 +7,7 @@
 // thread and no thread of Swift's global pool, which on a busy two-CPU host is the difference
 // between one wake-up per decision and four.
 
+import LoopExecutor
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -26,7 +27,7 @@ enum Deadline {
                 stopTimer.withLockedValue { $0 }?()
                 waiting.withLockedValue { w in defer { w = nil }; return w }?.resume(with: result)
             }
-            let work = loop.map { Task(executorPreference: LoopTaskExecutor.of($0), operation: run) } ?? Task(operation: run)
+            let work = loop.map { Task(executorPreference: LoopExecutor.of($0), operation: run) } ?? Task(operation: run)
             let expire: @Sendable () -> Void = {
                 guard let late = waiting.withLockedValue({ w in defer { w = nil }; return w }) else { return }
                 work.cancel()
@@ -42,28 +43,6 @@ enum Deadline {
                 }
                 stopTimer.withLockedValue { $0 = { clock.cancel() } }
             }
-        }
-    }
-}
-
-/// Runs a task's jobs on one event loop (see `Task(executorPreference:)`).
-final class LoopTaskExecutor: TaskExecutor {
-    let loop: any EventLoop
-    init(_ loop: any EventLoop) { self.loop = loop }
-
-    func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        let executor = self.asUnownedTaskExecutor()
-        self.loop.execute { job.runSynchronously(on: executor) }
-    }
-
-    private static let cache = NIOLockedValueBox<[ObjectIdentifier: LoopTaskExecutor]>([:])
-    static func of(_ loop: any EventLoop) -> LoopTaskExecutor {
-        self.cache.withLockedValue { cache in
-            if let e = cache[ObjectIdentifier(loop)] { return e }
-            let e = LoopTaskExecutor(loop)
-            cache[ObjectIdentifier(loop)] = e
-            return e
         }
     }
 }

@@ -3,6 +3,7 @@
 // loop; a failing connection ends only itself.
 
 import Logging
+import LoopExecutor
 public import NIOCore
 import NIOPosix
 public import RestrictPolicy
@@ -341,29 +342,6 @@ public struct ConnectionHandler: Sendable {
     /// closes it first and waits for them through the registry).
     public func run(_ listener: Listener) async {
         await listener.serve(.smtp(self), logger: self.runtime.logger)
-    }
-}
-
-/// Runs a session's task on its connection's event loop, so that its reads, writes and
-/// continuations never cross to another thread.
-final class LoopExecutor: TaskExecutor {
-    let loop: any EventLoop
-    init(_ loop: any EventLoop) { self.loop = loop }
-
-    func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        let executor = self.asUnownedTaskExecutor()
-        self.loop.execute { job.runSynchronously(on: executor) }
-    }
-
-    private static let cache = Mutex<[ObjectIdentifier: LoopExecutor]>([:])
-    static func of(_ loop: any EventLoop) -> LoopExecutor {
-        self.cache.withLock { cache in
-            if let e = cache[ObjectIdentifier(loop)] { return e }
-            let e = LoopExecutor(loop)
-            cache[ObjectIdentifier(loop)] = e
-            return e
-        }
     }
 }
 

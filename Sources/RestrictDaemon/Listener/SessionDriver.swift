@@ -7,6 +7,7 @@
 // the hold relay, makes it the session's relay until the machine ends it, and never pools it.
 
 import Logging
+import LoopExecutor
 import NIOCore
 import ProxySession
 import RestrictPolicy
