@@ -107,6 +107,49 @@ enum PostgresAdmitFunction {
         END
         $function$
         """
+
+    /// Several decisions in one statement (see `PostgresQuotaSQL.admit(batch:)`): the requests'
+    /// arguments as arrays, one element per request, NULL given as the smallest bigint (an
+    /// array from the client holds no NULL); the addresses and held addresses of all requests
+    /// in one array each, request i's ending at `p_address_ends[i]` (`p_held_ends[i]`). A row
+    /// per request decided, by its index from 1.
+    static let createBatch = """
+        CREATE FUNCTION restrictpd_admit_batch(
+            p_scope text, p_budgets bigint[], p_locks integer[],
+            p_address_ends integer[], p_addresses text[], p_held_ends integer[], p_held text[],
+            p_limits bigint[], p_window_starts bigint[], p_records boolean[], p_nows bigint[],
+            p_messages_limits bigint[], p_messages_froms bigint[], p_recipients_limits bigint[], p_recipients_froms bigint[],
+            p_messages_befores bigint[], p_max_recipients bigint[], p_recipients bigint[],
+            p_held_messages bigint[], p_held_recipients bigint[])
+        RETURNS TABLE (o_index integer, o_admitted boolean, o_counted text[], o_messages bigint, o_recipients bigint)
+        LANGUAGE plpgsql VOLATILE
+        AS $function$
+        DECLARE
+            v_none CONSTANT bigint := -9223372036854775808;
+            v_address_from integer := 1;
+            v_held_from integer := 1;
+        BEGIN
+            FOR i IN 1 .. coalesce(cardinality(p_budgets), 0) LOOP
+                IF pg_try_advisory_xact_lock(hashtext(p_scope), p_locks[i]) THEN
+                    o_index := i;
+                    SELECT a.o_admitted, a.o_counted, a.o_messages, a.o_recipients
+                    INTO o_admitted, o_counted, o_messages, o_recipients
+                    FROM restrictpd_admit(
+                        p_scope, p_budgets[i], p_locks[i],
+                        coalesce(p_addresses[v_address_from:p_address_ends[i]], '{}'), coalesce(p_held[v_held_from:p_held_ends[i]], '{}'),
+                        nullif(p_limits[i], v_none), nullif(p_window_starts[i], v_none), p_records[i], p_nows[i],
+                        nullif(p_messages_limits[i], v_none), nullif(p_messages_froms[i], v_none),
+                        nullif(p_recipients_limits[i], v_none), nullif(p_recipients_froms[i], v_none),
+                        nullif(p_messages_befores[i], v_none), nullif(p_max_recipients[i], v_none), p_recipients[i],
+                        p_held_messages[i], p_held_recipients[i]) AS a;
+                    RETURN NEXT;
+                END IF;
+                v_address_from := p_address_ends[i] + 1;
+                v_held_from := p_held_ends[i] + 1;
+            END LOOP;
+        END
+        $function$
+        """
 }
 
 /// `restrictpd_admit`, prepared once per connection: a decision is one Bind and Execute.
@@ -146,6 +189,66 @@ struct AdmitStatement: PostgresPreparedStatement {
         bindings.append(Int64(request.recipients))
         bindings.append(Int64(request.heldVolume.messages))
         bindings.append(Int64(request.heldVolume.recipients))
+        return bindings
+    }
+
+    func decodeRow(_ row: PostgresRow) throws -> Row { try row.decode(Row.self) }
+}
+
+/// `restrictpd_admit_batch`, prepared once per connection.
+struct AdmitBatchStatement: PostgresPreparedStatement {
+    static let sql = """
+        SELECT o_index, o_admitted, o_counted, o_messages, o_recipients
+        FROM restrictpd_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+        """
+    typealias Row = (Int32, Bool, [String], Int64, Int64)
+
+    static var bindingDataTypes: [PostgresDataType] {
+        [.text, .int8Array, .int4Array, .int4Array, .textArray, .int4Array, .textArray]
+            + [.int8Array, .int8Array, .boolArray, .int8Array]
+            + Array(repeating: .int8Array, count: 9)
+    }
+
+    /// Stands for NULL in the bigint arrays.
+    static let none = Int64.min
+
+    let requests: [QuotaRequest]
+    let scope: String
+
+    func makeBindings() throws -> PostgresBindings {
+        let requests = self.requests
+        let none = Self.none
+        var addresses: [String] = []
+        var addressEnds: [Int32] = []
+        var held: [String] = []
+        var heldEnds: [Int32] = []
+        for request in requests {
+            addresses += request.addresses
+            addressEnds.append(Int32(clamping: addresses.count))
+            held += request.held
+            heldEnds.append(Int32(clamping: held.count))
+        }
+        var bindings = PostgresBindings(capacity: 20)
+        bindings.append(self.scope)
+        bindings.append(requests.map(\.budget))
+        bindings.append(requests.map { PostgresQuotaSQL.lockKey($0.budget) })
+        bindings.append(addressEnds)
+        bindings.append(addresses)
+        bindings.append(heldEnds)
+        bindings.append(held)
+        bindings.append(requests.map { $0.quota.map { Int64($0.limit) } ?? none })
+        bindings.append(requests.map { $0.windowStart ?? none })
+        bindings.append(requests.map(\.record))
+        bindings.append(requests.map(\.now))
+        bindings.append(requests.map { $0.caps.messages.map { Int64($0.limit) } ?? none })
+        bindings.append(requests.map { $0.windowStart(.messages) ?? none })
+        bindings.append(requests.map { $0.caps.recipients.map { Int64($0.limit) } ?? none })
+        bindings.append(requests.map { $0.windowStart(.recipients) ?? none })
+        bindings.append(requests.map { $0.caps.pruneBefore(now: $0.now) ?? none })
+        bindings.append(requests.map { $0.caps.maxRecipients.map { Int64($0) } ?? none })
+        bindings.append(requests.map { Int64($0.recipients) })
+        bindings.append(requests.map { Int64($0.heldVolume.messages) })
+        bindings.append(requests.map { Int64($0.heldVolume.recipients) })
         return bindings
     }
 

@@ -27,17 +27,42 @@ enum PostgresQuotaSQL {
         return Int32(truncatingIfNeeded: budget ^ (budget >> 32))
     }
 
+    /// What `restrictpd_admit` read and decided for one request.
+    typealias Answer = (admitted: Bool, counted: [String], messages: Int64, recipients: Int64)
+
     /// Decides, and when admitted records, in one statement: `restrictpd_admit` (see
     /// PostgresAdmitFunction) takes the lock, prunes, reads, decides and records in the
-    /// statement's own transaction. The outcome is `QuotaArithmetic`'s, from what the function
-    /// read; where the two do not agree on admitting, the store is not trusted (an error, 451).
+    /// statement's own transaction.
     static func admit(_ request: QuotaRequest, scope: String, on connection: PostgresConnection, logger: Logger) async throws -> QuotaOutcome {
         let rows = try await connection.execute(AdmitStatement(request: request, scope: scope), logger: logger)
-        var answer: (admitted: Bool, counted: [String], messages: Int64, recipients: Int64)? = nil
+        var answer: Answer? = nil
         for try await row in rows { answer = row }
         guard let answer else {
             throw PostgresAnswerError(message: "restrictpd_admit returned no row")
         }
+        return try self.outcome(request, answer)
+    }
+
+    /// Decides the requests of a batch in one statement, `restrictpd_admit_batch`: each in
+    /// turn whose budget's lock is free or already the batch's, as `admit` would. A request
+    /// whose lock another transaction holds is left undecided (nil), to be decided alone: a
+    /// batch never waits for a lock, so it can neither deadlock nor be held up by one budget.
+    static func admit(batch requests: [QuotaRequest], scope: String, on connection: PostgresConnection, logger: Logger) async throws -> [Result<QuotaOutcome, any Error>?] {
+        let rows = try await connection.execute(AdmitBatchStatement(requests: requests, scope: scope), logger: logger)
+        var results: [Result<QuotaOutcome, any Error>?] = Array(repeating: nil, count: requests.count)
+        for try await (index, admitted, counted, messages, recipients) in rows {
+            let i = Int(index) - 1
+            guard results.indices.contains(i), results[i] == nil else {
+                throw PostgresAnswerError(message: "restrictpd_admit_batch answered request \(index) of \(requests.count) twice or out of range")
+            }
+            results[i] = Result { try self.outcome(requests[i], (admitted, counted, messages, recipients)) }
+        }
+        return results
+    }
+
+    /// The outcome is `QuotaArithmetic`'s, from what the function read; where the two do not
+    /// agree on admitting, the store is not trusted (an error, 451).
+    static func outcome(_ request: QuotaRequest, _ answer: Answer) throws -> QuotaOutcome {
         var volume: [VolumeCap.Kind: Int] = [:]
         for cap in request.caps.counted {
             volume[cap.kind] = Int(clamping: cap.kind == .messages ? answer.messages : answer.recipients)

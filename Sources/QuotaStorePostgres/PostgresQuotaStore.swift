@@ -19,12 +19,14 @@ public import RestrictPolicy
 public final class PostgresQuotaStore: QuotaStore, Sendable {
     public let settings: PostgresStoreSettings
     let logger: Logger
-    /// One pool per event loop of the group the sessions run on, its connections on that
-    /// loop, `state_pool` connections shared out among them: a decision asked on a loop uses
-    /// that loop's pool, so the query is written and its answer read on the thread the session
-    /// runs on, with no wake-up of another thread in between. Callers on no loop (the admin's
-    /// commands, tests) take the pools in turn.
-    let clients: [(loop: any EventLoop, client: PostgresClient)]
+    /// One lane per event loop of the group the sessions run on (as many as `state_pool`
+    /// gives two connections each): pools with their connections on that loop (`state_pool`
+    /// connections shared out among the lanes) and the decisions waiting for them
+    /// (DecisionLane). A decision asked on a loop uses that loop's lane, so the
+    /// query is written and its answer read on the thread the session runs on, with no wake-up
+    /// of another thread in between. Callers on no loop (the admin's commands, tests) take the
+    /// lanes in turn.
+    let lanes: [DecisionLane]
     private let turn = NIOLockedValueBox(0)
     /// Tries per decision for a retryable failure (see `PostgresStoreError.isRetryable`).
     static let attempts = 3
@@ -42,22 +44,29 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public init(settings: PostgresStoreSettings, logger: Logger) {
         self.settings = settings
         self.logger = logger
-        let loops = Array(MultiThreadedEventLoopGroup.singleton.makeIterator().prefix(max(1, settings.pool)))
-        self.clients = loops.enumerated().map { index, loop in
-            var configuration = PostgresConfiguration.client(settings)
-            configuration.options.maximumConnections = settings.pool / loops.count + (index < settings.pool % loops.count ? 1 : 0)
-            return (loop, PostgresClient(configuration: configuration, eventLoopGroup: loop, backgroundLogger: logger))
+        // A lane has two connections at least where the pool allows: one for its batches, the
+        // others for decisions that wait for a lock and for the other queries.
+        let loops = Array(MultiThreadedEventLoopGroup.singleton.makeIterator().prefix(max(1, settings.pool / 2)))
+        self.lanes = loops.enumerated().map { index, loop in
+            let share = settings.pool / loops.count + (index < settings.pool % loops.count ? 1 : 0)
+            func client(_ connections: Int) -> PostgresClient {
+                var configuration = PostgresConfiguration.client(settings)
+                configuration.options.maximumConnections = connections
+                return PostgresClient(configuration: configuration, eventLoopGroup: loop, backgroundLogger: logger)
+            }
+            let batches = client(1)
+            return DecisionLane(loop: loop, batches: batches, others: share > 1 ? client(share - 1) : batches)
         }
     }
 
-    /// The pool of the loop the caller runs on, else the next in turn.
-    private var client: PostgresClient {
-        for entry in self.clients where entry.loop.inEventLoop { return entry.client }
+    /// The lane of the loop the caller runs on, else the next in turn.
+    var lane: DecisionLane {
+        for lane in self.lanes where lane.loop.inEventLoop { return lane }
         let index = self.turn.withLockedValue { turn in
-            defer { turn = (turn + 1) % self.clients.count }
+            defer { turn = (turn + 1) % self.lanes.count }
             return turn
         }
-        return self.clients[index].client
+        return self.lanes[index]
     }
 
     /// The redacted URI, for messages.
@@ -67,7 +76,7 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public func start() {
         self.state.withLockedValue { state in
             guard state.running == nil else { return }
-            let clients = self.clients.map(\.client)
+            let clients = self.lanes.flatMap { $0.batches === $0.others ? [$0.batches] : [$0.batches, $0.others] }
             state.running = Task {
                 await withDiscardingTaskGroup { group in
                     for client in clients { group.addTask { await client.run() } }
@@ -86,20 +95,26 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
         return health == "up" ? "store=postgresql up" : "store=postgresql \(health)"
     }
 
+    /// Decides on the caller's lane, alone or in a batch with the decisions waiting there
+    /// (DecisionLane), within `state_timeout` from the call, waiting included.
     public func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
-        try await self.pooled("deciding") { connection in
-            try await PostgresQuotaSQL.admit(request, scope: self.settings.scope, on: connection, logger: self.logger)
-        }
+        let lane = self.lane
+        return try await self.guarded("deciding") { try await self.decide(request, on: lane) }
     }
 
     /// Runs `body` (one transaction, or reads) on a pooled connection within `state_timeout`,
     /// again after a retryable failure; a failure is logged and thrown as a
     /// `PostgresStoreError`, which the daemon answers 451 4.3.0.
     func pooled<T: Sendable>(_ operation: String, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+        let client = self.lane.others
+        return try await self.guarded(operation) { try await self.retrying(operation, on: client, body) }
+    }
+
+    /// `work` within `state_timeout`; the store's health after it; a failure logged and thrown
+    /// as a `PostgresStoreError`.
+    func guarded<T: Sendable>(_ operation: String, _ work: @escaping @Sendable () async throws -> T) async throws -> T {
         do {
-            let value = try await Deadline.run(seconds: self.settings.timeout, onTimeout: self.timeoutError) {
-                try await self.retrying(operation, body)
-            }
+            let value = try await Deadline.run(seconds: self.settings.timeout, onTimeout: self.timeoutError, work)
             self.state.withLockedValue { $0.health = "up" }
             return value
         } catch {
@@ -109,11 +124,13 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
         }
     }
 
-    private func retrying<T: Sendable>(_ operation: String, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
+    func retrying<T: Sendable>(
+        _ operation: String, on client: PostgresClient, _ body: @escaping @Sendable (PostgresConnection) async throws -> T
+    ) async throws -> T {
         var attempt = 1
         while true {
             do {
-                return try await self.client.withConnection { connection in
+                return try await client.withConnection { connection in
                     try await self.ensureSchema(on: connection)
                     return try await body(connection)
                 }
@@ -131,7 +148,7 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
         self.state.withLockedValue { $0.schemaChecked = true }
     }
 
-    private var timeoutError: @Sendable () -> any Error {
+    var timeoutError: @Sendable () -> any Error {
         let location = self.location
         let seconds = self.settings.timeout
         return { PostgresStoreError(.timeout, location: location, message: "no answer within state_timeout (\(seconds) s): database down or unreachable?") }

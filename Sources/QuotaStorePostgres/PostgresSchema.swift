@@ -98,8 +98,8 @@ enum PostgresSchema {
                 WHERE queue_id IS NOT NULL
             """,
         ],
-        // 3 -> 4: a decision in one statement (PostgresAdmitFunction), and the volume the
-        // caps count kept per second: restrictpd_volume has one row per scope, budget and
+        // 3 -> 4: a decision, or a batch of them, in one statement (PostgresAdmitFunction),
+        // and the volume the caps count kept per second: restrictpd_volume has one row per scope, budget and
         // second in which messages were admitted (their number, the sum of their recipients)
         // where restrictpd_message had one per message. A cap's window starts on a second, so
         // the counts are the same; a busy uid's window is read in as many rows as seconds it
@@ -121,6 +121,7 @@ enum PostgresSchema {
             """,
             "DROP TABLE restrictpd_message",
             PostgresAdmitFunction.create,
+            PostgresAdmitFunction.createBatch,
         ],
     ]
 

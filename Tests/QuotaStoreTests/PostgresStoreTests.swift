@@ -257,7 +257,8 @@ struct PostgresDifferentialTests {
         mutating func chance(_ percent: Int) -> Bool { self.next(100) < percent }
     }
 
-    static func randomRequest(_ g: inout Generator, now: Int64) -> QuotaRequest {
+    /// `uid`: the request's, its own budget (no shared one); nil: one of two uids or a shared budget.
+    static func randomRequest(_ g: inout Generator, now: Int64, uid fixed: UInt32? = nil) -> QuotaRequest {
         let pool = ["a@x.org", "b@x.org", "c@x.org", "d@x.org", "e@x.org", "f@x.org", "g@x.org"]
         var addresses: [String] = []
         for _ in 0..<g.next(4) { addresses.append(pool[g.next(pool.count)]) }
@@ -271,8 +272,8 @@ struct PostgresDifferentialTests {
         if g.chance(40) { caps.recipients = VolumeCap(kind: .recipients, limit: 1 + g.next(12), period: g.chance(50) ? .hour : .day) }
         if g.chance(20) { caps.maxRecipients = 1 + g.next(4) }
         let heldVolume = g.chance(20) ? HeldVolume(messages: g.next(2), recipients: g.next(3)) : .zero
-        let uid = UInt32(40 + g.next(2))
-        let budget: Int64? = g.chance(25) ? (1 << 32) + 7 : nil
+        let uid = fixed ?? UInt32(40 + g.next(2))
+        let budget: Int64? = fixed == nil && g.chance(25) ? (1 << 32) + 7 : nil
         return QuotaRequest(
             uid: uid, addresses: quota == nil ? [] : addresses, quota: quota, now: now, held: quota == nil ? [] : held,
             record: !g.chance(15), caps: caps, recipients: addresses.count + g.next(3), heldVolume: heldVolume, budget: budget)
@@ -312,5 +313,88 @@ struct PostgresDifferentialTests {
         // Both kinds of answer, and counted addresses, were exercised.
         #expect(admitted > 100 && admitted < 500)
         #expect(rowsSeen > 20)
+    }
+
+    /// Batches: in each round, one random request for each of 12 uids, all at once to the
+    /// PostgreSQL store (on two lanes, so most are decided in batches) and one after another
+    /// to SQLite. The uids' budgets are apart, so the order within a round changes nothing:
+    /// the outcomes must be the same.
+    @Test func concurrentRequestsInBatchesGetTheSameOutcomes() async throws {
+        let sqlite = try SQLiteUnderTest()
+        let postgres = try await PostgresUnderTest()
+        var g = Generator(state: 0xBA7C_4E5)
+        var now = t0
+        var admitted = 0
+        for round in 0..<40 {
+            now += Int64([0, 1, 600, 4000][g.next(4)])
+            let requests = (0..<12).map { Self.randomRequest(&g, now: now, uid: UInt32(60 + $0)) }
+            var expected: [QuotaOutcome] = []
+            for request in requests { expected.append(try await sqlite.admit(request)) }
+            let got = try await withThrowingTaskGroup(of: (Int, QuotaOutcome).self) { group in
+                for (i, request) in requests.enumerated() { group.addTask { (i, try await postgres.admit(request)) } }
+                var got = [QuotaOutcome?](repeating: nil, count: requests.count)
+                for try await (i, outcome) in group { got[i] = outcome }
+                return got
+            }
+            #expect(got == expected.map { $0 }, "round \(round)")
+            admitted += expected.filter(\.admitted).count
+        }
+        #expect(admitted > 100 && admitted < 400)
+        for uid: UInt32 in 60..<72 {
+            #expect(
+                try await postgres.entries(uid: uid).sorted { $0.address < $1.address }
+                    == sqlite.entries(uid: uid).sorted { $0.address < $1.address })
+        }
+    }
+}
+
+/// A budget whose lock another transaction holds (a host that stopped in the middle of one)
+/// holds up only its own decisions: the others, batched with them, are answered at once.
+@Suite("PostgreSQL batches", .enabled(if: TestPostgres.uri != nil, Comment(rawValue: TestPostgres.missing)))
+struct PostgresBatchTests {
+    @Test func aLockedBudgetHoldsUpOnlyItself() async throws {
+        let scope = "locked-" + UUID().uuidString
+        let store = PostgresQuotaStore(settings: try TestPostgres.settings(scope: scope, timeout: 2, pool: 4), logger: Logger(label: "test"))
+        _ = try await store.initialize()
+        store.start()
+        defer { store.shutdown() }
+        // The blocker's connection comes from a store with a longer deadline.
+        let other = try await TestPostgres.store(scope: scope)
+        defer { other.shutdown() }
+        try await other.withOwnConnection("holding a lock") { blocker in
+            let logger = Logger(label: "test")
+            try await blocker.query("BEGIN", logger: logger)
+            try await blocker.query("SELECT pg_advisory_xact_lock(hashtext(\(scope)), 33)", logger: logger)
+            let clock = ContinuousClock()
+            let start = clock.now
+            let outcomes = await withTaskGroup(of: (UInt32, Result<QuotaOutcome, any Error>, Duration).self) { group in
+                for i in 0..<40 {
+                    let uid: UInt32 = i % 4 == 0 ? 33 : UInt32(100 + i)
+                    group.addTask {
+                        do {
+                            let outcome = try await store.admit(QuotaRequest(uid: uid, addresses: ["r\(i)@x.org"], quota: day, now: t0))
+                            return (uid, .success(outcome), clock.now - start)
+                        } catch {
+                            return (uid, .failure(error), clock.now - start)
+                        }
+                    }
+                }
+                return await group.reduce(into: []) { $0.append($1) }
+            }
+            for (uid, result, took) in outcomes {
+                if uid == 33 {
+                    // Deferred (451) once state_timeout is up: never admitted past the lock.
+                    #expect(throws: PostgresStoreError.self) { try result.get() }
+                } else {
+                    #expect((try? result.get())?.admitted == true, "uid \(uid)")
+                    #expect(took < .milliseconds(1500), "uid \(uid) waited \(took)")
+                }
+            }
+            try await blocker.query("COMMIT", logger: logger)
+        }
+        // The lock gone, the uid's mail flows again. (A decision whose caller gave up as the
+        // lock went may have been counted: the quota here leaves room for those.)
+        let roomy = Quota(limit: 100, period: .day)
+        #expect(try await store.admit(QuotaRequest(uid: 33, addresses: ["late@x.org"], quota: roomy, now: t0)).admitted)
     }
 }

@@ -1,0 +1,175 @@
+// The decisions of one event loop's pool, one batch at a time.
+//
+// A decision that finds its lane idle is sent at once, as a batch of one. Decisions that come
+// while one is out wait in the lane, and when it is back they go together in one statement
+// (`restrictpd_admit_batch`, at most `batchLimit`): under load, one round trip and one
+// transaction serve many sessions, and the database does a fraction of the work per decision;
+// with nothing waiting a decision costs about what it would alone.
+//
+// A batch never waits for a budget's lock: a request whose lock another transaction (another
+// host, or a request decided alone) holds is left undecided by the batch and decided alone
+// (`restrictpd_admit`, which waits for the lock), in a task of its own, while the lane goes on. Each caller waits at most `state_timeout` from its
+// call (PostgresQuotaStore.admit): one that gives up while still waiting is taken out of the
+// lane and never decided; one whose batch is already out may still be counted (its message is
+// deferred, and Postfix's retry finds its addresses counted: repeats are free), as a decision
+// alone may be when its answer comes too late. A batch that does not answer within
+// `state_timeout` fails its requests, and the lane goes on.
+
+import LoopExecutor
+import NIOConcurrencyHelpers
+import NIOCore
+import PostgresNIO
+import RestrictPolicy
+
+final class DecisionLane: Sendable {
+    let loop: any EventLoop
+    /// One connection, for the batches.
+    let batches: PostgresClient
+    /// The rest of the lane's share of the pool (the same pool when the share is one
+    /// connection): decisions that wait for a lock, and the store's other queries.
+    let others: PostgresClient
+
+    /// Decisions in one batch at most: each adds a few hundred bytes to the statement and a
+    /// row to its answer; beyond a few dozen the round trip it saves is a small share of its work.
+    static let batchLimit = 32
+
+    struct Waiting: Sendable {
+        let id: UInt64
+        let request: QuotaRequest
+        let continuation: CheckedContinuation<QuotaOutcome, any Error>
+    }
+
+    private struct Queue: Sendable {
+        var waiting: [Waiting] = []
+        /// A decision or batch is out: later ones wait.
+        var busy = false
+        var nextID: UInt64 = 0
+    }
+    private let queue = NIOLockedValueBox(Queue())
+
+    init(loop: any EventLoop, batches: PostgresClient, others: PostgresClient) {
+        self.loop = loop
+        self.batches = batches
+        self.others = others
+    }
+
+    /// True when the lane was idle and is now the caller's to run.
+    func claim() -> Bool {
+        self.queue.withLockedValue { queue in
+            guard !queue.busy else { return false }
+            queue.busy = true
+            return true
+        }
+    }
+
+    /// Adds a waiting decision; true when the lane was idle, so the caller must start draining it.
+    func add(_ request: QuotaRequest, id: UInt64, _ continuation: CheckedContinuation<QuotaOutcome, any Error>) -> Bool {
+        self.queue.withLockedValue { queue in
+            queue.waiting.append(Waiting(id: id, request: request, continuation: continuation))
+            guard !queue.busy else { return false }
+            queue.busy = true
+            return true
+        }
+    }
+
+    func newID() -> UInt64 {
+        self.queue.withLockedValue { queue in
+            defer { queue.nextID &+= 1 }
+            return queue.nextID
+        }
+    }
+
+    /// Takes a waiting decision out of the lane (its caller gave up); nil when already taken.
+    func remove(_ id: UInt64) -> Waiting? {
+        self.queue.withLockedValue { queue in
+            guard let index = queue.waiting.firstIndex(where: { $0.id == id }) else { return nil }
+            return queue.waiting.remove(at: index)
+        }
+    }
+
+    /// The next batch; empty, and the lane idle again, when nothing waits.
+    func next() -> [Waiting] {
+        self.queue.withLockedValue { queue in
+            let batch = Array(queue.waiting.prefix(Self.batchLimit))
+            queue.waiting.removeFirst(batch.count)
+            if batch.isEmpty { queue.busy = false }
+            return batch
+        }
+    }
+}
+
+extension PostgresQuotaStore {
+    /// Decides `request` on `lane`: at once when the lane is idle, else when its turn comes.
+    func decide(_ request: QuotaRequest, on lane: DecisionLane) async throws -> QuotaOutcome {
+        if lane.claim() {
+            let result = await self.tryBatch([request], on: lane)[0]
+            self.drainInBackground(lane)
+            if let result { return try result.get() }
+            return try await self.decideAlone(request, on: lane).get()
+        }
+        let id = lane.newID()
+        return try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { continuation in
+                if lane.add(request, id: id, continuation) { self.drainInBackground(lane) }
+            }
+        } onCancel: {
+            lane.remove(id)?.continuation.resume(throwing: CancellationError())
+        }
+    }
+
+    /// Goes on with what waits on `lane`, if anything, in a task on the lane's loop.
+    private func drainInBackground(_ lane: DecisionLane) {
+        let first = lane.next()
+        guard !first.isEmpty else { return }
+        Task(executorPreference: LoopExecutor.of(lane.loop)) {
+            var batch = first
+            while !batch.isEmpty {
+                await self.decide(batch: batch, on: lane)
+                batch = lane.next()
+            }
+        }
+    }
+
+    /// One decision in one statement, within `state_timeout` of its own: the lane must go on
+    /// even when the caller, who has the same deadline, has gone.
+    private func decideAlone(_ request: QuotaRequest, on lane: DecisionLane) async -> Result<QuotaOutcome, any Error> {
+        do {
+            return .success(try await Deadline.run(seconds: self.settings.timeout, onTimeout: self.timeoutError) {
+                try await self.retrying("deciding", on: lane.others) { connection in
+                    try await PostgresQuotaSQL.admit(request, scope: self.settings.scope, on: connection, logger: self.logger)
+                }
+            })
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    /// One batch: answers the decided requests, and decides the undecided ones alone, each in
+    /// a task of its own.
+    private func decide(batch: [DecisionLane.Waiting], on lane: DecisionLane) async {
+        let results = await self.tryBatch(batch.map(\.request), on: lane)
+        for (waiting, result) in zip(batch, results) {
+            if let result {
+                waiting.continuation.resume(with: result)
+            } else {
+                Task(executorPreference: LoopExecutor.of(lane.loop)) {
+                    waiting.continuation.resume(with: await self.decideAlone(waiting.request, on: lane))
+                }
+            }
+        }
+    }
+
+    /// `restrictpd_admit_batch` within `state_timeout`: each request's outcome, nil for one
+    /// whose budget's lock was taken; a failure is every request's.
+    private func tryBatch(_ requests: [QuotaRequest], on lane: DecisionLane) async -> [Result<QuotaOutcome, any Error>?] {
+        do {
+            return try await Deadline.run(seconds: self.settings.timeout, onTimeout: self.timeoutError) {
+                try await self.retrying("deciding", on: lane.batches) { connection in
+                    try await PostgresQuotaSQL.admit(batch: requests, scope: self.settings.scope, on: connection, logger: self.logger)
+                }
+            }
+        } catch {
+            return requests.map { _ in .failure(error) }
+        }
+    }
+}
