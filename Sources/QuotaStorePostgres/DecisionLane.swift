@@ -1,16 +1,18 @@
 // The decisions of one event loop's pool, one batch at a time.
 //
-// A decision that finds its lane idle is sent at once, as a batch of one. Decisions that come
-// while one is out wait in the lane, and when it is back they go together in one statement
-// (`restrictpd_admit_batch`, at most `batchLimit`): under load, one round trip and one
-// transaction serve many sessions, and the database does a fraction of the work per decision;
-// with nothing waiting a decision costs about what it would alone.
+// A decision waits in its lane until the lane's task takes it: at once, in the loop's next
+// turn, when the lane is idle, so the decisions of the sessions the loop serves in one turn go
+// together; else when the batch that is out is back. A batch is one statement
+// (`restrictpd_admit_batch`, at most `batchLimit` decisions): under load, one round trip and
+// one transaction serve many sessions, and the database does a fraction of the work per
+// decision; with nothing else waiting a decision costs about what it would alone.
 //
 // A batch never waits for a budget's lock: a request whose lock another transaction (another
 // host, or a request decided alone) holds is left undecided by the batch and decided alone
-// (`restrictpd_admit`, which waits for the lock), in a task of its own, while the lane goes on. Each caller waits at most `state_timeout` from its
-// call (PostgresQuotaStore.admit): one that gives up while still waiting is taken out of the
-// lane and never decided; one whose batch is already out may still be counted (its message is
+// (`restrictpd_admit`, which waits for the lock) on the lane's other connections, in a task of
+// its own, while the lane goes on. Each caller waits at most `state_timeout` from its call
+// (PostgresQuotaStore.admit): one that gives up while still waiting is taken out of the lane
+// and never decided; one whose batch is already out may still be counted (its message is
 // deferred, and Postfix's retry finds its addresses counted: repeats are free), as a decision
 // alone may be when its answer comes too late. A batch that does not answer within
 // `state_timeout` fails its requests, and the lane goes on.
@@ -53,15 +55,6 @@ final class DecisionLane: Sendable {
         self.others = others
     }
 
-    /// True when the lane was idle and is now the caller's to run.
-    func claim() -> Bool {
-        self.queue.withLockedValue { queue in
-            guard !queue.busy else { return false }
-            queue.busy = true
-            return true
-        }
-    }
-
     /// Adds a waiting decision; true when the lane was idle, so the caller must start draining it.
     func add(_ request: QuotaRequest, id: UInt64, _ continuation: CheckedContinuation<QuotaOutcome, any Error>) -> Bool {
         self.queue.withLockedValue { queue in
@@ -99,14 +92,8 @@ final class DecisionLane: Sendable {
 }
 
 extension PostgresQuotaStore {
-    /// Decides `request` on `lane`: at once when the lane is idle, else when its turn comes.
+    /// Decides `request` on `lane`, in the lane's next batch.
     func decide(_ request: QuotaRequest, on lane: DecisionLane) async throws -> QuotaOutcome {
-        if lane.claim() {
-            let result = await self.tryBatch([request], on: lane)[0]
-            self.drainInBackground(lane)
-            if let result { return try result.get() }
-            return try await self.decideAlone(request, on: lane).get()
-        }
         let id = lane.newID()
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { continuation in
@@ -117,15 +104,15 @@ extension PostgresQuotaStore {
         }
     }
 
-    /// Goes on with what waits on `lane`, if anything, in a task on the lane's loop.
+    /// Decides what waits on `lane`, a batch at a time, in a task on the lane's loop. The task
+    /// runs after the work the loop already has, so the decisions of sessions served in the
+    /// same turn of the loop go in one batch.
     private func drainInBackground(_ lane: DecisionLane) {
-        let first = lane.next()
-        guard !first.isEmpty else { return }
         Task(executorPreference: LoopExecutor.of(lane.loop)) {
-            var batch = first
-            while !batch.isEmpty {
+            while true {
+                let batch = lane.next()
+                if batch.isEmpty { return }
                 await self.decide(batch: batch, on: lane)
-                batch = lane.next()
             }
         }
     }
