@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""The quota rows of bench.py on SQLite and on PostgreSQL, interleaved, for one or more builds.
+
+    python3 bench/quota_compare.py REPS MESSAGES LABEL=BINARY [LABEL=BINARY...]
+
+Each repetition runs, for each build (the order rotated per repetition), bench.py's 20-session
+quota rule set (20 x 10 KB, one smtp-source per session, each with its own uid) with the SQLite
+store and then with the PostgreSQL store on a private cluster (bench.PostgresState, one for the
+whole script, removed at the end). Prints each run's throughput, restrictpd's CPU per message
+and the CPU per message of the cluster's processes, then the medians. Run as root, with
+release builds (bench/run builds one in .build-release).
+"""
+
+import os
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+
+def postgres_cpu_seconds():
+    """CPU seconds of every postgres process now (the cluster's backends and helpers)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() not in ("postgres", "postmaster"):
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
+def main():
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
+    reps, total = int(sys.argv[1]), int(sys.argv[2])
+    builds = [a.split("=", 1) for a in sys.argv[3:]]
+    work = tempfile.mkdtemp(prefix="quota-compare-")
+    sink = bench.Sink(bench.free_port())
+    files = bench.write_messages(work, 10240, bench.lane_uids(20))
+    results = {}
+    try:
+        for rep in range(reps):
+            order = builds[rep % len(builds):] + builds[:rep % len(builds)]
+            for label, binary in order:
+                for mode, make in (("sqlite", bench.config_quota), ("pg", bench.config_quota_pg_maker(binary, work))):
+                    server = [0.0]
+
+                    def load(port):
+                        before = postgres_cpu_seconds()
+                        result = bench.with_cpu(sink, bench.run_lanes, port, files, total, 20)
+                        server[0] = postgres_cpu_seconds() - before
+                        return result
+
+                    run = bench.run_proxied(binary, work, f"{label}-{mode}-{rep}", make, sink.port, load)
+                    elapsed, failures, _ = run.result
+                    rate = total / elapsed
+                    results.setdefault((label, mode), []).append((rate, run.cpu / total * 1e6))
+                    print(f"rep {rep + 1} {label:8} {mode:6} {rate:7.0f} msg/s {run.cpu / total * 1e6:6.0f} µs/msg "
+                          f"relayed {run.relayed} failed {len(failures)} postgres {server[0] / total * 1e6:5.0f} µs/msg",
+                          flush=True)
+    finally:
+        bench.PostgresState.stop()
+        sink.stop()
+    for (label, mode), rows in sorted(results.items()):
+        print(f"{label:8} {mode:6} median {statistics.median(r[0] for r in rows):7.0f} msg/s  "
+              f"{statistics.median(r[1] for r in rows):6.0f} µs/msg  runs {[round(r[0]) for r in rows]}")
+
+
+if __name__ == "__main__":
+    main()
