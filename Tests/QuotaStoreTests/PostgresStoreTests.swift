@@ -25,6 +25,34 @@ private func storm(_ stores: [PostgresQuotaStore], uid: UInt32 = 33) async throw
     }
 }
 
+/// Runs `body` on a connection of its own whose tables live in a fresh PostgreSQL schema
+/// (namespace) at restrictpd schema `version`, dropped afterwards.
+private func withSchema(
+    version: Int, _ body: @escaping @Sendable (PostgresConnection, Logger, String) async throws -> Void
+) async throws {
+    let store = try await TestPostgres.store(scope: "s")
+    defer { store.shutdown() }
+    let namespace = "migration_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
+    let location = store.location
+    try await store.withOwnConnection("testing") { c in
+        let logger = Logger(label: "test")
+        try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA \(namespace)"), logger: logger)
+        do {
+            try await c.query(PostgresQuery(unsafeSQL: "SET search_path TO \(namespace)"), logger: logger)
+            try await c.query(PostgresQuery(unsafeSQL: PostgresSchema.versionTable), logger: logger)
+            for migration in PostgresSchema.migrations[0..<version] {
+                for statement in migration { try await c.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
+            }
+            try await c.query("INSERT INTO restrictpd_schema (singleton, version) VALUES (true, \(Int32(version)))", logger: logger)
+            try await body(c, logger, location)
+        } catch {
+            _ = try? await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+            throw error
+        }
+        try await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+    }
+}
+
 @Suite("PostgreSQL store", .enabled(if: TestPostgres.uri != nil, Comment(rawValue: TestPostgres.missing)))
 struct PostgresStoreTests {
     /// The advisory lock serialises decisions of one (scope, uid) across connections and pools:
@@ -93,82 +121,48 @@ struct PostgresStoreTests {
     /// --init-store keeping its rows, and decides with caps afterwards; a store refuses to
     /// decide before. In a PostgreSQL schema (namespace) of its own.
     @Test func versionOneSchemaIsMigratedKeepingItsRows() async throws {
-        let store = try await TestPostgres.store(scope: "s")
-        defer { store.shutdown() }
-        let namespace = "migration_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
-        let location = store.location
-        try await store.withOwnConnection("testing") { c in
-            let logger = Logger(label: "test")
-            try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA \(namespace)"), logger: logger)
-            do {
-                try await c.query(PostgresQuery(unsafeSQL: "SET search_path TO \(namespace)"), logger: logger)
-                try await c.query(PostgresQuery(unsafeSQL: PostgresSchema.versionTable), logger: logger)
-                for statement in PostgresSchema.migrations[0] { try await c.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
-                try await c.query("INSERT INTO restrictpd_schema (singleton, version) VALUES (true, 1)", logger: logger)
-                try await c.query(
-                    "INSERT INTO restrictpd_quota VALUES ('s', 33, 'a@x.org', \(t0), \(t0))", logger: logger)
-                await #expect(throws: PostgresStoreError.self) { try await PostgresSchema.check(on: c, location: location, logger: logger) }
-                let (from, to) = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
-                #expect(from == 1 && to == PostgresSchema.currentVersion && to >= 2)
-                try await PostgresSchema.check(on: c, location: location, logger: logger)
-                #expect(try await PostgresQuotaSQL.entries(scope: "s", uid: 33, on: c, logger: logger).map(\.address) == ["a@x.org"])
-                let caps = VolumeCaps(messages: VolumeCap(kind: .messages, limit: 1, period: .hour))
-                let request = QuotaRequest(uid: 33, addresses: ["a@x.org"], quota: Quota(limit: 1, period: nil), now: t0, caps: caps, recipients: 1)
-                #expect(try await PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
-                #expect(try await !PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
-                // Migrated once: again is a no-op; a newer version is refused.
-                let again = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
-                #expect(again.from == again.to)
-                try await c.query("UPDATE restrictpd_schema SET version = \(Int32(PostgresSchema.currentVersion + 1))", logger: logger)
-                await #expect(throws: PostgresStoreError.self) { try await PostgresSchema.initialize(on: c, location: location, logger: logger) }
-            } catch {
-                _ = try? await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
-                throw error
-            }
-            try await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+        try await withSchema(version: 1) { c, logger, location in
+            try await c.query(
+                "INSERT INTO restrictpd_quota VALUES ('s', 33, 'a@x.org', \(t0), \(t0))", logger: logger)
+            await #expect(throws: PostgresStoreError.self) { try await PostgresSchema.check(on: c, location: location, logger: logger) }
+            let (from, to) = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
+            #expect(from == 1 && to == PostgresSchema.currentVersion && to >= 2)
+            try await PostgresSchema.check(on: c, location: location, logger: logger)
+            #expect(try await PostgresQuotaSQL.entries(scope: "s", uid: 33, on: c, logger: logger).map(\.address) == ["a@x.org"])
+            let caps = VolumeCaps(messages: VolumeCap(kind: .messages, limit: 1, period: .hour))
+            let request = QuotaRequest(uid: 33, addresses: ["a@x.org"], quota: Quota(limit: 1, period: nil), now: t0, caps: caps, recipients: 1)
+            #expect(try await PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+            #expect(try await !PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+            // Migrated once: again is a no-op; a newer version is refused.
+            let again = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
+            #expect(again.from == again.to)
+            try await c.query("UPDATE restrictpd_schema SET version = \(Int32(PostgresSchema.currentVersion + 1))", logger: logger)
+            await #expect(throws: PostgresStoreError.self) { try await PostgresSchema.initialize(on: c, location: location, logger: logger) }
         }
     }
 
     /// A version 3 schema's message rows become per-second volume rows (4) that count the
     /// same: three messages in one second and one in another, 2 + 1 + 4 and 3 recipients.
     @Test func versionThreeMessageRowsKeepTheirCounts() async throws {
-        let store = try await TestPostgres.store(scope: "s")
-        defer { store.shutdown() }
-        let namespace = "migration_" + UUID().uuidString.replacingOccurrences(of: "-", with: "").lowercased()
-        let location = store.location
-        try await store.withOwnConnection("testing") { c in
-            let logger = Logger(label: "test")
-            try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA \(namespace)"), logger: logger)
-            do {
-                try await c.query(PostgresQuery(unsafeSQL: "SET search_path TO \(namespace)"), logger: logger)
-                try await c.query(PostgresQuery(unsafeSQL: PostgresSchema.versionTable), logger: logger)
-                for migration in PostgresSchema.migrations[0..<3] {
-                    for statement in migration { try await c.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
-                }
-                try await c.query("INSERT INTO restrictpd_schema (singleton, version) VALUES (true, 3)", logger: logger)
-                for (at, recipients) in [(t0, 2), (t0, 1), (t0, 4), (t0 + 60, 3)] {
-                    try await c.query(
-                        "INSERT INTO restrictpd_message VALUES ('s', 33, \(at), \(Int64(recipients)))", logger: logger)
-                }
-                let (from, to) = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
-                #expect(from == 3 && to == PostgresSchema.currentVersion)
-                let caps = VolumeCaps(
-                    messages: VolumeCap(kind: .messages, limit: 5, period: .hour),
-                    recipients: VolumeCap(kind: .recipients, limit: 100, period: .hour))
-                let states = try await PostgresQuotaSQL.capStates(
-                    uid: 33, budget: nil, caps: caps, now: t0 + 120, scope: "s", on: c, logger: logger)
-                #expect(states.map(\.used) == [4, 10])
-                // The fifth message fits the cap of 5, a sixth does not.
-                let request = QuotaRequest(uid: 33, addresses: [], quota: nil, now: t0 + 120, caps: caps, recipients: 1)
-                #expect(try await PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
-                #expect(try await !PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
-                let rows = try await c.query("SELECT count(*) FROM restrictpd_volume", logger: logger)
-                for try await n in rows.decode(Int64.self) { #expect(n == 3) }
-            } catch {
-                _ = try? await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
-                throw error
+        try await withSchema(version: 3) { c, logger, location in
+            for (at, recipients) in [(t0, 2), (t0, 1), (t0, 4), (t0 + 60, 3)] {
+                try await c.query(
+                    "INSERT INTO restrictpd_message VALUES ('s', 33, \(at), \(Int64(recipients)))", logger: logger)
             }
-            try await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
+            let (from, to) = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
+            #expect(from == 3 && to == PostgresSchema.currentVersion)
+            let caps = VolumeCaps(
+                messages: VolumeCap(kind: .messages, limit: 5, period: .hour),
+                recipients: VolumeCap(kind: .recipients, limit: 100, period: .hour))
+            let states = try await PostgresQuotaSQL.capStates(
+                uid: 33, budget: nil, caps: caps, now: t0 + 120, scope: "s", on: c, logger: logger)
+            #expect(states.map(\.used) == [4, 10])
+            // The fifth message fits the cap of 5, a sixth does not.
+            let request = QuotaRequest(uid: 33, addresses: [], quota: nil, now: t0 + 120, caps: caps, recipients: 1)
+            #expect(try await PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+            #expect(try await !PostgresQuotaSQL.admit(request, scope: "s", on: c, logger: logger).admitted)
+            let rows = try await c.query("SELECT count(*) FROM restrictpd_volume", logger: logger)
+            for try await n in rows.decode(Int64.self) { #expect(n == 3) }
         }
     }
 
