@@ -25,10 +25,10 @@ import RestrictPolicy
 
 final class DecisionLane: Sendable {
     let loop: any EventLoop
-    /// One connection, for the batches.
+    /// One connection, for the batches and the store's other queries (freezing, statistics).
     let batches: PostgresClient
     /// The rest of the lane's share of the pool (the same pool when the share is one
-    /// connection): decisions that wait for a lock, and the store's other queries.
+    /// connection): decisions that wait for a budget's lock.
     let others: PostgresClient
 
     /// Decisions in one batch at most: each adds a few hundred bytes to the statement and a
@@ -98,6 +98,8 @@ extension PostgresQuotaStore {
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { continuation in
                 if lane.add(request, id: id, continuation) { self.drainInBackground(lane) }
+                // Cancelled before it was added: the handler below found nothing to take out.
+                if Task.isCancelled { lane.remove(id)?.continuation.resume(throwing: CancellationError()) }
             }
         } onCancel: {
             lane.remove(id)?.continuation.resume(throwing: CancellationError())
@@ -147,7 +149,9 @@ extension PostgresQuotaStore {
     }
 
     /// `restrictpd_admit_batch` within `state_timeout`: each request's outcome, nil for one
-    /// whose budget's lock was taken; a failure is every request's.
+    /// whose budget's lock was taken. A failure is every request's, but for an error the server
+    /// gave a batch of several other than a timeout: the statement may have failed for one
+    /// request's data, so each is decided alone.
     private func tryBatch(_ requests: [QuotaRequest], on lane: DecisionLane) async -> [Result<QuotaOutcome, any Error>?] {
         do {
             return try await Deadline.run(seconds: self.settings.timeout, onTimeout: self.timeoutError) {
@@ -156,6 +160,10 @@ extension PostgresQuotaStore {
                 }
             }
         } catch {
+            if requests.count > 1, let state = PostgresStoreError.sqlState(error), state != "57014" {
+                self.logger.warning("quota store \(self.location): a batch of \(requests.count) failed (SQLSTATE \(state)): deciding each alone")
+                return requests.map { _ in nil }
+            }
             return requests.map { _ in .failure(error) }
         }
     }

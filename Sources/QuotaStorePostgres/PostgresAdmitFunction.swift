@@ -1,6 +1,8 @@
 // `restrictpd_admit`: one decision of the PostgreSQL store in one statement.
 //
-// The statement's own transaction (READ COMMITTED, autocommit) does what `PostgresQuotaSQL`
+// The statement's own transaction (READ COMMITTED, which every connection asks for and the
+// function insists on: in a stricter level its reads would take their snapshot before the lock
+// is granted; autocommit) does what `PostgresQuotaSQL`
 // did in five round trips: it takes the budget's advisory lock, prunes what left the asking
 // rule's windows, reads the counted addresses and the volume counted in the caps' windows
 // (each statement of a VOLATILE function takes a new snapshot, so it sees every row the lock's
@@ -18,6 +20,11 @@
 // It returns what it read, and the daemon decides again from that with `QuotaArithmetic`
 // (the figures of the reply and the log come from there): an answer that does not agree with
 // the function's is an error, answered 451 like any other store failure.
+//
+// The answer reaches restrictpd just before the statement's transaction commits (the extended
+// protocol sends the rows, then commits at Sync): a server that dies in between loses the
+// decision's record while the message is relayed. Only a crash or a terminated backend does
+// that: READ COMMITTED raises no serialization failure at commit, and nothing is deferred.
 //
 // Arguments (NULL where the rule has no such limit): scope, budget key, lock key; the
 // requested addresses, the held ones; the arbitrary limit and the start of its window (NULL
@@ -43,10 +50,12 @@ enum PostgresAdmitFunction {
         LANGUAGE plpgsql VOLATILE
         AS $function$
         DECLARE
-            v_address text;
-            v_held text[] := '{}';
-            v_fresh bigint := 0;
+            v_held bigint;
+            v_fresh bigint;
         BEGIN
+            IF current_setting('transaction_isolation') <> 'read committed' THEN
+                RAISE EXCEPTION 'restrictpd_admit needs READ COMMITTED, not %', current_setting('transaction_isolation');
+            END IF;
             PERFORM pg_advisory_xact_lock(hashtext(p_scope), p_lock);
             WITH pruned_quota AS (
                 DELETE FROM restrictpd_quota q
@@ -68,17 +77,14 @@ enum PostgresAdmitFunction {
 
             o_admitted := true;
             IF p_limit IS NOT NULL THEN
-                FOREACH v_address IN ARRAY p_held LOOP
-                    IF NOT (v_address = ANY (o_counted) OR v_address = ANY (v_held)) THEN
-                        v_held := v_held || v_address;
-                    END IF;
-                END LOOP;
-                FOREACH v_address IN ARRAY p_addresses LOOP
-                    IF NOT (v_address = ANY (o_counted) OR v_address = ANY (p_held)) THEN
-                        v_fresh := v_fresh + 1;
-                    END IF;
-                END LOOP;
-                o_admitted := v_fresh = 0 OR cardinality(o_counted) + cardinality(v_held) + v_fresh <= p_limit;
+                -- Held addresses not counted yet (once each), and requested addresses neither
+                -- counted nor held (each time asked, as QuotaArithmetic counts them); NOT IN a
+                -- subquery is hashed, so a long list costs no product of the two lengths.
+                SELECT (SELECT count(DISTINCT h) FROM unnest(p_held) AS h WHERE h NOT IN (SELECT unnest(o_counted))),
+                       (SELECT count(*) FROM unnest(p_addresses) AS a
+                        WHERE a NOT IN (SELECT unnest(o_counted)) AND a NOT IN (SELECT unnest(p_held)))
+                INTO v_held, v_fresh;
+                o_admitted := v_fresh = 0 OR cardinality(o_counted) + v_held + v_fresh <= p_limit;
             END IF;
             IF p_max_recipients IS NOT NULL AND p_recipients > p_max_recipients THEN
                 o_admitted := false;

@@ -7,10 +7,14 @@ import PostgresNIO
 import RestrictPolicy
 
 enum PostgresConfiguration {
-    /// Server-side bounds, so a statement or a lock wait never outlives the client's deadline.
+    /// Server-side bounds, so a statement or a lock wait never outlives the client's deadline;
+    /// READ COMMITTED whatever the database's or role's default, as `restrictpd_admit` needs.
     static func startupParameters(_ settings: PostgresStoreSettings) -> [(String, String)] {
         let ms = String(settings.timeout * 1000)
-        return [("application_name", "restrictpd"), ("statement_timeout", ms), ("lock_timeout", ms)]
+        return [
+            ("application_name", "restrictpd"), ("statement_timeout", ms), ("lock_timeout", ms),
+            ("default_transaction_isolation", "read committed"),
+        ]
     }
 
     /// libpq's sslmode: prefer and require encrypt without verifying; verify-full verifies the

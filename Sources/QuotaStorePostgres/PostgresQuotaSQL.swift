@@ -65,7 +65,7 @@ enum PostgresQuotaSQL {
     static func outcome(_ request: QuotaRequest, _ answer: Answer) throws -> QuotaOutcome {
         var volume: [VolumeCap.Kind: Int] = [:]
         for cap in request.caps.counted {
-            volume[cap.kind] = Int(clamping: cap.kind == .messages ? answer.messages : answer.recipients)
+            volume[cap.kind] = self.figure(cap.kind == .messages ? answer.messages : answer.recipients)
         }
         let outcome = QuotaArithmetic.decide(request, counted: Set(answer.counted), volume: volume).0
         guard outcome.admitted == answer.admitted else {
@@ -73,6 +73,12 @@ enum PostgresQuotaSQL {
                 message: "the database \(answer.admitted ? "admitted" : "refused") a message this restrictpd would have \(outcome.admitted ? "admitted" : "refused") (uid \(request.uid)): is restrictpd_admit this build's?")
         }
         return outcome
+    }
+
+    /// A count the database gave, as the arithmetic takes it: clamped far below Int.max, since
+    /// the arithmetic adds held volume and the message to it.
+    static func figure(_ value: Int64) -> Int {
+        Int(max(0, min(value, Int64(Int.max / 4))))
     }
 
     /// The decision `admit` would take, recording and pruning nothing, locking nothing.
@@ -114,7 +120,7 @@ enum PostgresQuotaSQL {
         for try await row in rows.decode((Int64, Int64).self) { counts = row }
         var result: [VolumeCap.Kind: Int] = [:]
         for cap in request.caps.counted {
-            result[cap.kind] = Int(cap.kind == .messages ? counts.messages : counts.recipients)
+            result[cap.kind] = self.figure(cap.kind == .messages ? counts.messages : counts.recipients)
         }
         return result
     }
@@ -160,6 +166,8 @@ enum PostgresQuotaSQL {
     static func reset(scope: String, uid: UInt32, on connection: PostgresConnection, logger: Logger) async throws -> Int {
         try await self.transaction(on: connection, logger: logger) {
             let id = Int64(uid)
+            // The budget's lock first, as a decision takes it: no deadlock with one.
+            try await connection.query("SELECT pg_advisory_xact_lock(hashtext(\(scope)), \(self.lockKey(id)))", logger: logger)
             var n = 0
             let addresses = try await connection.query(
                 "DELETE FROM restrictpd_quota WHERE scope = \(scope) AND uid = \(id) RETURNING 1", logger: logger)

@@ -44,8 +44,8 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public init(settings: PostgresStoreSettings, logger: Logger) {
         self.settings = settings
         self.logger = logger
-        // A lane has two connections at least where the pool allows: one for its batches, the
-        // others for decisions that wait for a lock and for the other queries.
+        // A lane has two connections at least where the pool allows: one for its batches and
+        // the other queries, the others for decisions that wait for a budget's lock.
         let loops = Array(MultiThreadedEventLoopGroup.singleton.makeIterator().prefix(max(1, settings.pool / 2)))
         self.lanes = loops.enumerated().map { index, loop in
             let share = settings.pool / loops.count + (index < settings.pool % loops.count ? 1 : 0)
@@ -106,7 +106,8 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     /// again after a retryable failure; a failure is logged and thrown as a
     /// `PostgresStoreError`, which the daemon answers 451 4.3.0.
     func pooled<T: Sendable>(_ operation: String, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
-        let client = self.lane.others
+        // The batches' connection: the others may all be waiting for a budget's lock.
+        let client = self.lane.batches
         return try await self.guarded(operation) { try await self.retrying(operation, on: client, body) }
     }
 

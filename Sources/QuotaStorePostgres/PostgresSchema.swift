@@ -115,6 +115,9 @@ enum PostgresSchema {
                 PRIMARY KEY (scope, uid, at)
             )
             """,
+            // Daemons of the previous version may still be adding message rows: they wait
+            // until the table is gone (and then fail, 451, until they are upgraded).
+            "LOCK TABLE restrictpd_message IN EXCLUSIVE MODE",
             """
             INSERT INTO restrictpd_volume (scope, uid, at, messages, recipients)
             SELECT scope, uid, at, count(*), sum(recipients) FROM restrictpd_message GROUP BY scope, uid, at

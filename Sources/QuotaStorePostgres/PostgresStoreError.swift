@@ -80,7 +80,8 @@ public struct PostgresStoreError: Error, CustomStringConvertible, Sendable {
 
     /// Worth another try in a new transaction: a serialization failure or deadlock, or a
     /// pooled connection the server closed (a restarted server). A retry decides afresh from
-    /// what is committed, so a commit that did land before the error only makes the repeat free.
+    /// what is committed, so a commit that did land before the error only makes the repeat
+    /// free for the addresses, and counts the message twice for the volume caps (the safe side).
     static func isRetryable(_ error: any Error) -> Bool {
         if let state = sqlState(error) { return state == "40001" || state == "40P01" || state == "57P01" }
         guard let psql = error as? PSQLError else { return false }
