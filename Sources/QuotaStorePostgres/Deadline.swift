@@ -3,9 +3,8 @@
 // result, whenever it comes, is dropped.
 //
 // Called on an event loop (a session's task runs on its connection's loop), the work runs as a
-// task on that same loop and the timer is the loop's: a decision then costs no hop to another
-// thread and no thread of Swift's global pool, which on a busy two-CPU host is the difference
-// between one wake-up per decision and four.
+// task on that same loop and the timer is the loop's: the work and its answer then need no hop
+// to a thread of Swift's global pool and back, each a wake-up of another thread.
 
 import LoopExecutor
 import NIOConcurrencyHelpers

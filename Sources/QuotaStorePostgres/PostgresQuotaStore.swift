@@ -19,13 +19,12 @@ public import RestrictPolicy
 public final class PostgresQuotaStore: QuotaStore, Sendable {
     public let settings: PostgresStoreSettings
     let logger: Logger
-    /// One lane per event loop of the group the sessions run on (as many as `state_pool`
-    /// gives two connections each): pools with their connections on that loop (`state_pool`
-    /// connections shared out among the lanes) and the decisions waiting for them
-    /// (DecisionLane). A decision asked on a loop uses that loop's lane, so the
-    /// query is written and its answer read on the thread the session runs on, with no wake-up
-    /// of another thread in between. Callers on no loop (the admin's commands, tests) take the
-    /// lanes in turn.
+    /// One lane per event loop of the group the sessions run on, as many as `state_pool` gives
+    /// two connections each: pools with their connections on that loop, and the decisions
+    /// waiting for them (DecisionLane). A decision asked on a loop uses that loop's lane, so
+    /// the query is written and its answer read on the thread the session runs on, with no
+    /// wake-up of another thread in between. Callers on no loop (the admin's commands, tests)
+    /// take the lanes in turn.
     let lanes: [DecisionLane]
     private let turn = NIOLockedValueBox(0)
     /// Tries per decision for a retryable failure (see `PostgresStoreError.isRetryable`).
