@@ -165,6 +165,28 @@ public struct QuotaOutcome: Sendable, Equatable {
     public func cap(_ kind: VolumeCap.Kind) -> VolumeCapState? { self.caps.first { $0.cap.kind == kind } }
 }
 
+/// The addresses counted in a quota's window, as the arithmetic needs them: how many there
+/// are, and those of them among a request's addresses and held ones. A store may know them all
+/// (`init(_:)`); one that reads only the request's (the PostgreSQL store) gives the number
+/// and those.
+public struct CountedAddresses: Sendable, Equatable {
+    /// How many addresses are counted in the window.
+    public let total: Int
+    /// Counted addresses: at least those among the request's addresses and held ones.
+    public let known: Set<String>
+
+    public init(_ all: Set<String>) {
+        self.total = all.count
+        self.known = all
+    }
+
+    /// `total` below `known.count` is taken as `known.count`.
+    public init(total: Int, known: Set<String>) {
+        self.total = max(total, known.count)
+        self.known = known
+    }
+}
+
 /// The arithmetic of design decision 3, shared by every store.
 public enum QuotaArithmetic {
     /// `counted`: the addresses already counted in the window (for this uid).
@@ -180,19 +202,20 @@ public enum QuotaArithmetic {
             let (outcome, record, _) = decide(request, counted: counted, volume: unknown)
             return (outcome, record)
         }
-        return decideArbitrary(request, counted: counted)
+        return decideArbitrary(request, counted: CountedAddresses(counted))
     }
 
     /// The arbitrary quota alone.
-    static func decideArbitrary(_ request: QuotaRequest, counted: Set<String>) -> (QuotaOutcome, record: [String]) {
+    static func decideArbitrary(_ request: QuotaRequest, counted: CountedAddresses) -> (QuotaOutcome, record: [String]) {
         guard let quota = request.quota else {
             return (QuotaOutcome(admitted: true, used: 0, limit: 0, firstRefused: nil), [])
         }
-        let base = request.held.isEmpty ? counted : counted.union(request.held)
-        var used = base.count
-        for address in request.addresses where !base.contains(address) {
+        // The counted addresses with the held ones: held addresses not counted add to them.
+        let base = counted.total + request.held.subtracting(counted.known).count
+        var used = base
+        for address in request.addresses where !counted.known.contains(address) && !request.held.contains(address) {
             if used >= quota.limit {
-                return (QuotaOutcome(admitted: false, used: base.count, limit: quota.limit, firstRefused: address), [])
+                return (QuotaOutcome(admitted: false, used: base, limit: quota.limit, firstRefused: address), [])
             }
             used += 1
         }
@@ -205,11 +228,19 @@ public enum QuotaArithmetic {
     public static func decide(
         _ request: QuotaRequest, counted: Set<String>, volume: [VolumeCap.Kind: Int]
     ) -> (QuotaOutcome, record: [String], recordMessage: Bool) {
+        decide(request, counted: CountedAddresses(counted), volume: volume)
+    }
+
+    /// As `decide(_:counted:volume:)`, from the number of counted addresses and those of them
+    /// the request names.
+    public static func decide(
+        _ request: QuotaRequest, counted: CountedAddresses, volume: [VolumeCap.Kind: Int]
+    ) -> (QuotaOutcome, record: [String], recordMessage: Bool) {
         let (arbitrary, record) = decideArbitrary(request, counted: counted)
         let (states, refused) = decideCaps(request, counted: volume)
         let admitted = arbitrary.admitted && refused == nil
         // Refused: the arbitrary figure and the caps as they stand, without this message.
-        let fresh = Set(request.addresses).subtracting(counted).subtracting(request.held).count
+        let fresh = Set(request.addresses).subtracting(counted.known).subtracting(request.held).count
         let used = admitted || !arbitrary.admitted ? arbitrary.used : arbitrary.used - fresh
         let outcome = QuotaOutcome(
             admitted: admitted, used: used, limit: arbitrary.limit, firstRefused: arbitrary.firstRefused,
