@@ -1,14 +1,21 @@
-// `restrictpd_admit`: one decision of the PostgreSQL store in one statement.
+// `restrictpd_admit`: decisions of the PostgreSQL store, one or a batch, in one statement.
 //
 // The statement's own transaction (READ COMMITTED, which every connection asks for and the
 // function insists on: in a stricter level its reads would take their snapshot before the lock
-// is granted; autocommit) does what `PostgresQuotaSQL`
-// did in five round trips: it takes the budget's advisory lock, prunes what left the asking
-// rule's windows, reads the counted addresses and the volume counted in the caps' windows
-// (each statement of a VOLATILE function takes a new snapshot, so it sees every row the lock's
-// previous holder committed), decides, and when admitted records the addresses (a repeat
-// only moves its last_seen forward, and leaves a row written in this same second alone) and
-// adds the message to its second's row of restrictpd_volume.
+// is granted; autocommit) decides each request in turn. For each it takes the budget's
+// advisory lock (waiting for it when deciding one request alone; a batch only takes free
+// locks and leaves a request whose lock another transaction holds undecided, with no row),
+// reads, decides, prunes, and when admitted records the addresses (a repeat only moves its
+// last_seen forward) and adds the message to its second's row of restrictpd_volume. Each
+// statement of a VOLATILE function takes a new snapshot, so the read after the lock sees every
+// row the lock's previous holder committed.
+//
+// The read is one query, with no row written: how many addresses are counted in the window,
+// those of them the request names (requested or held; found through the primary key, so a
+// large quota costs its count, not its transfer), whether any of the requested ones was last
+// seen before now, whether rows left the windows, and the volume counted in the caps' windows.
+// Only what the decision needs is written after it: the addresses when one is fresh or was
+// last seen before now, the pruning when a row left a window, the volume row when admitted.
 //
 // The decision is the one `QuotaArithmetic.decide` takes, reduced to whether the message is
 // admitted:
@@ -26,191 +33,168 @@
 // decision's record while the message is relayed. Only a crash or a terminated backend does
 // that: READ COMMITTED raises no serialization failure at commit, and nothing is deferred.
 //
-// Arguments (NULL where the rule has no such limit): scope, budget key, lock key; the
-// requested addresses, the held ones; the arbitrary limit and the start of its window (NULL
-// with a limit: no period); whether to record, now; the messages cap and its window start, the
-// recipients cap and its window start, where message rows are pruned (the longest counted
-// cap's window), max_recipients; this message's recipients; the held messages and recipients.
+// Arguments: the scope; whether to wait for locks; then one array element per request (NULL
+// given as the smallest bigint, since an array from the client holds no NULL): budget key,
+// lock key; the end of its addresses in `p_addresses` and of its held addresses in `p_held`
+// (request i's run from the previous request's end + 1); the arbitrary limit and the start of
+// its window (none with a limit: no period); whether to record, now; the messages cap and its
+// window start, the recipients cap and its window start, where volume rows are pruned (the
+// longest counted cap's window), max_recipients; this message's recipients; the held messages
+// and recipients. A row per request decided, by its index from 1.
 
 import PostgresNIO
 import RestrictPolicy
 
 enum PostgresAdmitFunction {
+    /// The statements that replace the functions of schema version 4 with this one.
+    static let install = [
+        "DROP FUNCTION IF EXISTS restrictpd_admit_batch",
+        "DROP FUNCTION IF EXISTS restrictpd_admit",
+        create,
+    ]
+
     static let create = """
         CREATE FUNCTION restrictpd_admit(
-            p_scope text, p_budget bigint, p_lock integer,
-            p_addresses text[], p_held text[],
-            p_limit bigint, p_window_start bigint,
-            p_record boolean, p_now bigint,
-            p_messages_limit bigint, p_messages_from bigint,
-            p_recipients_limit bigint, p_recipients_from bigint,
-            p_messages_before bigint, p_max_recipients bigint, p_recipients bigint,
-            p_held_messages bigint, p_held_recipients bigint,
-            OUT o_admitted boolean, OUT o_counted text[], OUT o_messages bigint, OUT o_recipients bigint)
-        LANGUAGE plpgsql VOLATILE
-        AS $function$
-        DECLARE
-            v_held bigint;
-            v_fresh bigint;
-        BEGIN
-            IF current_setting('transaction_isolation') <> 'read committed' THEN
-                RAISE EXCEPTION 'restrictpd_admit needs READ COMMITTED, not %', current_setting('transaction_isolation');
-            END IF;
-            PERFORM pg_advisory_xact_lock(hashtext(p_scope), p_lock);
-            WITH pruned_quota AS (
-                DELETE FROM restrictpd_quota q
-                WHERE p_record AND p_limit IS NOT NULL AND p_window_start IS NOT NULL
-                  AND q.scope = p_scope AND q.uid = p_budget AND q.last_seen < p_window_start
-            ), pruned_volume AS (
-                DELETE FROM restrictpd_volume v
-                WHERE p_record AND p_messages_before IS NOT NULL
-                  AND v.scope = p_scope AND v.uid = p_budget AND v.at < p_messages_before
-            )
-            SELECT c.counted, w.messages, w.recipients INTO o_counted, o_messages, o_recipients
-            FROM (SELECT coalesce(array_agg(q.address), '{}') AS counted FROM restrictpd_quota q
-                  WHERE p_limit IS NOT NULL AND q.scope = p_scope AND q.uid = p_budget
-                    AND q.last_seen >= coalesce(p_window_start, -9223372036854775808)) c,
-                 (SELECT coalesce(sum(v.messages) FILTER (WHERE v.at >= coalesce(p_messages_from, 9223372036854775807)), 0)::bigint AS messages,
-                         coalesce(sum(v.recipients) FILTER (WHERE v.at >= coalesce(p_recipients_from, 9223372036854775807)), 0)::bigint AS recipients
-                  FROM restrictpd_volume v
-                  WHERE p_messages_before IS NOT NULL AND v.scope = p_scope AND v.uid = p_budget AND v.at >= p_messages_before) w;
-
-            o_admitted := true;
-            IF p_limit IS NOT NULL THEN
-                -- Held addresses not counted yet (once each), and requested addresses neither
-                -- counted nor held (each time asked, as QuotaArithmetic counts them); NOT IN a
-                -- subquery is hashed, so a long list costs no product of the two lengths.
-                SELECT (SELECT count(DISTINCT h) FROM unnest(p_held) AS h WHERE h NOT IN (SELECT unnest(o_counted))),
-                       (SELECT count(*) FROM unnest(p_addresses) AS a
-                        WHERE a NOT IN (SELECT unnest(o_counted)) AND a NOT IN (SELECT unnest(p_held)))
-                INTO v_held, v_fresh;
-                o_admitted := v_fresh = 0 OR cardinality(o_counted) + v_held + v_fresh <= p_limit;
-            END IF;
-            IF p_max_recipients IS NOT NULL AND p_recipients > p_max_recipients THEN
-                o_admitted := false;
-            END IF;
-            IF p_messages_limit IS NOT NULL AND o_messages + p_held_messages + 1 > p_messages_limit THEN
-                o_admitted := false;
-            END IF;
-            IF p_recipients_limit IS NOT NULL AND o_recipients + p_held_recipients + p_recipients > p_recipients_limit THEN
-                o_admitted := false;
-            END IF;
-
-            IF o_admitted AND p_record THEN
-                IF p_limit IS NOT NULL AND cardinality(p_addresses) > 0 THEN
-                    INSERT INTO restrictpd_quota AS q (scope, uid, address, first_seen, last_seen)
-                    SELECT DISTINCT p_scope, p_budget, a, p_now, p_now FROM unnest(p_addresses) AS a
-                    ON CONFLICT (scope, uid, address) DO UPDATE SET last_seen = excluded.last_seen
-                    WHERE q.last_seen < excluded.last_seen;
-                END IF;
-                IF p_messages_before IS NOT NULL THEN
-                    INSERT INTO restrictpd_volume AS v (scope, uid, at, messages, recipients)
-                    VALUES (p_scope, p_budget, p_now, 1, p_recipients)
-                    ON CONFLICT (scope, uid, at) DO UPDATE
-                    SET messages = v.messages + 1, recipients = v.recipients + excluded.recipients;
-                END IF;
-            END IF;
-        END
-        $function$
-        """
-
-    /// Several decisions in one statement (see `PostgresQuotaSQL.admit(batch:)`): the requests'
-    /// arguments as arrays, one element per request, NULL given as the smallest bigint (an
-    /// array from the client holds no NULL); the addresses and held addresses of all requests
-    /// in one array each, request i's ending at `p_address_ends[i]` (`p_held_ends[i]`). A row
-    /// per request decided, by its index from 1.
-    static let createBatch = """
-        CREATE FUNCTION restrictpd_admit_batch(
-            p_scope text, p_budgets bigint[], p_locks integer[],
+            p_scope text, p_wait boolean, p_budgets bigint[], p_locks integer[],
             p_address_ends integer[], p_addresses text[], p_held_ends integer[], p_held text[],
             p_limits bigint[], p_window_starts bigint[], p_records boolean[], p_nows bigint[],
             p_messages_limits bigint[], p_messages_froms bigint[], p_recipients_limits bigint[], p_recipients_froms bigint[],
             p_messages_befores bigint[], p_max_recipients bigint[], p_recipients bigint[],
             p_held_messages bigint[], p_held_recipients bigint[])
-        RETURNS TABLE (o_index integer, o_admitted boolean, o_counted text[], o_messages bigint, o_recipients bigint)
+        RETURNS TABLE (o_index integer, o_admitted boolean, o_total bigint, o_known text[], o_messages bigint, o_recipients bigint)
         LANGUAGE plpgsql VOLATILE
         AS $function$
         DECLARE
             v_none CONSTANT bigint := -9223372036854775808;
             v_address_from integer := 1;
             v_held_from integer := 1;
+            v_addresses text[];
+            v_held text[];
+            v_budget bigint;
+            v_limit bigint;
+            v_start bigint;
+            v_now bigint;
+            v_messages_limit bigint;
+            v_recipients_limit bigint;
+            v_before bigint;
+            v_max_recipients bigint;
+            v_stale_quota boolean;
+            v_stale_volume boolean;
+            v_touch boolean;
+            v_missing bigint;
+            v_held_new bigint;
+            v_fresh bigint;
         BEGIN
+            IF current_setting('transaction_isolation') <> 'read committed' THEN
+                RAISE EXCEPTION 'restrictpd_admit needs READ COMMITTED, not %', current_setting('transaction_isolation');
+            END IF;
             FOR i IN 1 .. coalesce(cardinality(p_budgets), 0) LOOP
-                IF pg_try_advisory_xact_lock(hashtext(p_scope), p_locks[i]) THEN
-                    o_index := i;
-                    SELECT a.o_admitted, a.o_counted, a.o_messages, a.o_recipients
-                    INTO o_admitted, o_counted, o_messages, o_recipients
-                    FROM restrictpd_admit(
-                        p_scope, p_budgets[i], p_locks[i],
-                        coalesce(p_addresses[v_address_from:p_address_ends[i]], '{}'), coalesce(p_held[v_held_from:p_held_ends[i]], '{}'),
-                        nullif(p_limits[i], v_none), nullif(p_window_starts[i], v_none), p_records[i], p_nows[i],
-                        nullif(p_messages_limits[i], v_none), nullif(p_messages_froms[i], v_none),
-                        nullif(p_recipients_limits[i], v_none), nullif(p_recipients_froms[i], v_none),
-                        nullif(p_messages_befores[i], v_none), nullif(p_max_recipients[i], v_none), p_recipients[i],
-                        p_held_messages[i], p_held_recipients[i]) AS a;
-                    RETURN NEXT;
-                END IF;
+                v_addresses := coalesce(p_addresses[v_address_from:p_address_ends[i]], '{}');
+                v_held := coalesce(p_held[v_held_from:p_held_ends[i]], '{}');
                 v_address_from := p_address_ends[i] + 1;
                 v_held_from := p_held_ends[i] + 1;
+                IF p_wait THEN
+                    PERFORM pg_advisory_xact_lock(hashtext(p_scope), p_locks[i]);
+                ELSIF NOT pg_try_advisory_xact_lock(hashtext(p_scope), p_locks[i]) THEN
+                    CONTINUE;
+                END IF;
+                v_budget := p_budgets[i];
+                v_limit := nullif(p_limits[i], v_none);
+                v_start := nullif(p_window_starts[i], v_none);
+                v_now := p_nows[i];
+                v_messages_limit := nullif(p_messages_limits[i], v_none);
+                v_recipients_limit := nullif(p_recipients_limits[i], v_none);
+                v_before := nullif(p_messages_befores[i], v_none);
+                v_max_recipients := nullif(p_max_recipients[i], v_none);
+
+                SELECT c.total, c.stale, k.known, k.touch, w.messages, w.recipients, w.stale
+                INTO o_total, v_stale_quota, o_known, v_touch, o_messages, o_recipients, v_stale_volume
+                FROM (SELECT count(*) FILTER (WHERE q.last_seen >= coalesce(v_start, v_none)) AS total,
+                             coalesce(bool_or(q.last_seen < v_start), false) AS stale
+                      FROM restrictpd_quota q
+                      WHERE v_limit IS NOT NULL AND q.scope = p_scope AND q.uid = v_budget) c,
+                     (SELECT coalesce(array_agg(q.address), '{}') AS known,
+                             coalesce(bool_or(q.last_seen < v_now AND q.address = ANY (v_addresses)), false) AS touch
+                      FROM restrictpd_quota q
+                      WHERE v_limit IS NOT NULL AND q.scope = p_scope AND q.uid = v_budget
+                        AND q.address = ANY (v_addresses || v_held) AND q.last_seen >= coalesce(v_start, v_none)) k,
+                     (SELECT coalesce(sum(v.messages) FILTER (WHERE v.at >= coalesce(nullif(p_messages_froms[i], v_none), 9223372036854775807)), 0)::bigint AS messages,
+                             coalesce(sum(v.recipients) FILTER (WHERE v.at >= coalesce(nullif(p_recipients_froms[i], v_none), 9223372036854775807)), 0)::bigint AS recipients,
+                             coalesce(bool_or(v.at < v_before), false) AS stale
+                      FROM restrictpd_volume v
+                      WHERE v_before IS NOT NULL AND v.scope = p_scope AND v.uid = v_budget) w;
+
+                o_admitted := true;
+                v_missing := 0;
+                IF v_limit IS NOT NULL THEN
+                    -- Requested addresses not counted (each time asked, as QuotaArithmetic
+                    -- counts them), of them those not held either (fresh), and held
+                    -- addresses not counted (once each). A short request all counted needs no
+                    -- query; NOT IN a subquery is hashed, so a long one costs no product.
+                    IF cardinality(v_addresses) <= 16 AND v_addresses <@ o_known THEN
+                        v_fresh := 0;
+                    ELSE
+                        SELECT (SELECT count(*) FROM unnest(v_addresses) AS a WHERE a NOT IN (SELECT unnest(o_known))),
+                               (SELECT count(*) FROM unnest(v_addresses) AS a
+                                WHERE a NOT IN (SELECT unnest(o_known)) AND a NOT IN (SELECT unnest(v_held))),
+                               (SELECT count(DISTINCT h) FROM unnest(v_held) AS h WHERE h NOT IN (SELECT unnest(o_known)))
+                        INTO v_missing, v_fresh, v_held_new;
+                        o_admitted := v_fresh = 0 OR o_total + v_held_new + v_fresh <= v_limit;
+                    END IF;
+                END IF;
+                IF v_max_recipients IS NOT NULL AND p_recipients[i] > v_max_recipients THEN
+                    o_admitted := false;
+                END IF;
+                IF v_messages_limit IS NOT NULL AND o_messages + p_held_messages[i] + 1 > v_messages_limit THEN
+                    o_admitted := false;
+                END IF;
+                IF v_recipients_limit IS NOT NULL AND o_recipients + p_held_recipients[i] + p_recipients[i] > v_recipients_limit THEN
+                    o_admitted := false;
+                END IF;
+
+                IF p_records[i] THEN
+                    IF v_stale_quota THEN
+                        DELETE FROM restrictpd_quota q
+                        WHERE q.scope = p_scope AND q.uid = v_budget AND q.last_seen < v_start;
+                    END IF;
+                    IF v_stale_volume THEN
+                        DELETE FROM restrictpd_volume v
+                        WHERE v.scope = p_scope AND v.uid = v_budget AND v.at < v_before;
+                    END IF;
+                END IF;
+                IF o_admitted AND p_records[i] THEN
+                    IF v_limit IS NOT NULL AND (v_missing > 0 OR v_touch) THEN
+                        INSERT INTO restrictpd_quota AS q (scope, uid, address, first_seen, last_seen)
+                        SELECT DISTINCT p_scope, v_budget, a, v_now, v_now FROM unnest(v_addresses) AS a
+                        ON CONFLICT (scope, uid, address) DO UPDATE SET last_seen = excluded.last_seen
+                        WHERE q.last_seen < excluded.last_seen;
+                    END IF;
+                    IF v_before IS NOT NULL THEN
+                        INSERT INTO restrictpd_volume AS v (scope, uid, at, messages, recipients)
+                        VALUES (p_scope, v_budget, v_now, 1, p_recipients[i])
+                        ON CONFLICT (scope, uid, at) DO UPDATE
+                        SET messages = v.messages + 1, recipients = v.recipients + excluded.recipients;
+                    END IF;
+                END IF;
+                o_index := i;
+                RETURN NEXT;
             END LOOP;
         END
         $function$
         """
 }
 
-/// `restrictpd_admit`, prepared once per connection: a decision is one Bind and Execute.
+/// `restrictpd_admit`, prepared once per connection: one request alone (waiting for its
+/// budget's lock) or a batch (taking only free locks) is one Bind and Execute.
 struct AdmitStatement: PostgresPreparedStatement {
     static let sql = """
-        SELECT o_admitted, o_counted, o_messages, o_recipients
-        FROM restrictpd_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+        SELECT o_index, o_admitted, o_total, o_known, o_messages, o_recipients
+        FROM restrictpd_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
         """
-    typealias Row = (Bool, [String], Int64, Int64)
-
-    /// Given, so that a NULL in the first request a connection prepares for is typed too.
-    static var bindingDataTypes: [PostgresDataType] {
-        [.text, .int8, .int4, .textArray, .textArray, .int8, .int8, .bool, .int8, .int8, .int8, .int8, .int8, .int8, .int8, .int8, .int8, .int8]
-    }
-
-    let request: QuotaRequest
-    let scope: String
-
-    func makeBindings() throws -> PostgresBindings {
-        let request = self.request
-        var bindings = PostgresBindings(capacity: 18)
-        bindings.append(self.scope)
-        bindings.append(request.budget)
-        bindings.append(PostgresQuotaSQL.lockKey(request.budget))
-        bindings.append(request.addresses)
-        bindings.append(Array(request.held))
-        bindings.append(request.quota.map { Int64($0.limit) })
-        bindings.append(request.windowStart)
-        bindings.append(request.record)
-        bindings.append(request.now)
-        bindings.append(request.caps.messages.map { Int64($0.limit) })
-        bindings.append(request.windowStart(.messages))
-        bindings.append(request.caps.recipients.map { Int64($0.limit) })
-        bindings.append(request.windowStart(.recipients))
-        bindings.append(request.caps.pruneBefore(now: request.now))
-        bindings.append(request.caps.maxRecipients.map { Int64($0) })
-        bindings.append(Int64(request.recipients))
-        bindings.append(Int64(request.heldVolume.messages))
-        bindings.append(Int64(request.heldVolume.recipients))
-        return bindings
-    }
-
-    func decodeRow(_ row: PostgresRow) throws -> Row { try row.decode(Row.self) }
-}
-
-/// `restrictpd_admit_batch`, prepared once per connection.
-struct AdmitBatchStatement: PostgresPreparedStatement {
-    static let sql = """
-        SELECT o_index, o_admitted, o_counted, o_messages, o_recipients
-        FROM restrictpd_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
-        """
-    typealias Row = (Int32, Bool, [String], Int64, Int64)
+    typealias Row = (Int32, Bool, Int64, [String], Int64, Int64)
 
     static var bindingDataTypes: [PostgresDataType] {
-        [.text, .int8Array, .int4Array, .int4Array, .textArray, .int4Array, .textArray]
+        [.text, .bool, .int8Array, .int4Array, .int4Array, .textArray, .int4Array, .textArray]
             + [.int8Array, .int8Array, .boolArray, .int8Array]
             + Array(repeating: .int8Array, count: 9)
     }
@@ -220,6 +204,9 @@ struct AdmitBatchStatement: PostgresPreparedStatement {
 
     let requests: [QuotaRequest]
     let scope: String
+    /// Wait for each budget's lock (one request alone), or leave a request whose lock is
+    /// taken undecided (a batch).
+    let wait: Bool
 
     func makeBindings() throws -> PostgresBindings {
         let requests = self.requests
@@ -234,8 +221,9 @@ struct AdmitBatchStatement: PostgresPreparedStatement {
             held += request.held
             heldEnds.append(Int32(clamping: held.count))
         }
-        var bindings = PostgresBindings(capacity: 20)
+        var bindings = PostgresBindings(capacity: 21)
         bindings.append(self.scope)
+        bindings.append(self.wait)
         bindings.append(requests.map(\.budget))
         bindings.append(requests.map { PostgresQuotaSQL.lockKey($0.budget) })
         bindings.append(addressEnds)

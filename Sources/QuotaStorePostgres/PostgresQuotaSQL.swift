@@ -28,34 +28,38 @@ enum PostgresQuotaSQL {
     }
 
     /// What `restrictpd_admit` read and decided for one request.
-    typealias Answer = (admitted: Bool, counted: [String], messages: Int64, recipients: Int64)
+    typealias Answer = (admitted: Bool, total: Int64, known: [String], messages: Int64, recipients: Int64)
 
     /// Decides, and when admitted records, in one statement: `restrictpd_admit` (see
-    /// PostgresAdmitFunction) takes the lock, prunes, reads, decides and records in the
-    /// statement's own transaction.
+    /// PostgresAdmitFunction) takes the lock, waiting for it, reads, decides, prunes and records
+    /// in the statement's own transaction.
     static func admit(_ request: QuotaRequest, scope: String, on connection: PostgresConnection, logger: Logger) async throws -> QuotaOutcome {
-        let rows = try await connection.execute(AdmitStatement(request: request, scope: scope), logger: logger)
-        var answer: Answer? = nil
-        for try await row in rows { answer = row }
-        guard let answer else {
-            throw PostgresAnswerError(message: "restrictpd_admit returned no row")
+        let outcomes = try await self.admit([request], wait: true, scope: scope, on: connection, logger: logger)
+        guard let outcome = outcomes.first ?? nil else {
+            throw PostgresAnswerError(message: "restrictpd_admit decided nothing")
         }
-        return try self.outcome(request, answer)
+        return try outcome.get()
     }
 
-    /// Decides the requests of a batch in one statement, `restrictpd_admit_batch`: each in
-    /// turn whose budget's lock is free or already the batch's, as `admit` would. A request
-    /// whose lock another transaction holds is left undecided (nil), to be decided alone: a
-    /// batch never waits for a lock, so it can neither deadlock nor be held up by one budget.
+    /// Decides the requests of a batch in one statement: each in turn whose budget's lock is
+    /// free or already the batch's, as `admit` would. A request whose lock another transaction
+    /// holds is left undecided (nil), to be decided alone: a batch never waits for a lock, so
+    /// it can neither deadlock nor be held up by one budget.
     static func admit(batch requests: [QuotaRequest], scope: String, on connection: PostgresConnection, logger: Logger) async throws -> [Result<QuotaOutcome, any Error>?] {
-        let rows = try await connection.execute(AdmitBatchStatement(requests: requests, scope: scope), logger: logger)
+        try await self.admit(requests, wait: false, scope: scope, on: connection, logger: logger)
+    }
+
+    private static func admit(
+        _ requests: [QuotaRequest], wait: Bool, scope: String, on connection: PostgresConnection, logger: Logger
+    ) async throws -> [Result<QuotaOutcome, any Error>?] {
+        let rows = try await connection.execute(AdmitStatement(requests: requests, scope: scope, wait: wait), logger: logger)
         var results: [Result<QuotaOutcome, any Error>?] = Array(repeating: nil, count: requests.count)
-        for try await (index, admitted, counted, messages, recipients) in rows {
+        for try await (index, admitted, total, known, messages, recipients) in rows {
             let i = Int(index) - 1
             guard results.indices.contains(i), results[i] == nil else {
-                throw PostgresAnswerError(message: "restrictpd_admit_batch answered request \(index) of \(requests.count) twice or out of range")
+                throw PostgresAnswerError(message: "restrictpd_admit answered request \(index) of \(requests.count) twice or out of range")
             }
-            results[i] = Result { try self.outcome(requests[i], (admitted, counted, messages, recipients)) }
+            results[i] = Result { try self.outcome(requests[i], (admitted, total, known, messages, recipients)) }
         }
         return results
     }
@@ -67,7 +71,8 @@ enum PostgresQuotaSQL {
         for cap in request.caps.counted {
             volume[cap.kind] = self.figure(cap.kind == .messages ? answer.messages : answer.recipients)
         }
-        let outcome = QuotaArithmetic.decide(request, counted: Set(answer.counted), volume: volume).0
+        let counted = CountedAddresses(total: self.figure(answer.total), known: Set(answer.known))
+        let outcome = QuotaArithmetic.decide(request, counted: counted, volume: volume).0
         guard outcome.admitted == answer.admitted else {
             throw PostgresAnswerError(
                 message: "the database \(answer.admitted ? "admitted" : "refused") a message this restrictpd would have \(outcome.admitted ? "admitted" : "refused") (uid \(request.uid)): is restrictpd_admit this build's?")

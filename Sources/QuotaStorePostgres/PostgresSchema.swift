@@ -4,7 +4,9 @@
 // runs `migrations[v...]` inside one transaction under an advisory lock, so two admins (or two
 // nodes' packages) initialising at once cannot both migrate. The daemon only checks the version:
 // it never alters the schema, so its database role needs no DDL rights. A shipped migration is
-// never edited: a change is a new entry.
+// never edited: a change is a new entry. Functions are the exception: a migration that
+// replaces them drops the earlier ones if they are there, and the migration that created
+// those then need not create them (3 -> 4 no longer does).
 
 import Logging
 import PostgresNIO
@@ -98,10 +100,9 @@ enum PostgresSchema {
                 WHERE queue_id IS NOT NULL
             """,
         ],
-        // 3 -> 4: a decision, or a batch of them, in one statement (PostgresAdmitFunction),
-        // and the volume the caps count kept per second: restrictpd_volume has one row per scope, budget and
-        // second in which messages were admitted (their number, the sum of their recipients)
-        // where restrictpd_message had one per message. A cap's window starts on a second, so
+        // 3 -> 4: the volume the caps count, kept per second: restrictpd_volume has one row
+        // per scope, budget and second in which messages were admitted (their number, the sum
+        // of their recipients) where restrictpd_message had one per message. A cap's window starts on a second, so
         // the counts are the same; a busy uid's window is read in as many rows as seconds it
         // sent in, and a message adds to its second's row in place.
         [
@@ -123,9 +124,11 @@ enum PostgresSchema {
             SELECT scope, uid, at, count(*), sum(recipients) FROM restrictpd_message GROUP BY scope, uid, at
             """,
             "DROP TABLE restrictpd_message",
-            PostgresAdmitFunction.create,
-            PostgresAdmitFunction.createBatch,
         ],
+        // 4 -> 5: restrictpd_admit decides one request or a batch (restrictpd_admit_batch is
+        // gone), and reads of the counted addresses only their number and those a request
+        // names. The functions version 4 had are dropped where an earlier build created them.
+        PostgresAdmitFunction.install,
     ]
 
     static var currentVersion: Int { migrations.count }
