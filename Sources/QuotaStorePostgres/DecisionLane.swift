@@ -1,18 +1,18 @@
-// The decisions of one event loop's pool, one batch at a time.
+// The decisions waiting for the database, one batch at a time.
 //
-// A decision waits in its lane until the lane's task takes it: at once, in the loop's next
-// turn, when the lane is idle, so the decisions of the sessions the loop serves in one turn go
-// together; else when the batch that is out is back. A batch is one statement
-// (`restrictpd_admit_batch`, at most `batchLimit` decisions): under load, one round trip and
-// one transaction serve many sessions, and the database does a fraction of the work per
+// A decision waits in the lane until the lane's task takes it: at once, in the next turn of the
+// lane's loop, when the lane is idle, so the decisions asked in the meantime go together; else
+// when the batch that is out is back. A batch is one statement (`restrictpd_admit`, taking
+// only free locks, at most `batchLimit` decisions): under load, one round trip and one
+// transaction serve many sessions, and the database does a fraction of the work per
 // decision; with nothing else waiting a decision costs about what it would alone.
 //
 // A batch never waits for a budget's lock: a request whose lock another transaction (another
 // host, or a request decided alone) holds is left undecided by the batch and decided alone
-// (`restrictpd_admit`, which waits for the lock) on the lane's other connections, in a task of
-// its own, while the lane goes on. Each caller waits at most `state_timeout` from its call
-// (PostgresQuotaStore.admit): one that gives up while still waiting is taken out of the lane
-// and never decided; one whose batch is already out may still be counted (its message is
+// (`restrictpd_admit` with that request only, waiting for the lock) on the lane's other
+// connections, in a task of its own, while the lane goes on. Each caller waits at most
+// `state_timeout` from its call (PostgresQuotaStore.admit): one that gives up while still
+// waiting is taken out of the lane and never decided; one whose batch is already out may still be counted (its message is
 // deferred, and Postfix's retry finds its addresses counted: repeats are free), as a decision
 // alone may be when its answer comes too late. A batch that does not answer within
 // `state_timeout` fails its requests, and the lane goes on.
@@ -148,7 +148,7 @@ extension PostgresQuotaStore {
         }
     }
 
-    /// `restrictpd_admit_batch` within `state_timeout`: each request's outcome, nil for one
+    /// The batch's statement within `state_timeout`: each request's outcome, nil for one
     /// whose budget's lock was taken. A failure is every request's, but for an error the server
     /// gave a batch of several other than a timeout: the statement may have failed for one
     /// request's data, so each is decided alone.

@@ -19,14 +19,13 @@ public import RestrictPolicy
 public final class PostgresQuotaStore: QuotaStore, Sendable {
     public let settings: PostgresStoreSettings
     let logger: Logger
-    /// One lane per event loop of the group the sessions run on, as many as `state_pool` gives
-    /// two connections each: pools with their connections on that loop, and the decisions
-    /// waiting for them (DecisionLane). A decision asked on a loop uses that loop's lane, so
-    /// the query is written and its answer read on the thread the session runs on, with no
-    /// wake-up of another thread in between. Callers on no loop (the admin's commands, tests)
-    /// take the lanes in turn.
-    let lanes: [DecisionLane]
-    private let turn = NIOLockedValueBox(0)
+    /// The decisions waiting for the database, and its connections (DecisionLane): one for the
+    /// batches and the store's other queries, the rest of `state_pool` for decisions that wait
+    /// for a budget's lock. One lane for the whole daemon: its batches grow with the load, so
+    /// the database is woken once for many decisions. A lane per event loop would spare the
+    /// sessions of the other loops a hop between threads, but would wake the database more
+    /// often for smaller batches, which costs more (BENCHMARKS.md).
+    let lane: DecisionLane
     /// Tries per decision for a retryable failure (see `PostgresStoreError.isRetryable`).
     static let attempts = 3
 
@@ -43,29 +42,15 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public init(settings: PostgresStoreSettings, logger: Logger) {
         self.settings = settings
         self.logger = logger
-        // A lane has two connections at least where the pool allows: one for its batches and
-        // the other queries, the others for decisions that wait for a budget's lock.
-        let loops = Array(MultiThreadedEventLoopGroup.singleton.makeIterator().prefix(max(1, settings.pool / 2)))
-        self.lanes = loops.enumerated().map { index, loop in
-            let share = settings.pool / loops.count + (index < settings.pool % loops.count ? 1 : 0)
-            func client(_ connections: Int) -> PostgresClient {
-                var configuration = PostgresConfiguration.client(settings)
-                configuration.options.maximumConnections = connections
-                return PostgresClient(configuration: configuration, eventLoopGroup: loop, backgroundLogger: logger)
-            }
-            let batches = client(1)
-            return DecisionLane(loop: loop, batches: batches, others: share > 1 ? client(share - 1) : batches)
+        // Every connection on one loop, the lane's, where its batches are sent and answered.
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        func client(_ connections: Int) -> PostgresClient {
+            var configuration = PostgresConfiguration.client(settings)
+            configuration.options.maximumConnections = connections
+            return PostgresClient(configuration: configuration, eventLoopGroup: loop, backgroundLogger: logger)
         }
-    }
-
-    /// The lane of the loop the caller runs on, else the next in turn.
-    var lane: DecisionLane {
-        for lane in self.lanes where lane.loop.inEventLoop { return lane }
-        let index = self.turn.withLockedValue { turn in
-            defer { turn = (turn + 1) % self.lanes.count }
-            return turn
-        }
-        return self.lanes[index]
+        let batches = client(1)
+        self.lane = DecisionLane(loop: loop, batches: batches, others: settings.pool > 1 ? client(settings.pool - 1) : batches)
     }
 
     /// The redacted URI, for messages.
@@ -75,7 +60,7 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public func start() {
         self.state.withLockedValue { state in
             guard state.running == nil else { return }
-            let clients = self.lanes.flatMap { $0.batches === $0.others ? [$0.batches] : [$0.batches, $0.others] }
+            let clients = self.lane.batches === self.lane.others ? [self.lane.batches] : [self.lane.batches, self.lane.others]
             state.running = Task {
                 await withDiscardingTaskGroup { group in
                     for client in clients { group.addTask { await client.run() } }
@@ -94,11 +79,10 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
         return health == "up" ? "store=postgresql up" : "store=postgresql \(health)"
     }
 
-    /// Decides on the caller's lane, alone or in a batch with the decisions waiting there
-    /// (DecisionLane), within `state_timeout` from the call, waiting included.
+    /// Decides in a batch with the decisions waiting in the lane, or alone (DecisionLane),
+    /// within `state_timeout` from the call, waiting included.
     public func admit(_ request: QuotaRequest) async throws -> QuotaOutcome {
-        let lane = self.lane
-        return try await self.guarded("deciding") { try await self.decide(request, on: lane) }
+        try await self.guarded("deciding") { try await self.decide(request, on: self.lane) }
     }
 
     /// Runs `body` (one transaction, or reads) on a pooled connection within `state_timeout`,
