@@ -213,9 +213,11 @@ def config_quota(listen_port, sink_port, state, extra="", caps=None):
 
 class PostgresState:
     """A private PostgreSQL cluster for the quota-pg mode (tests/pgcluster.py), started on first
-    use, its schema created once with restrictpd --init-store; stop() removes it."""
+    use, with a database per restrictpd binary (so builds of different schema versions can be
+    compared), its schema created once with that binary's --init-store; stop() removes it."""
 
     cluster = None
+    databases = {}
     runs = 0
 
     @classmethod
@@ -227,17 +229,23 @@ class PostgresState:
             # corrupted by a crash, the last commits may be lost to a power cut.
             cls.cluster = pgcluster.Cluster(tempfile.mkdtemp(prefix="pg-", dir="/tmp"),
                                             server_options="-c fsync=on -c synchronous_commit=off").init()
-            init = os.path.join(workdir, "init-store.conf")
+        if binary not in cls.databases:
+            database = f"restrictpd{len(cls.databases)}" if cls.databases else pgcluster_database()
+            if cls.databases:
+                cls.cluster.psql(f"CREATE DATABASE {database} OWNER restrictpd")
+            cls.databases[binary] = database
+            init = os.path.join(workdir, f"init-store-{database}.conf")
             with open(init, "w") as f:
-                f.write(cls.text("init") + "default\n    allow *\n")
+                f.write(cls.text("init", binary) + "default\n    allow *\n")
             subprocess.run([binary, "--config", init, "--init-store"], check=True, capture_output=True, text=True)
         cls.runs += 1
-        return cls.text(f"bench-{os.getpid()}-{cls.runs}")
+        return cls.text(f"bench-{os.getpid()}-{cls.runs}", binary)
 
     @classmethod
-    def text(cls, scope):
+    def text(cls, scope, binary):
         pool = os.environ.get("BENCH_STATE_POOL", "4")
-        return (f"state {cls.cluster.uri}\nstate_password_file {cls.cluster.password_file}\nscope {scope}\n"
+        uri = cls.cluster.uri.replace(f"/{pgcluster_database()}?", f"/{cls.databases[binary]}?")
+        return (f"state {uri}\nstate_password_file {cls.cluster.password_file}\nscope {scope}\n"
                 f"state_pool {pool}\n")
 
     @classmethod
@@ -245,6 +253,13 @@ class PostgresState:
         if cls.cluster is not None:
             cls.cluster.destroy()
             cls.cluster = None
+            cls.databases = {}
+
+
+def pgcluster_database():
+    """The database tests/pgcluster.py creates."""
+    import pgcluster
+    return pgcluster.DATABASE
 
 
 def config_quota_pg_maker(binary, workdir):

@@ -38,6 +38,14 @@ def postgres_cpu_seconds():
     return total
 
 
+def machine_cpu_seconds():
+    """CPU seconds the whole machine spent busy (user, nice, system, irq, softirq), and stolen."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / tick, fields[7] / tick
+
+
 def main():
     if len(sys.argv) < 4:
         sys.exit(__doc__)
@@ -53,26 +61,31 @@ def main():
             for label, binary in order:
                 for mode, make in (("sqlite", bench.config_quota), ("pg", bench.config_quota_pg_maker(binary, work))):
                     server = [0.0]
+                    machine = [0.0, 0.0]
 
                     def load(port):
-                        before = postgres_cpu_seconds()
+                        before, busy, stolen = postgres_cpu_seconds(), *machine_cpu_seconds()
                         result = bench.with_cpu(sink, bench.run_lanes, port, files, total, 20)
                         server[0] = postgres_cpu_seconds() - before
+                        after_busy, after_stolen = machine_cpu_seconds()
+                        machine[0], machine[1] = after_busy - busy, after_stolen - stolen
                         return result
 
                     run = bench.run_proxied(binary, work, f"{label}-{mode}-{rep}", make, sink.port, load)
                     elapsed, failures, _ = run.result
                     rate = total / elapsed
-                    results.setdefault((label, mode), []).append((rate, run.cpu / total * 1e6))
+                    results.setdefault((label, mode), []).append((rate, run.cpu / total * 1e6, machine[0] / total * 1e6))
                     print(f"rep {rep + 1} {label:8} {mode:6} {rate:7.0f} msg/s {run.cpu / total * 1e6:6.0f} µs/msg "
-                          f"relayed {run.relayed} failed {len(failures)} postgres {server[0] / total * 1e6:5.0f} µs/msg",
+                          f"relayed {run.relayed} failed {len(failures)} postgres {server[0] / total * 1e6:5.0f} µs/msg "
+                          f"machine {machine[0] / total * 1e6:5.0f} µs/msg stolen {machine[1]:.1f} s",
                           flush=True)
     finally:
         bench.PostgresState.stop()
         sink.stop()
     for (label, mode), rows in sorted(results.items()):
         print(f"{label:8} {mode:6} median {statistics.median(r[0] for r in rows):7.0f} msg/s  "
-              f"{statistics.median(r[1] for r in rows):6.0f} µs/msg  runs {[round(r[0]) for r in rows]}")
+              f"{statistics.median(r[1] for r in rows):6.0f} µs/msg  machine {statistics.median(r[2] for r in rows):6.0f} µs/msg  "
+              f"runs {[round(r[0]) for r in rows]}")
 
 
 if __name__ == "__main__":
