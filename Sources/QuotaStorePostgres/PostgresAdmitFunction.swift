@@ -1,14 +1,18 @@
 // `restrictpd_admit`: decisions of the PostgreSQL store, one or a batch, in one statement.
 //
-// The statement's own transaction (READ COMMITTED, which every connection asks for and the
-// function insists on: in a stricter level its reads would take their snapshot before the lock
-// is granted; autocommit) decides each request in turn. For each it takes the budget's
-// advisory lock (waiting for it when deciding one request alone; a batch only takes free
-// locks and leaves a request whose lock another transaction holds undecided, with no row),
-// reads, decides, prunes, and when admitted records the addresses (a repeat only moves its
-// last_seen forward) and adds the message to its second's row of restrictpd_volume. Each
-// statement of a VOLATILE function takes a new snapshot, so the read after the lock sees every
-// row the lock's previous holder committed.
+// A procedure, called on its own (`CALL`, never inside a transaction block), in a READ
+// COMMITTED transaction (which every connection asks for and the procedure insists on: in a
+// stricter level its reads would take their snapshot before the lock is granted). It decides
+// each request in turn: it takes the budget's advisory lock (waiting for it when deciding one
+// request alone; a batch only takes free locks and leaves a request whose lock another
+// transaction holds undecided, out of its answer), reads, decides, prunes, and when admitted
+// records the addresses (a repeat only moves its last_seen forward) and adds the message to its
+// second's row of restrictpd_volume. Each statement takes a new snapshot, so the read after the
+// lock sees every row the lock's previous holder committed. Then it commits, and only then
+// answers: an admitted message is recorded before restrictpd hears of it, so no failure after
+// the answer (a crash, a terminated backend) can leave a relayed message uncounted. A failure
+// before the commit records nothing and answers nothing (451); one between the commit and
+// the answer records a message that is then deferred (an overcount, never an undercount).
 //
 // The read is one query, with no row written: how many addresses are counted in the window,
 // those of them the request names (requested or held; found through the primary key, so a
@@ -24,14 +28,9 @@
 // - `max_recipients` refuses a message with more recipients;
 // - each counted cap refuses when what was counted in its window, what open transactions
 //   hold, and this message together exceed it.
-// It returns what it read, and the daemon decides again from that with `QuotaArithmetic`
+// It answers what it read, and the daemon decides again from that with `QuotaArithmetic`
 // (the figures of the reply and the log come from there): an answer that does not agree with
-// the function's is an error, answered 451 like any other store failure.
-//
-// The answer reaches restrictpd just before the statement's transaction commits (the extended
-// protocol sends the rows, then commits at Sync): a server that dies in between loses the
-// decision's record while the message is relayed. Only a crash or a terminated backend does
-// that: READ COMMITTED raises no serialization failure at commit, and nothing is deferred.
+// the procedure's is an error, answered 451 like any other store failure.
 //
 // Arguments: the scope; whether to wait for locks; then one array element per request (NULL
 // given as the smallest bigint, since an array from the client holds no NULL): budget key,
@@ -40,13 +39,15 @@
 // its window (none with a limit: no period); whether to record, now; the messages cap and its
 // window start, the recipients cap and its window start, where volume rows are pruned (the
 // longest counted cap's window), max_recipients; this message's recipients; the held messages
-// and recipients. A row per request decided, by its index from 1.
+// and recipients. The answer is one row of arrays, an element per request decided: its index
+// from 1, whether admitted, the number of counted addresses, the end of its known addresses
+// in `o_known` (as for the arguments), the volume of the caps' windows.
 
 import PostgresNIO
 import RestrictPolicy
 
 enum PostgresAdmitFunction {
-    /// The statements that replace the functions of schema version 4 with this one.
+    /// The statements that replace the functions of schema version 4 with the procedure.
     static let install = [
         "DROP FUNCTION IF EXISTS restrictpd_admit_batch",
         "DROP FUNCTION IF EXISTS restrictpd_admit",
@@ -54,16 +55,18 @@ enum PostgresAdmitFunction {
     ]
 
     static let create = """
-        CREATE FUNCTION restrictpd_admit(
+        CREATE PROCEDURE restrictpd_admit(
             p_scope text, p_wait boolean, p_budgets bigint[], p_locks integer[],
             p_address_ends integer[], p_addresses text[], p_held_ends integer[], p_held text[],
             p_limits bigint[], p_window_starts bigint[], p_records boolean[], p_nows bigint[],
             p_messages_limits bigint[], p_messages_froms bigint[], p_recipients_limits bigint[], p_recipients_froms bigint[],
             p_messages_befores bigint[], p_max_recipients bigint[], p_recipients bigint[],
-            p_held_messages bigint[], p_held_recipients bigint[])
-        RETURNS TABLE (o_index integer, o_admitted boolean, o_total bigint, o_known text[], o_messages bigint, o_recipients bigint)
-        LANGUAGE plpgsql VOLATILE
-        AS $function$
+            p_held_messages bigint[], p_held_recipients bigint[],
+            INOUT o_indexes integer[] DEFAULT NULL, INOUT o_admitted boolean[] DEFAULT NULL, INOUT o_totals bigint[] DEFAULT NULL,
+            INOUT o_known_ends integer[] DEFAULT NULL, INOUT o_known text[] DEFAULT NULL,
+            INOUT o_messages bigint[] DEFAULT NULL, INOUT o_recipients bigint[] DEFAULT NULL)
+        LANGUAGE plpgsql
+        AS $procedure$
         DECLARE
             v_none CONSTANT bigint := -9223372036854775808;
             v_address_from integer := 1;
@@ -84,10 +87,22 @@ enum PostgresAdmitFunction {
             v_missing bigint;
             v_held_new bigint;
             v_fresh bigint;
+            v_admitted boolean;
+            v_total bigint;
+            v_known text[];
+            v_messages bigint;
+            v_recipients bigint;
         BEGIN
             IF current_setting('transaction_isolation') <> 'read committed' THEN
                 RAISE EXCEPTION 'restrictpd_admit needs READ COMMITTED, not %', current_setting('transaction_isolation');
             END IF;
+            o_indexes := '{}';
+            o_admitted := '{}';
+            o_totals := '{}';
+            o_known_ends := '{}';
+            o_known := '{}';
+            o_messages := '{}';
+            o_recipients := '{}';
             FOR i IN 1 .. coalesce(cardinality(p_budgets), 0) LOOP
                 v_addresses := coalesce(p_addresses[v_address_from:p_address_ends[i]], '{}');
                 v_held := coalesce(p_held[v_held_from:p_held_ends[i]], '{}');
@@ -108,7 +123,7 @@ enum PostgresAdmitFunction {
                 v_max_recipients := nullif(p_max_recipients[i], v_none);
 
                 SELECT c.total, c.stale, k.known, k.touch, w.messages, w.recipients, w.stale
-                INTO o_total, v_stale_quota, o_known, v_touch, o_messages, o_recipients, v_stale_volume
+                INTO v_total, v_stale_quota, v_known, v_touch, v_messages, v_recipients, v_stale_volume
                 FROM (SELECT count(*) FILTER (WHERE q.last_seen >= coalesce(v_start, v_none)) AS total,
                              coalesce(bool_or(q.last_seen < v_start), false) AS stale
                       FROM restrictpd_quota q
@@ -124,32 +139,32 @@ enum PostgresAdmitFunction {
                       FROM restrictpd_volume v
                       WHERE v_before IS NOT NULL AND v.scope = p_scope AND v.uid = v_budget) w;
 
-                o_admitted := true;
+                v_admitted := true;
                 v_missing := 0;
                 IF v_limit IS NOT NULL THEN
                     -- Requested addresses not counted (each time asked, as QuotaArithmetic
                     -- counts them), of them those not held either (fresh), and held
                     -- addresses not counted (once each). A short request all counted needs no
                     -- query; NOT IN a subquery is hashed, so a long one costs no product.
-                    IF cardinality(v_addresses) <= 16 AND v_addresses <@ o_known THEN
+                    IF cardinality(v_addresses) <= 16 AND v_addresses <@ v_known THEN
                         v_fresh := 0;
                     ELSE
-                        SELECT (SELECT count(*) FROM unnest(v_addresses) AS a WHERE a NOT IN (SELECT unnest(o_known))),
+                        SELECT (SELECT count(*) FROM unnest(v_addresses) AS a WHERE a NOT IN (SELECT unnest(v_known))),
                                (SELECT count(*) FROM unnest(v_addresses) AS a
-                                WHERE a NOT IN (SELECT unnest(o_known)) AND a NOT IN (SELECT unnest(v_held))),
-                               (SELECT count(DISTINCT h) FROM unnest(v_held) AS h WHERE h NOT IN (SELECT unnest(o_known)))
+                                WHERE a NOT IN (SELECT unnest(v_known)) AND a NOT IN (SELECT unnest(v_held))),
+                               (SELECT count(DISTINCT h) FROM unnest(v_held) AS h WHERE h NOT IN (SELECT unnest(v_known)))
                         INTO v_missing, v_fresh, v_held_new;
-                        o_admitted := v_fresh = 0 OR o_total + v_held_new + v_fresh <= v_limit;
+                        v_admitted := v_fresh = 0 OR v_total + v_held_new + v_fresh <= v_limit;
                     END IF;
                 END IF;
                 IF v_max_recipients IS NOT NULL AND p_recipients[i] > v_max_recipients THEN
-                    o_admitted := false;
+                    v_admitted := false;
                 END IF;
-                IF v_messages_limit IS NOT NULL AND o_messages + p_held_messages[i] + 1 > v_messages_limit THEN
-                    o_admitted := false;
+                IF v_messages_limit IS NOT NULL AND v_messages + p_held_messages[i] + 1 > v_messages_limit THEN
+                    v_admitted := false;
                 END IF;
-                IF v_recipients_limit IS NOT NULL AND o_recipients + p_held_recipients[i] + p_recipients[i] > v_recipients_limit THEN
-                    o_admitted := false;
+                IF v_recipients_limit IS NOT NULL AND v_recipients + p_held_recipients[i] + p_recipients[i] > v_recipients_limit THEN
+                    v_admitted := false;
                 END IF;
 
                 IF p_records[i] THEN
@@ -162,7 +177,7 @@ enum PostgresAdmitFunction {
                         WHERE v.scope = p_scope AND v.uid = v_budget AND v.at < v_before;
                     END IF;
                 END IF;
-                IF o_admitted AND p_records[i] THEN
+                IF v_admitted AND p_records[i] THEN
                     IF v_limit IS NOT NULL AND (v_missing > 0 OR v_touch) THEN
                         INSERT INTO restrictpd_quota AS q (scope, uid, address, first_seen, last_seen)
                         SELECT DISTINCT p_scope, v_budget, a, v_now, v_now FROM unnest(v_addresses) AS a
@@ -176,11 +191,17 @@ enum PostgresAdmitFunction {
                         SET messages = v.messages + 1, recipients = v.recipients + excluded.recipients;
                     END IF;
                 END IF;
-                o_index := i;
-                RETURN NEXT;
+                o_indexes := o_indexes || i;
+                o_admitted := o_admitted || v_admitted;
+                o_totals := o_totals || v_total;
+                o_known := o_known || v_known;
+                o_known_ends := o_known_ends || cardinality(o_known);
+                o_messages := o_messages || v_messages;
+                o_recipients := o_recipients || v_recipients;
             END LOOP;
+            COMMIT;
         END
-        $function$
+        $procedure$
         """
 }
 
@@ -188,10 +209,9 @@ enum PostgresAdmitFunction {
 /// budget's lock) or a batch (taking only free locks) is one Bind and Execute.
 struct AdmitStatement: PostgresPreparedStatement {
     static let sql = """
-        SELECT o_index, o_admitted, o_total, o_known, o_messages, o_recipients
-        FROM restrictpd_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
+        CALL restrictpd_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)
         """
-    typealias Row = (Int32, Bool, Int64, [String], Int64, Int64)
+    typealias Row = ([Int32], [Bool], [Int64], [Int32], [String], [Int64], [Int64])
 
     static var bindingDataTypes: [PostgresDataType] {
         [.text, .bool, .int8Array, .int4Array, .int4Array, .textArray, .int4Array, .textArray]

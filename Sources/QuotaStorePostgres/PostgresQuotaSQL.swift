@@ -1,12 +1,12 @@
 // The quota store's statements, on one PostgreSQL connection.
 //
-// Serialisation: every decision that records runs in its own READ COMMITTED transaction, the
-// one statement `SELECT ... FROM restrictpd_admit(...)` (PostgresAdmitFunction), which first
-// takes `pg_advisory_xact_lock(hashtext(scope), key)`, the key being the budget's (the uid, or
-// a `shared` rule's budget key; see `lockKey`). Decisions for one (scope, budget), from any
+// Serialisation: every decision that records runs in a READ COMMITTED transaction, that of
+// the one statement `CALL restrictpd_admit(...)` (PostgresAdmitFunction), which first takes
+// `pg_advisory_xact_lock(hashtext(scope), key)`, the key being the budget's (the uid, or a
+// `shared` rule's budget key; see `lockKey`). Decisions for one (scope, budget), from any
 // process on any host, therefore run one after another; the lock is released when the
-// statement's transaction ends (or by the server, when the connection dies). Each later
-// statement inside the function takes a new snapshot, after the lock was granted, so it sees
+// procedure commits (or by the server, when the connection dies). Each later statement
+// inside the procedure takes a new snapshot, after the lock was granted, so it sees
 // every row the previous holder committed: counting (the addresses and the volume caps),
 // deciding and recording cannot interleave, and the processes of a farm together never exceed
 // N. The advisory lock writes no row and needs no lock table. Two scopes (or budgets) whose
@@ -31,8 +31,8 @@ enum PostgresQuotaSQL {
     typealias Answer = (admitted: Bool, total: Int64, known: [String], messages: Int64, recipients: Int64)
 
     /// Decides, and when admitted records, in one statement: `restrictpd_admit` (see
-    /// PostgresAdmitFunction) takes the lock, waiting for it, reads, decides, prunes and records
-    /// in the statement's own transaction.
+    /// PostgresAdmitFunction) takes the lock, waiting for it, reads, decides, prunes, records
+    /// and commits before it answers.
     static func admit(_ request: QuotaRequest, scope: String, on connection: PostgresConnection, logger: Logger) async throws -> QuotaOutcome {
         let outcomes = try await self.admit([request], wait: true, scope: scope, on: connection, logger: logger)
         guard let outcome = outcomes.first ?? nil else {
@@ -53,18 +53,36 @@ enum PostgresQuotaSQL {
         _ requests: [QuotaRequest], wait: Bool, scope: String, on connection: PostgresConnection, logger: Logger
     ) async throws -> [Result<QuotaOutcome, any Error>?] {
         let rows = try await connection.execute(AdmitStatement(requests: requests, scope: scope, wait: wait), logger: logger)
+        var answer: AdmitStatement.Row? = nil
+        for try await row in rows {
+            guard answer == nil else { throw PostgresAnswerError(message: "restrictpd_admit answered more than one row") }
+            answer = row
+        }
+        guard let (indexes, admitted, totals, knownEnds, known, messages, recipients) = answer else {
+            throw PostgresAnswerError(message: "restrictpd_admit answered no row")
+        }
+        let count = indexes.count
+        guard admitted.count == count, totals.count == count, knownEnds.count == count, messages.count == count,
+              recipients.count == count
+        else {
+            throw PostgresAnswerError(message: "restrictpd_admit answered arrays of different lengths")
+        }
         var results: [Result<QuotaOutcome, any Error>?] = Array(repeating: nil, count: requests.count)
-        for try await (index, admitted, total, known, messages, recipients) in rows {
-            let i = Int(index) - 1
-            guard results.indices.contains(i), results[i] == nil else {
-                throw PostgresAnswerError(message: "restrictpd_admit answered request \(index) of \(requests.count) twice or out of range")
+        var knownFrom = 0
+        for n in 0..<count {
+            let i = Int(indexes[n]) - 1
+            let knownEnd = Int(knownEnds[n])
+            guard results.indices.contains(i), results[i] == nil, knownFrom <= knownEnd, knownEnd <= known.count else {
+                throw PostgresAnswerError(message: "restrictpd_admit answered request \(indexes[n]) of \(requests.count) twice, out of range or with its addresses out of range")
             }
-            results[i] = Result { try self.outcome(requests[i], (admitted, total, known, messages, recipients)) }
+            let answer = (admitted[n], totals[n], Array(known[knownFrom..<knownEnd]), messages[n], recipients[n])
+            results[i] = Result { try self.outcome(requests[i], answer) }
+            knownFrom = knownEnd
         }
         return results
     }
 
-    /// The outcome is `QuotaArithmetic`'s, from what the function read; where the two do not
+    /// The outcome is `QuotaArithmetic`'s, from what the procedure read; where the two do not
     /// agree on admitting, the store is not trusted (an error, 451).
     static func outcome(_ request: QuotaRequest, _ answer: Answer) throws -> QuotaOutcome {
         var volume: [VolumeCap.Kind: Int] = [:]

@@ -125,9 +125,10 @@ enum PostgresSchema {
             """,
             "DROP TABLE restrictpd_message",
         ],
-        // 4 -> 5: restrictpd_admit decides one request or a batch (restrictpd_admit_batch is
-        // gone), and reads of the counted addresses only their number and those a request
-        // names. The functions version 4 had are dropped where an earlier build created them.
+        // 4 -> 5: restrictpd_admit is a procedure that decides one request or a batch
+        // (restrictpd_admit_batch is gone), reads of the counted addresses only their number
+        // and those a request names, and commits before it answers. The functions version 4
+        // had are dropped where an earlier build created them.
         PostgresAdmitFunction.install,
     ]
 

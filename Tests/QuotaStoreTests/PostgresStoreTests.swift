@@ -39,11 +39,14 @@ private func withSchema(
         try await c.query(PostgresQuery(unsafeSQL: "CREATE SCHEMA \(namespace)"), logger: logger)
         do {
             try await c.query(PostgresQuery(unsafeSQL: "SET search_path TO \(namespace)"), logger: logger)
+            // In one transaction, as --init-store migrates.
+            try await c.query("BEGIN", logger: logger)
             try await c.query(PostgresQuery(unsafeSQL: PostgresSchema.versionTable), logger: logger)
             for migration in PostgresSchema.migrations[0..<version] {
                 for statement in migration { try await c.query(PostgresQuery(unsafeSQL: statement), logger: logger) }
             }
             try await c.query("INSERT INTO restrictpd_schema (singleton, version) VALUES (true, \(Int32(version)))", logger: logger)
+            try await c.query("COMMIT", logger: logger)
             try await body(c, logger, location)
         } catch {
             _ = try? await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
@@ -186,6 +189,50 @@ struct PostgresStoreTests {
             }
         }
         #expect(try await store.admit(request).admitted)
+    }
+
+    /// The procedure commits before it answers. Here the commit is made slow (a deferred
+    /// trigger sleeps in it) and the backend is terminated during it: the decision fails, and
+    /// nothing is recorded. Were the commit left to the end of the statement (after the answer
+    /// row is sent), restrictpd would have taken "admitted" for a record that was lost: this
+    /// test fails then.
+    @Test func aBackendKilledWhileCommittingAdmitsNothing() async throws {
+        let probe = try await TestPostgres.store(scope: "probe")
+        defer { probe.shutdown() }
+        try await withSchema(version: PostgresSchema.currentVersion) { c, logger, _ in
+            var current = ""
+            for try await name in try await c.query("SELECT current_schema()::text", logger: logger).decode(String.self) { current = name }
+            let namespace = current
+            try await c.query(PostgresQuery(unsafeSQL: """
+                CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql
+                AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$
+                """), logger: logger)
+            try await c.query(PostgresQuery(unsafeSQL: """
+                CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON restrictpd_quota
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()
+                """), logger: logger)
+            let request = QuotaRequest(uid: 33, addresses: ["a@x.org"], quota: day, now: t0)
+            // The decision on a connection of its own, which the server then terminates.
+            let admitted = try await probe.withOwnConnection("deciding") { d in
+                try await d.query(PostgresQuery(unsafeSQL: "SET search_path TO \(namespace)"), logger: logger)
+                var backend: Int32 = 0
+                for try await pid in try await d.query("SELECT pg_backend_pid()", logger: logger).decode(Int32.self) { backend = pid }
+                let pid = backend
+                let killer = Task {
+                    try await Task.sleep(for: .milliseconds(500))
+                    try await c.query("SELECT pg_terminate_backend(\(pid))", logger: logger)
+                }
+                let outcome = try? await PostgresQuotaSQL.admit(request, scope: "killed", on: d, logger: logger)
+                try await killer.value
+                return outcome?.admitted ?? false
+            }
+            var rows: Int64 = -1
+            for try await n in try await c.query("SELECT count(*) FROM restrictpd_quota WHERE scope = 'killed'", logger: logger).decode(Int64.self) {
+                rows = n
+            }
+            #expect(rows == 0)
+            #expect(!admitted)
+        }
     }
 
     /// Statistics are the scope's: the hosts of a farm add to the same rows, --stats on any
