@@ -12,9 +12,9 @@
 // (`restrictpd_admit` with that request only, waiting for the lock) on the lane's other
 // connections, in a task of its own, while the lane goes on. Each caller waits at most
 // `state_timeout` from its call (PostgresQuotaStore.admit): one that gives up while still
-// waiting is taken out of the lane and never decided; one whose batch is already out may still be counted (its message is
-// deferred, and Postfix's retry finds its addresses counted: repeats are free), as a decision
-// alone may be when its answer comes too late. A batch that does not answer within
+// waiting is taken out of the lane and never decided; one whose batch is already out may
+// still be counted (its message is deferred, and Postfix's retry finds its addresses counted:
+// repeats are free), as a decision alone may be when its answer comes too late. A batch that does not answer within
 // `state_timeout` fails its requests, and the lane goes on.
 
 import LoopExecutor
@@ -25,10 +25,10 @@ import RestrictPolicy
 
 final class DecisionLane: Sendable {
     let loop: any EventLoop
-    /// One connection, for the batches and the store's other queries (freezing, statistics).
+    /// One connection, for the batches.
     let batches: PostgresClient
-    /// The rest of the lane's share of the pool (the same pool when the share is one
-    /// connection): decisions that wait for a budget's lock.
+    /// The connections for decisions that wait for a budget's lock (`batches` itself with
+    /// `state_pool 1`).
     let others: PostgresClient
 
     /// Decisions in one batch at most: each adds a few hundred bytes to the statement and a

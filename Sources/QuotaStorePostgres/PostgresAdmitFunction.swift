@@ -11,8 +11,9 @@
 // lock sees every row the lock's previous holder committed. Then it commits, and only then
 // answers: an admitted message is recorded before restrictpd hears of it, so no failure after
 // the answer (a crash, a terminated backend) can leave a relayed message uncounted. A failure
-// before the commit records nothing and answers nothing (451); one between the commit and
-// the answer records a message that is then deferred (an overcount, never an undercount).
+// before the commit records nothing and answers nothing; one between the commit and the answer
+// records a message that is then deferred, or decided again (a retry, PostgresStoreError's
+// isRetryable) and counted twice: an overcount, never an undercount.
 //
 // The read is one query, with no row written: how many addresses are counted in the window,
 // those of them the request names (requested or held; found through the primary key, so a

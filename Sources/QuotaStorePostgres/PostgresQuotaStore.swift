@@ -19,13 +19,17 @@ public import RestrictPolicy
 public final class PostgresQuotaStore: QuotaStore, Sendable {
     public let settings: PostgresStoreSettings
     let logger: Logger
-    /// The decisions waiting for the database, and its connections (DecisionLane): one for the
-    /// batches and the store's other queries, the rest of `state_pool` for decisions that wait
-    /// for a budget's lock. One lane for the whole daemon: its batches grow with the load, so
-    /// the database is woken once for many decisions. A lane per event loop would spare the
+    /// The decisions waiting for the database, and their connections (DecisionLane): one for
+    /// the batches, the rest of `state_pool` but `queries` for decisions that wait for a
+    /// budget's lock. One lane for the whole daemon: its batches grow with the load, so the
+    /// database is woken once for many decisions. A lane per event loop would spare the
     /// sessions of the other loops a hop between threads, but would wake the database more
     /// often for smaller batches, which costs more (BENCHMARKS.md).
     let lane: DecisionLane
+    /// One connection for the store's other queries (freezing, statistics), which neither wait
+    /// behind the batches nor hold them up (a refusal's strike may wait for another host's
+    /// freeze lock); with `state_pool` 2 or less, the batches' connection.
+    let queries: PostgresClient
     /// Tries per decision for a retryable failure (see `PostgresStoreError.isRetryable`).
     static let attempts = 3
 
@@ -50,7 +54,9 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
             return PostgresClient(configuration: configuration, eventLoopGroup: loop, backgroundLogger: logger)
         }
         let batches = client(1)
-        self.lane = DecisionLane(loop: loop, batches: batches, others: settings.pool > 1 ? client(settings.pool - 1) : batches)
+        self.queries = settings.pool > 2 ? client(1) : batches
+        let others = settings.pool - (settings.pool > 2 ? 2 : 1)
+        self.lane = DecisionLane(loop: loop, batches: batches, others: others > 0 ? client(others) : batches)
     }
 
     /// The redacted URI, for messages.
@@ -60,7 +66,8 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public func start() {
         self.state.withLockedValue { state in
             guard state.running == nil else { return }
-            let clients = self.lane.batches === self.lane.others ? [self.lane.batches] : [self.lane.batches, self.lane.others]
+            var clients = [self.lane.batches]
+            for client in [self.lane.others, self.queries] where !clients.contains(where: { $0 === client }) { clients.append(client) }
             state.running = Task {
                 await withDiscardingTaskGroup { group in
                     for client in clients { group.addTask { await client.run() } }
@@ -89,8 +96,7 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     /// again after a retryable failure; a failure is logged and thrown as a
     /// `PostgresStoreError`, which the daemon answers 451 4.3.0.
     func pooled<T: Sendable>(_ operation: String, _ body: @escaping @Sendable (PostgresConnection) async throws -> T) async throws -> T {
-        // The batches' connection: the others may all be waiting for a budget's lock.
-        let client = self.lane.batches
+        let client = self.queries
         return try await self.guarded(operation) { try await self.retrying(operation, on: client, body) }
     }
 

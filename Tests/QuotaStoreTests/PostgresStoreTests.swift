@@ -49,6 +49,7 @@ private func withSchema(
             try await c.query("COMMIT", logger: logger)
             try await body(c, logger, location)
         } catch {
+            _ = try? await c.query("ROLLBACK", logger: logger)
             _ = try? await c.query(PostgresQuery(unsafeSQL: "DROP SCHEMA \(namespace) CASCADE"), logger: logger)
             throw error
         }
@@ -169,7 +170,33 @@ struct PostgresStoreTests {
         }
     }
 
-    /// In a stricter isolation level the function's reads would take their snapshot before
+    /// A version 4 schema's functions (what the previous release created: `restrictpd_admit`
+    /// and `restrictpd_admit_batch`, here with their signatures and no body) give way to the
+    /// procedure of version 5, and counted addresses still count.
+    @Test func versionFourFunctionsAreReplaced() async throws {
+        try await withSchema(version: 4) { c, logger, location in
+            let v4Admit = "text, bigint, integer, text[], text[], bigint, bigint, boolean, bigint" + String(repeating: ", bigint", count: 9)
+            let v4Batch = "text, bigint[], integer[], integer[], text[], integer[], text[], bigint[], bigint[], boolean[], bigint[]"
+                + String(repeating: ", bigint[]", count: 9)
+            for (name, arguments) in [("restrictpd_admit", v4Admit), ("restrictpd_admit_batch", v4Batch)] {
+                try await c.query(PostgresQuery(unsafeSQL: "CREATE FUNCTION \(name)(\(arguments)) RETURNS void LANGUAGE sql AS ''"), logger: logger)
+            }
+            try await c.query("INSERT INTO restrictpd_quota VALUES ('s', 33, 'old@x.org', \(t0), \(t0))", logger: logger)
+            let (from, to) = try await PostgresSchema.initialize(on: c, location: location, logger: logger)
+            #expect(from == 4 && to == PostgresSchema.currentVersion)
+            let rows = try await c.query(
+                "SELECT string_agg(proname || ':' || prokind::text, ',' ORDER BY proname) FROM pg_proc WHERE pronamespace = current_schema()::regnamespace AND proname LIKE 'restrictpd%'",
+                logger: logger)
+            for try await kinds in rows.decode(String.self) { #expect(kinds == "restrictpd_admit:p") }
+            let quota = Quota(limit: 2, period: .day)
+            let fresh = QuotaRequest(uid: 33, addresses: ["new@x.org"], quota: quota, now: t0 + 60)
+            #expect(try await PostgresQuotaSQL.admit(fresh, scope: "s", on: c, logger: logger).used == 2)
+            let another = QuotaRequest(uid: 33, addresses: ["third@x.org"], quota: quota, now: t0 + 60)
+            #expect(try await !PostgresQuotaSQL.admit(another, scope: "s", on: c, logger: logger).admitted)
+        }
+    }
+
+    /// In a stricter isolation level the procedure's reads would take their snapshot before
     /// the lock is granted: it refuses to decide there (every connection of the store asks for
     /// READ COMMITTED, whatever the database's default).
     @Test func aDecisionOutsideReadCommittedIsRefused() async throws {
@@ -205,7 +232,7 @@ struct PostgresStoreTests {
             let namespace = current
             try await c.query(PostgresQuery(unsafeSQL: """
                 CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql
-                AS $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$
+                AS $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$
                 """), logger: logger)
             try await c.query(PostgresQuery(unsafeSQL: """
                 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON restrictpd_quota
@@ -218,8 +245,16 @@ struct PostgresStoreTests {
                 var backend: Int32 = 0
                 for try await pid in try await d.query("SELECT pg_backend_pid()", logger: logger).decode(Int32.self) { backend = pid }
                 let pid = backend
+                // Terminated once it sleeps in the commit's trigger.
                 let killer = Task {
-                    try await Task.sleep(for: .milliseconds(500))
+                    for _ in 0..<200 {
+                        var sleeping = false
+                        let rows = try await c.query(
+                            "SELECT wait_event = 'PgSleep' FROM pg_stat_activity WHERE pid = \(pid)", logger: logger)
+                        for try await flag in rows.decode(Bool?.self) { sleeping = flag ?? false }
+                        if sleeping { break }
+                        try await Task.sleep(for: .milliseconds(10))
+                    }
                     try await c.query("SELECT pg_terminate_backend(\(pid))", logger: logger)
                 }
                 let outcome = try? await PostgresQuotaSQL.admit(request, scope: "killed", on: d, logger: logger)
