@@ -14,8 +14,8 @@
 // `state_timeout` from its call (PostgresQuotaStore.admit): one that gives up while still
 // waiting is taken out of the lane and never decided; one whose batch is already out may
 // still be counted (its message is deferred, and Postfix's retry finds its addresses counted:
-// repeats are free), as a decision alone may be when its answer comes too late. A batch that does not answer within
-// `state_timeout` fails its requests, and the lane goes on.
+// repeats are free), as a decision alone may be when its answer comes too late. A batch that
+// does not answer within `state_timeout` fails its requests, and the lane goes on.
 
 import LoopExecutor
 import NIOConcurrencyHelpers

@@ -20,8 +20,8 @@ public final class PostgresQuotaStore: QuotaStore, Sendable {
     public let settings: PostgresStoreSettings
     let logger: Logger
     /// The decisions waiting for the database, and their connections (DecisionLane): one for
-    /// the batches, the rest of `state_pool` but `queries` for decisions that wait for a
-    /// budget's lock. One lane for the whole daemon: its batches grow with the load, so the
+    /// the batches, and what `state_pool` leaves after it and `queries` for decisions that wait
+    /// for a budget's lock. One lane for the whole daemon: its batches grow with the load, so the
     /// database is woken once for many decisions. A lane per event loop would spare the
     /// sessions of the other loops a hop between threads, but would wake the database more
     /// often for smaller batches, which costs more (BENCHMARKS.md).
