@@ -14,7 +14,9 @@ struct NotifierTests {
 
     @Test func aRelayThatIsDownIsTriedAgainAfterBackOff() async throws {
         var config = Configuration()
-        config.relayPort = try await deadPort()
+        let dead = try DeadPort()
+        defer { dead.release() }
+        config.relayPort = dead.port
         config.notify = ["admin@example.org"]
         let logs = LogRecorder()
         let logger = Logger(label: "test") { _ in RecordingLogHandler(recorder: logs) }

@@ -166,8 +166,9 @@ struct SessionRelayTests {
 
     @Test("relay unreachable at connect: 421 4.4.1")
     func relayDown() async throws {
-        let port = try await deadPort()
-        try await withDaemon(relayPort: port) { h in
+        let dead = try DeadPort()
+        defer { dead.release() }
+        try await withDaemon(relayPort: dead.port) { h in
             let client = try await h.client()
             try await client.expectFinalReply(421, "4.4.1")
         }
