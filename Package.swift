@@ -117,6 +117,8 @@ let package = Package(
             dependencies: ["QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log")],
             swiftSettings: strict
         ),
+        // For the tests: a loopback port that refuses connections (TestPorts/ClosedPort.swift).
+        .target(name: "TestPorts", path: "Tests/TestPorts", swiftSettings: strict),
         .testTarget(
             name: "SMTPCoreTests",
             dependencies: ["SMTPCore", .product(name: "NIOCore", package: "swift-nio")],
@@ -132,7 +134,7 @@ let package = Package(
         .testTarget(
             name: "QuotaStoreTests",
             dependencies: [
-                "QuotaStore", "QuotaStorePostgres", "RestrictPolicy", .product(name: "Logging", package: "swift-log"),
+                "QuotaStore", "QuotaStorePostgres", "RestrictPolicy", "TestPorts", .product(name: "Logging", package: "swift-log"),
                 .product(name: "PostgresNIO", package: "postgres-nio"),
             ],
             swiftSettings: strict
@@ -140,7 +142,7 @@ let package = Package(
         .testTarget(
             name: "RestrictDaemonTests",
             dependencies: [
-                "RestrictDaemon", "SMTPCore", "RestrictPolicy", "CRestrictSys",
+                "RestrictDaemon", "SMTPCore", "RestrictPolicy", "CRestrictSys", "TestPorts",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

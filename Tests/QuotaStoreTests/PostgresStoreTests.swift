@@ -7,6 +7,7 @@ import Logging
 import PostgresNIO
 import QuotaStore
 import RestrictPolicy
+import TestPorts
 import Testing
 
 @testable import QuotaStorePostgres
@@ -323,33 +324,6 @@ struct PostgresStoreTests {
         #expect(store.status.hasPrefix("store=postgresql down"))
         #expect(await store.check() != nil)
     }
-}
-
-/// A loopback port nothing listens on, held by a socket bound to it that does not listen
-/// until `release()`: a connection there is refused, and no other test's listener can take the
-/// port meanwhile (one bound and closed at once could be, and the store would reach it).
-final class ClosedPort: Sendable {
-    let port: Int
-    private let fd: Int32
-
-    init() throws {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard fd >= 0, bound else {
-            if fd >= 0 { close(fd) }
-            throw PostgresStoreError(.connection, location: "-", message: "no free port")
-        }
-        self.fd = fd
-        self.port = Int(UInt16(bigEndian: address.sin_port))
-    }
-
-    func release() { close(self.fd) }
 }
 
 /// The PostgreSQL store decides in the database (`restrictpd_admit`), the SQLite store with

@@ -4,6 +4,7 @@
 import Logging
 import NIOPosix
 import RestrictPolicy
+import TestPorts
 import Testing
 
 @testable import RestrictDaemon
@@ -14,7 +15,7 @@ struct NotifierTests {
 
     @Test func aRelayThatIsDownIsTriedAgainAfterBackOff() async throws {
         var config = Configuration()
-        let dead = try DeadPort()
+        let dead = try ClosedPort()
         defer { dead.release() }
         config.relayPort = dead.port
         config.notify = ["admin@example.org"]

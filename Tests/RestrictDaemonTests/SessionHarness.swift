@@ -7,13 +7,11 @@ import NIOCore
 import NIOPosix
 import RestrictPolicy
 import SMTPCore
+import TestPorts
 import Testing
 
 @testable import RestrictDaemon
 
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct HarnessTimeout: Error, CustomStringConvertible {
     let what: String
@@ -431,34 +429,6 @@ final class ScriptedRelay: Sendable {
         try? await self.server.close()
         for child in self.children.withLock({ $0 }) { try? await child.close() }
     }
-}
-
-/// A loopback port on which nothing listens, held by a socket bound to it that does not
-/// listen until `release()`: a connection there is refused, and no other test's listener can
-/// take the port meanwhile (one bound and closed at once could be, and the daemon would reach
-/// that test's relay).
-final class DeadPort: Sendable {
-    let port: Int
-    private let fd: Int32
-
-    init() throws {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && getsockname(fd, $0, &length) == 0 }
-        }
-        guard fd >= 0, bound else {
-            if fd >= 0 { close(fd) }
-            throw HarnessError("no free loopback port")
-        }
-        self.fd = fd
-        self.port = Int(UInt16(bigEndian: address.sin_port))
-    }
-
-    func release() { close(self.fd) }
 }
 
 // MARK: - Logs

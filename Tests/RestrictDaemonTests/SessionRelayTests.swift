@@ -1,6 +1,7 @@
 // Sessions against a scripted relay: what the client sees, and what the relay received.
 
 import RestrictPolicy
+import TestPorts
 import Testing
 
 @testable import RestrictDaemon
@@ -166,7 +167,7 @@ struct SessionRelayTests {
 
     @Test("relay unreachable at connect: 421 4.4.1")
     func relayDown() async throws {
-        let dead = try DeadPort()
+        let dead = try ClosedPort()
         defer { dead.release() }
         try await withDaemon(relayPort: dead.port) { h in
             let client = try await h.client()
