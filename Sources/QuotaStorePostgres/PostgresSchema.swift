@@ -102,9 +102,9 @@ enum PostgresSchema {
         ],
         // 3 -> 4: the volume the caps count, kept per second: restrictpd_volume has one row
         // per scope, budget and second in which messages were admitted (their number, the sum
-        // of their recipients) where restrictpd_message had one per message. A cap's window starts on a second, so
-        // the counts are the same; a busy uid's window is read in as many rows as seconds it
-        // sent in, and a message adds to its second's row in place.
+        // of their recipients) where restrictpd_message had one per message. A cap's window
+        // starts on a second, so the counts are the same; a busy uid's window is read in as
+        // many rows as seconds it sent in, and a message adds to its second's row in place.
         [
             """
             CREATE TABLE restrictpd_volume (
