@@ -226,9 +226,10 @@ class PostgresState:
             sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
             import pgcluster
             # Durable as the SQLite store is in WAL mode with synchronous=NORMAL: nothing is
-            # corrupted by a crash, the last commits may be lost to a power cut.
+            # corrupted by a crash, the last commits may be lost to a power cut. track_functions
+            # counts the calls of restrictpd_admit (quota_compare.py's decisions per statement).
             cls.cluster = pgcluster.Cluster(tempfile.mkdtemp(prefix="pg-", dir="/tmp"),
-                                            server_options="-c fsync=on -c synchronous_commit=off").init()
+                                            server_options="-c fsync=on -c synchronous_commit=off -c track_functions=pl").init()
         if binary not in cls.databases:
             database = f"restrictpd{len(cls.databases)}" if cls.databases else pgcluster_database()
             if cls.databases:

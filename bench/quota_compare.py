@@ -6,8 +6,9 @@
 Each repetition runs, for each build (the order rotated per repetition), bench.py's 20-session
 quota rule set (20 x 10 KB, one smtp-source per session, each with its own uid) with the SQLite
 store and then with the PostgreSQL store on a private cluster (bench.PostgresState, one for the
-whole script, removed at the end). Prints each run's throughput, restrictpd's CPU per message
-and the CPU per message of the cluster's processes, then the medians. Run as root, with
+whole script, removed at the end). Prints each run's throughput, restrictpd's CPU per message,
+the CPU per message of the cluster's processes and of the whole machine, and on PostgreSQL the
+decisions per statement (the calls of restrictpd_admit), then the medians. Run as root, with
 release builds (bench/run builds one in .build-release).
 """
 
@@ -15,6 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -35,6 +37,19 @@ def postgres_cpu_seconds():
             total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
         except OSError:
             pass
+    return total
+
+
+def admit_calls():
+    """Calls of restrictpd_admit in every database of the bench's cluster (track_functions)."""
+    cluster = bench.PostgresState.cluster
+    if cluster is None:
+        return 0
+    total = 0
+    for database in bench.PostgresState.databases.values():
+        out = cluster.psql("SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = 'restrictpd_admit'",
+                           database)
+        total += int(out or 0)
     return total
 
 
@@ -62,6 +77,7 @@ def main():
                 for mode, make in (("sqlite", bench.config_quota), ("pg", bench.config_quota_pg_maker(binary, work))):
                     server = [0.0]
                     machine = [0.0, 0.0]
+                    calls = [0]
 
                     def load(port):
                         before, busy, stolen = postgres_cpu_seconds(), *machine_cpu_seconds()
@@ -71,13 +87,18 @@ def main():
                         machine[0], machine[1] = after_busy - busy, after_stolen - stolen
                         return result
 
+                    calls_before = admit_calls()
                     run = bench.run_proxied(binary, work, f"{label}-{mode}-{rep}", make, sink.port, load)
+                    # The backends report their calls when they end, with restrictpd.
+                    time.sleep(1)
+                    calls[0] = admit_calls() - calls_before
                     elapsed, failures, _ = run.result
                     rate = total / elapsed
                     results.setdefault((label, mode), []).append((rate, run.cpu / total * 1e6, machine[0] / total * 1e6))
                     print(f"rep {rep + 1} {label:8} {mode:6} {rate:7.0f} msg/s {run.cpu / total * 1e6:6.0f} µs/msg "
                           f"relayed {run.relayed} failed {len(failures)} postgres {server[0] / total * 1e6:5.0f} µs/msg "
-                          f"machine {machine[0] / total * 1e6:5.0f} µs/msg stolen {machine[1]:.1f} s",
+                          f"machine {machine[0] / total * 1e6:5.0f} µs/msg stolen {machine[1]:.1f} s"
+                          + (f" decisions/statement {total / calls[0]:.2f}" if calls[0] else ""),
                           flush=True)
     finally:
         bench.PostgresState.stop()
