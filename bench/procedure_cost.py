@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The PostgreSQL server's cost of one `CALL restrictpd_admit(...)`, without restrictpd.
 
-    python3 bench/procedure_cost.py BINARY [SECONDS]
+    python3 bench/procedure_cost.py BINARY [SECONDS] [PROCEDURE.sql]
 
 Starts a private cluster (tests/pgcluster.py; fsync on, synchronous_commit off, as bench.py's
 quota-pg mode) with pg_stat_statements loaded, creates the schema with BINARY's --init-store,
@@ -58,9 +58,10 @@ def pgbench(cluster, script, seconds):
 
 
 def main():
-    if len(sys.argv) not in (2, 3):
+    if len(sys.argv) not in (2, 3, 4):
         sys.exit(__doc__)
-    binary, seconds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) == 3 else 6
+    binary, seconds = sys.argv[1], int(sys.argv[2]) if len(sys.argv) >= 3 else 6
+    procedure = open(sys.argv[3]).read() if len(sys.argv) == 4 else None
     work = tempfile.mkdtemp(prefix="procedure-cost-")
     os.chmod(work, 0o755)  # the cluster's directory and pgbench's scripts are read as postgres
     # pg_stat_statements.track is set with ALTER SYSTEM per run: an option given to the server
@@ -74,6 +75,8 @@ def main():
             f.write(f"state {cluster.uri}\nstate_password_file {cluster.password_file}\nscope cost\n"
                     "default\n    allow *\n")
         subprocess.run([binary, "--config", config, "--init-store"], check=True, capture_output=True, text=True)
+        if procedure is not None:
+            cluster.psql(procedure, pgcluster.DATABASE)
         runs = 0
         for shape, uids in (("one request", [":u"]), ("three requests", [":u", ":u + 1", ":u + 2"])):
             for tracked in (False, True):
