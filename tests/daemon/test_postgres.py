@@ -6,7 +6,8 @@ causes freeze the UID on every daemon of the scope, and --quota, --stats and --t
 act on the scope's state. Faults: the database stopped mid-run defers with 451 4.3.0
 and relays nothing, and mail flows again once it is back, without restarting restrictpd; a
 wrong password, a missing schema and a newer schema are reported plainly by --check-config
-and at start.
+and at start, and a daemon that deferred for want of a schema lets mail flow once --init-store
+has run.
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ def test_messages_cap_and_freeze_hold_across_the_farm(lab, pg):
 
 
 def expect_store_error(lab, pg, name: str, pattern: str, **kw):
-    """--check-config fails with `pattern`; a daemon started anyway logs it and defers."""
+    """--check-config fails with `pattern`; a daemon started anyway logs it and defers. Returns
+    its configuration and port."""
     config, port = pg_config(lab, pg, f"{name}.conf", name, **kw)
     checked = admin(config, "--check-config")
     assert checked.returncode == 1, checked.stdout + checked.stderr
@@ -202,6 +204,7 @@ def expect_store_error(lab, pg, name: str, pattern: str, **kw):
     code, lines = dl.send_message(port, ["someone@x.org"], uid=33)
     assert code == 451 and "4.3.0" in lines[0], lines
     assert not lab.relay.messages
+    return config, port
 
 
 def test_wrong_password_is_reported(lab, pg):
@@ -213,6 +216,20 @@ def test_wrong_password_is_reported(lab, pg):
 def test_missing_schema_is_reported(lab, pg):
     pg.psql(f"CREATE DATABASE empty OWNER {pgcluster.ROLE}")
     expect_store_error(lab, pg, "missing", "no restrictpd schema in this database", database="empty")
+
+
+def test_schema_created_while_running_lets_mail_flow_without_restart(lab, pg):
+    """The order of an upgrade that changes the schema, or of a farm's first start: a daemon
+    that finds no schema (or one it does not know) defers, and the mail it deferred flows as soon
+    as --init-store has run, without restarting it."""
+    pg.psql(f"CREATE DATABASE later OWNER {pgcluster.ROLE}")
+    config, port = expect_store_error(lab, pg, "later", "no restrictpd schema in this database", database="later")
+    assert admin(config, "--init-store").returncode == 0
+
+    def flows():
+        return dl.send_message(port, ["later@x.org"], uid=33)[0] == 250
+    dl.wait_until(flows, timeout=15, interval=0.5, what="mail flowing once the schema was created")
+    assert len(lab.relay.messages) == 1
 
 
 def test_newer_schema_is_reported(lab, pg):
