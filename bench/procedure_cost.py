@@ -7,7 +7,7 @@ Starts a private cluster (tests/pgcluster.py; fsync on, synchronous_commit off, 
 quota-pg mode) with pg_stat_statements loaded, creates the schema with BINARY's --init-store,
 and runs pgbench (one client, prepared) for SECONDS (default 6) per shape: a call deciding one
 request, and a batch of three (three budgets), each the bench's steady state (one address,
-already counted, and both volume caps). Each shape runs in a fresh scope, so the rows of one run
+already counted, and both volume caps). Each run has a scope of its own, so the rows of one run
 do not slow the next. Prints the calls per second and the server's CPU per call (every postgres
 process, from /proc), then, from a second run with pg_stat_statements tracking the statements
 inside the procedure, each statement's mean execution time: what the procedure spends outside
@@ -46,11 +46,10 @@ def call(scope, uids, now):
 
 def pgbench(cluster, script, seconds):
     """Runs `script` with pgbench; the transactions done."""
-    env = dict(os.environ, PGPASSWORD=pgcluster.PASSWORD)
     result = subprocess.run(
         ["runuser", "-u", "postgres", "--", "env", f"PGPASSWORD={pgcluster.PASSWORD}", f"{cluster.bin}/pgbench",
          "-n", "-M", "prepared", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", pgcluster.ROLE, "-c", "1", "-j", "1",
-         "-T", str(seconds), "-f", script, pgcluster.DATABASE], capture_output=True, text=True, env=env, check=True)
+         "-T", str(seconds), "-f", script, pgcluster.DATABASE], capture_output=True, text=True, check=True)
     for line in result.stdout.splitlines():
         if "number of transactions actually processed" in line:
             return int(line.split(":")[1].split()[0])

@@ -77,7 +77,6 @@ def main():
                 for mode, make in (("sqlite", bench.config_quota), ("pg", bench.config_quota_pg_maker(binary, work))):
                     server = [0.0]
                     machine = [0.0, 0.0]
-                    calls = [0]
 
                     def load(port):
                         before, busy, stolen = postgres_cpu_seconds(), *machine_cpu_seconds()
@@ -91,14 +90,14 @@ def main():
                     run = bench.run_proxied(binary, work, f"{label}-{mode}-{rep}", make, sink.port, load)
                     # The backends report their calls when they end, with restrictpd.
                     time.sleep(1)
-                    calls[0] = admit_calls() - calls_before
+                    calls = admit_calls() - calls_before
                     elapsed, failures, _ = run.result
                     rate = total / elapsed
                     results.setdefault((label, mode), []).append((rate, run.cpu / total * 1e6, machine[0] / total * 1e6))
                     print(f"rep {rep + 1} {label:8} {mode:6} {rate:7.0f} msg/s {run.cpu / total * 1e6:6.0f} µs/msg "
                           f"relayed {run.relayed} failed {len(failures)} postgres {server[0] / total * 1e6:5.0f} µs/msg "
                           f"machine {machine[0] / total * 1e6:5.0f} µs/msg stolen {machine[1]:.1f} s"
-                          + (f" decisions/statement {total / calls[0]:.2f}" if calls[0] else ""),
+                          + (f" decisions/statement {total / calls:.2f}" if calls else ""),
                           flush=True)
     finally:
         bench.PostgresState.stop()
