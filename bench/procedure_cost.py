@@ -8,13 +8,14 @@ quota-pg mode) with pg_stat_statements loaded, creates the schema with BINARY's 
 and runs pgbench (one client, prepared) for SECONDS (default 6) per shape: a call deciding one
 request, and a batch of three (three budgets), each the bench's steady state (one address,
 already counted, and both volume caps). Each run has a scope of its own, so the rows of one run
-do not slow the next. Prints the calls per second and the server's CPU per call (every postgres
-process, from /proc), then, from a second run with pg_stat_statements tracking the statements
-inside the procedure, each statement's mean execution time: what the procedure spends outside
-them is its PL/pgSQL and the call itself. Run as root; removes the cluster at the end.
+do not slow the next. Prints the calls per second and the server's CPU per call (the
+cluster's processes, from /proc), then, from a second run with pg_stat_statements tracking the
+statements inside the procedure, each statement's mean execution time: what the procedure
+spends outside them is its PL/pgSQL, the statements' start-up and the call itself. Run as root; removes the cluster at the end.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,13 @@ def call(scope, uids, now):
 
 
 def pgbench(cluster, script, seconds):
-    """Runs `script` with pgbench; the transactions done."""
+    """Runs `script` with pgbench; the transactions done. Exits with pgbench's words when it
+    fails (a body to try that does not run)."""
     result = subprocess.run(
         ["runuser", "-u", "postgres", "--", "env", f"PGPASSWORD={pgcluster.PASSWORD}", f"{cluster.bin}/pgbench",
          "-n", "-M", "prepared", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", pgcluster.ROLE, "-c", "1", "-j", "1",
-         "-T", str(seconds), "-f", script, pgcluster.DATABASE], capture_output=True, text=True, check=True)
-    for line in result.stdout.splitlines():
+         "-T", str(seconds), "-f", script, pgcluster.DATABASE], capture_output=True, text=True)
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
         if "number of transactions actually processed" in line:
             return int(line.split(":")[1].split()[0])
     sys.exit(f"pgbench said:\n{result.stdout}\n{result.stderr}")
@@ -66,8 +68,9 @@ def main():
     # pg_stat_statements.track is set with ALTER SYSTEM per run: an option given to the server
     # would override it.
     cluster = pgcluster.Cluster(os.path.join(work, "pg"), server_options=(
-        "-c fsync=on -c synchronous_commit=off -c shared_preload_libraries=pg_stat_statements")).init()
+        "-c fsync=on -c synchronous_commit=off -c shared_preload_libraries=pg_stat_statements"))
     try:
+        cluster.init()
         cluster.psql("CREATE EXTENSION pg_stat_statements", pgcluster.DATABASE)
         config = os.path.join(work, "init.conf")
         with open(config, "w") as f:
@@ -75,7 +78,10 @@ def main():
                     "default\n    allow *\n")
         subprocess.run([binary, "--config", config, "--init-store"], check=True, capture_output=True, text=True)
         if procedure is not None:
-            cluster.psql(procedure, pgcluster.DATABASE)
+            try:
+                cluster.psql(procedure, pgcluster.DATABASE)
+            except subprocess.CalledProcessError as e:
+                sys.exit(f"the procedure to try was refused:\n{e.stderr}")
         runs = 0
         for shape, uids in (("one request", [":u"]), ("three requests", [":u", ":u + 1", ":u + 2"])):
             for tracked in (False, True):
@@ -87,10 +93,13 @@ def main():
                 cluster.psql(f"ALTER SYSTEM SET pg_stat_statements.track = '{'all' if tracked else 'none'}'")
                 cluster.psql("SELECT pg_reload_conf()")
                 time.sleep(0.5)
+                tracking = cluster.psql("SHOW pg_stat_statements.track")
+                if tracking != ("all" if tracked else "none"):
+                    sys.exit(f"pg_stat_statements.track is {tracking!r} after the reload")
                 cluster.psql("SELECT pg_stat_statements_reset()", pgcluster.DATABASE)
-                before = quota_compare.postgres_cpu_seconds()
+                before = quota_compare.postgres_cpu_seconds(cluster)
                 done = pgbench(cluster, script, seconds)
-                cpu = quota_compare.postgres_cpu_seconds() - before
+                cpu = quota_compare.postgres_cpu_seconds(cluster) - before
                 if not tracked:
                     print(f"{shape:15} {done / seconds:7.0f} calls/s  server {cpu / done * 1e6:5.0f} µs/call", flush=True)
                     continue
@@ -105,6 +114,7 @@ def main():
                     print(f"    {mean:>7} µs  {calls:>6} calls  {query}")
     finally:
         cluster.destroy()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ quota rule set (20 x 10 KB, one smtp-source per session, each with its own uid) 
 store and then with the PostgreSQL store on a private cluster (bench.PostgresState, one for the
 whole script, removed at the end). Prints each run's throughput, restrictpd's CPU per message,
 the CPU per message of the cluster's processes and of the whole machine, and on PostgreSQL the
-decisions per statement (the calls of restrictpd_admit), then the medians. Run as root, with
+messages per call of restrictpd_admit (a batch, or a request decided alone, is one call), then
+the medians of throughput and CPU. Run as root, with
 release builds (bench/run builds one in .build-release).
 """
 
@@ -22,26 +23,36 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 
 
-def postgres_cpu_seconds():
-    """CPU seconds of every postgres process now (the cluster's backends and helpers)."""
+def postgres_cpu_seconds(cluster):
+    """CPU seconds of `cluster`'s processes now: its postmaster (with the backends it has reaped)
+    and the processes it runs; 0 without a cluster or once it is gone. Other clusters on the
+    machine (a test run's) are not counted."""
+    if cluster is None:
+        return 0.0
+    try:
+        with open(os.path.join(cluster.data, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+    except (OSError, ValueError):
+        return 0.0
     total = 0.0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() not in ("postgres", "postmaster"):
-                    continue
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
+            if int(pid) != postmaster and int(fields[1]) != postmaster:
+                continue
+            # utime, stime, and for the postmaster cutime, cstime: its backends that ended.
             total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-        except OSError:
+        except (OSError, ValueError, IndexError):
             pass
     return total
 
 
 def admit_calls():
-    """Calls of restrictpd_admit in every database of the bench's cluster (track_functions)."""
+    """Calls of restrictpd_admit in every database of the bench's cluster (track_functions): a
+    batch, or a request decided alone, each one call."""
     cluster = bench.PostgresState.cluster
     if cluster is None:
         return 0
@@ -79,25 +90,28 @@ def main():
                     machine = [0.0, 0.0]
 
                     def load(port):
-                        before, busy, stolen = postgres_cpu_seconds(), *machine_cpu_seconds()
+                        before, busy, stolen = postgres_cpu_seconds(bench.PostgresState.cluster), *machine_cpu_seconds()
                         result = bench.with_cpu(sink, bench.run_lanes, port, files, total, 20)
-                        server[0] = postgres_cpu_seconds() - before
+                        server[0] = postgres_cpu_seconds(bench.PostgresState.cluster) - before
                         after_busy, after_stolen = machine_cpu_seconds()
                         machine[0], machine[1] = after_busy - busy, after_stolen - stolen
                         return result
 
-                    calls_before = admit_calls()
+                    calls_before = admit_calls() if mode == "pg" else 0
                     run = bench.run_proxied(binary, work, f"{label}-{mode}-{rep}", make, sink.port, load)
-                    # The backends report their calls when they end, with restrictpd.
-                    time.sleep(1)
-                    calls = admit_calls() - calls_before
+                    calls = 0
+                    if mode == "pg":
+                        # A backend reports its calls when it ends (restrictpd has stopped and
+                        # closed its connections); an idle one may hold them for seconds.
+                        time.sleep(1)
+                        calls = admit_calls() - calls_before
                     elapsed, failures, _ = run.result
                     rate = total / elapsed
                     results.setdefault((label, mode), []).append((rate, run.cpu / total * 1e6, machine[0] / total * 1e6))
                     print(f"rep {rep + 1} {label:8} {mode:6} {rate:7.0f} msg/s {run.cpu / total * 1e6:6.0f} µs/msg "
                           f"relayed {run.relayed} failed {len(failures)} postgres {server[0] / total * 1e6:5.0f} µs/msg "
                           f"machine {machine[0] / total * 1e6:5.0f} µs/msg stolen {machine[1]:.1f} s"
-                          + (f" decisions/statement {total / calls:.2f}" if calls else ""),
+                          + (f" messages/call {total / calls:.2f}" if calls else ""),
                           flush=True)
     finally:
         bench.PostgresState.stop()

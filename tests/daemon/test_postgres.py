@@ -219,9 +219,9 @@ def test_missing_schema_is_reported(lab, pg):
 
 
 def test_schema_created_while_running_lets_mail_flow_without_restart(lab, pg):
-    """The order of an upgrade that changes the schema, or of a farm's first start: a daemon
-    that finds no schema (or one it does not know) defers, and the mail it deferred flows as soon
-    as --init-store has run, without restarting it."""
+    """A farm's first start, or an upgrade that changes the schema: a daemon that finds no
+    schema defers, checks again at each decision, and lets mail flow as soon as --init-store has
+    run, without a restart."""
     pg.psql(f"CREATE DATABASE later OWNER {pgcluster.ROLE}")
     config, port = expect_store_error(lab, pg, "later", "no restrictpd schema in this database", database="later")
     assert admin(config, "--init-store").returncode == 0
