@@ -6,8 +6,8 @@ causes freeze the UID on every daemon of the scope, and --quota, --stats and --t
 act on the scope's state. Faults: the database stopped mid-run defers with 451 4.3.0
 and relays nothing, and mail flows again once it is back, without restarting restrictpd; a
 wrong password, a missing schema and a newer schema are reported plainly by --check-config
-and at start, and a daemon that deferred for want of a schema lets mail flow once --init-store
-has run.
+and at start; a daemon that deferred for want of a schema lets mail flow once --init-store
+has run, and one whose schema changed under it defers until it fits again.
 """
 
 from __future__ import annotations
@@ -230,6 +230,33 @@ def test_schema_created_while_running_lets_mail_flow_without_restart(lab, pg):
         return dl.send_message(port, ["later@x.org"], uid=33)[0] == 250
     dl.wait_until(flows, timeout=15, interval=0.5, what="mail flowing once the schema was created")
     assert len(lab.relay.messages) == 1
+
+
+def test_a_schema_changed_under_a_running_daemon_defers_until_it_fits_again(lab, pg):
+    """A node not yet upgraded when another ran --init-store: once a statement fails on the changed
+    schema, the daemon checks the version again, defers while it is not its own, and goes on
+    once it is (here the change is undone, as upgrading the node would make it fit)."""
+    pg.psql(f"CREATE DATABASE moved OWNER {pgcluster.ROLE}")
+    config, port = pg_config(lab, pg, "moved.conf", "moved", database="moved")
+    assert admin(config, "--init-store").returncode == 0
+    version = pg.psql("SELECT version FROM restrictpd_schema", database="moved")
+    d = lab.daemon(config)
+    d.wait_listening(port)
+    assert dl.send_message(port, ["first@x.org"], uid=33)[0] == 250
+    pg.psql("ALTER PROCEDURE restrictpd_admit RENAME TO restrictpd_admit_moved", database="moved")
+    pg.psql("UPDATE restrictpd_schema SET version = 99", database="moved")
+    for i in range(2):
+        code, lines = dl.send_message(port, [f"moved{i}@x.org"], uid=33)
+        assert code == 451 and "4.3.0" in lines[0], lines
+    d.wait_log("schema version 99 is newer than this restrictpd understands", timeout=10)
+    assert len(lab.relay.messages) == 1
+    pg.psql("ALTER PROCEDURE restrictpd_admit_moved RENAME TO restrictpd_admit", database="moved")
+    pg.psql(f"UPDATE restrictpd_schema SET version = {version}", database="moved")
+
+    def flows():
+        return dl.send_message(port, ["back@x.org"], uid=33)[0] == 250
+    dl.wait_until(flows, timeout=15, interval=0.5, what="mail flowing once the schema fits again")
+    assert len(lab.relay.messages) == 2
 
 
 def test_newer_schema_is_reported(lab, pg):
