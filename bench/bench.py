@@ -227,7 +227,7 @@ class PostgresState:
             import pgcluster
             # Durable as the SQLite store is in WAL mode with synchronous=NORMAL: nothing is
             # corrupted by a crash, the last commits may be lost to a power cut. track_functions
-            # counts the calls of restrictpd_admit (quota_compare.py's decisions per statement).
+            # counts the calls of restrictpd_admit (quota_compare.py's messages per call).
             cls.cluster = pgcluster.Cluster(tempfile.mkdtemp(prefix="pg-", dir="/tmp"),
                                             server_options="-c fsync=on -c synchronous_commit=off -c track_functions=pl").init()
         if binary not in cls.databases:

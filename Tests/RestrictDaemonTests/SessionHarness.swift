@@ -7,11 +7,9 @@ import NIOCore
 import NIOPosix
 import RestrictPolicy
 import SMTPCore
-import TestPorts
 import Testing
 
 @testable import RestrictDaemon
-
 
 struct HarnessTimeout: Error, CustomStringConvertible {
     let what: String
